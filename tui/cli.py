@@ -1,0 +1,105 @@
+"""The `adaprune` command line. Subcommands are headless; with no subcommand the app will open (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from engine.api import DEFAULT_CALIB, PruneConfig
+from engine.errors import AdapruneError, Cancelled
+from engine.models import EMBEDDED
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Structured pruning of LLaMA-family models with searched calibration and metrics.")
+err = Console(stderr=True, highlight=False)
+
+
+def clean_errors(fn: Callable) -> Callable:
+    """User errors become one line on stderr and exit 2; Ctrl-C exits 130. No tracebacks for either."""
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AdapruneError as e:
+            err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (KeyboardInterrupt, Cancelled):
+            err.print("cancelled: nothing was written")
+            raise typer.Exit(130) from None
+
+    return run
+
+
+@app.callback(invoke_without_command=True)
+def root(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+def _attn_share(value: str) -> float | None:
+    if value in ("same", "auto"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise AdapruneError(f"--attn-share {value!r}: give a number in [0, 1] or 'same'") from None
+
+
+@app.command("prune")
+@clean_errors
+def prune_cmd(
+    model: str = typer.Option(EMBEDDED, help=f"hub id, local HF folder, local .gguf, or {EMBEDDED} (embedded)"),
+    prune: float = typer.Option(0.20, help="fraction of ALL parameters to remove, in (0, 0.9]"),
+    metric: str = typer.Option("taylor1", help="taylor1, taylor2, taylor-mix, vector, l1, l2, random, wanda"),
+    aggregate: str = typer.Option("sum", help="how a group's matrices combine: sum, mean, max, prod, last"),
+    calib: str = typer.Option(DEFAULT_CALIB, help="calibration text SOURCE[/SPLIT]:NxL (N windows of L tokens)"),
+    eval_: list[str] = typer.Option(["stdlib-docs"], "--eval", help="PPL text(s): stdlib-docs, a file, wikitext2, ..."),
+    seq_len: int = typer.Option(128, help="PPL window length"),
+    eval_windows: int = typer.Option(40, help="PPL windows per text (0: all)"),
+    layers: str = typer.Option(None, help="layers to prune: A-B, A,B,C or all (default: LLM-Pruner's range)"),
+    heads: str = typer.Option("query", help="query: heads inside every KV group; kv: whole KV groups"),
+    attn_share: str = typer.Option("same", help="share of the budget taken from attention, 0..1; 'same': same ratio"),
+    round_to: int = typer.Option(1, help="keep MLP widths a multiple of this (8, 64 for fast kernels)"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model folder's own Python code to run"),
+    speed: bool = typer.Option(True, help="measure prefill/decode speed"),
+    memory: bool = typer.Option(True, help="measure peak memory (needs --out)"),
+    out: Path = typer.Option(None, help="write the pruned model here (an HF folder)"),
+    force: bool = typer.Option(False, help="replace --out if it exists"),
+    json_out: Path = typer.Option(None, "--json", help="also write the full result as JSON here"),
+) -> None:
+    """Prune a model once with a fixed recipe, evaluate dense vs pruned, save it."""
+    from engine.api import prune as run_prune
+    from tui.report import RichSink, result_table
+
+    cfg = PruneConfig(model=model, prune=prune, metric=metric, aggregate=aggregate, calib=calib, evals=list(eval_),
+                      eval_seq_len=seq_len, eval_windows=eval_windows or None, layers=layers, head_mode=heads,
+                      attn_share=_attn_share(attn_share), round_to=round_to, seed=seed, device=device, dtype=dtype,
+                      trust_remote_code=trust_remote_code, measure_speed=speed, measure_memory=memory,
+                      out=str(out) if out else None, force=force)
+    console = Console()
+    with RichSink(console) as sink:
+        result = run_prune(cfg, sink=sink)
+    console.print(result_table(result))
+    if result.out:
+        how = "plain transformers" if result.export_format == "uniform" else "trust_remote_code=True"
+        console.print(f"saved to {result.out} ({result.export_format} widths; loads with {how})")
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    app(prog_name="adaprune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Rendering engine events and results with Rich (the CLI's view of the engine)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from engine.api import PruneResult
+from engine.events import Event, Log, Metric, StageFinished, StageProgress, StageStarted
+
+
+class RichSink:
+    """An engine sink drawing one progress bar per stage (count and ETA) and printing logs above them."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> RichSink:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StageStarted):
+            self.tasks[event.stage] = self.progress.add_task(event.stage, total=event.total)
+        elif isinstance(event, StageProgress) and event.stage in self.tasks:
+            self.progress.update(self.tasks[event.stage], completed=event.done, total=event.total)
+        elif isinstance(event, StageFinished) and event.stage in self.tasks:
+            task = self.tasks.pop(event.stage)
+            total = self.progress.tasks[task].total or 1
+            self.progress.update(task, total=total, completed=total)
+        elif isinstance(event, Log):
+            style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
+            self.progress.console.print(f"[{style}]{event.message}[/]")
+        elif isinstance(event, Metric):
+            self.progress.console.print(f"[dim]{event.model} {event.name} = {event.value:.4g}[/]")
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{b / a:.2f}x" if a and b else ""
+
+
+def result_table(r: PruneResult) -> Table:
+    t = Table(title=f"{r.config.model}: {r.plan.removed:,} parameters removed "
+                    f"({r.plan.removed / r.plan.params_before:.2%}, target {r.config.prune:.0%})")
+    t.add_column("measure")
+    t.add_column("dense", justify="right")
+    t.add_column("pruned", justify="right")
+    t.add_column("pruned/dense", justify="right")
+    d, p = r.dense, r.pruned
+    t.add_row("parameters", f"{d.params:,}", f"{p.params:,}", _ratio(d.params, p.params))
+    for name in d.ppl:
+        t.add_row(f"PPL {name} @{r.config.eval_seq_len}", f"{d.ppl[name]:.2f}", f"{p.ppl[name]:.2f}",
+                  _ratio(d.ppl[name], p.ppl[name]))
+    if d.speed and p.speed:
+        s = d.speed
+        t.add_row(f"prefill tokens/s ({s.batch}x{s.prompt_len})", f"{d.speed.prefill_tok_s:,.0f}",
+                  f"{p.speed.prefill_tok_s:,.0f}", _ratio(d.speed.prefill_tok_s, p.speed.prefill_tok_s))
+        t.add_row("decode tokens/s (batch 1)", f"{d.speed.decode_tok_s:,.1f}", f"{p.speed.decode_tok_s:,.1f}",
+                  _ratio(d.speed.decode_tok_s, p.speed.decode_tok_s))
+        t.add_row("time to first token (ms)", f"{d.speed.ttft_s * 1e3:,.0f}", f"{p.speed.ttft_s * 1e3:,.0f}",
+                  _ratio(d.speed.ttft_s, p.speed.ttft_s))
+    if d.peak_mib and p.peak_mib:
+        t.add_row("peak memory (MiB)", f"{d.peak_mib:,.0f}", f"{p.peak_mib:,.0f}", _ratio(d.peak_mib, p.peak_mib))
+    return t
