@@ -35,17 +35,6 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise AdapruneError(f"{out} exists and is not a folder: choose another --out")
 
 
-def _uniform_config_ok(config) -> bool:
-    """Would transformers accept the pruned widths in its standard config? (Llama demands heads | hidden.)"""
-    data = config.to_dict()
-    data.pop("adaprune_layers", None)
-    try:
-        type(config)(**{k: v for k, v in data.items() if k != "model_type"})
-    except Exception:
-        return False
-    return True
-
-
 def _write_card(folder: Path, card: dict) -> None:
     lines = ["---", "library_name: transformers", "tags:", "- pruned", "- adaprune", "---", "",
              f"# {card.get('title', 'Pruned model')}", "",
@@ -71,14 +60,9 @@ def export(model: nn.Module, tokenizer, out: Path, force: bool = False, card: di
     card = dict(card or {})
     cfg = model.config
     per_layer = hasattr(cfg, "adaprune_layers")
-    if not per_layer and not _uniform_config_ok(cfg):
+    if per_layer and all(w == cfg.adaprune_layers[0] for w in cfg.adaprune_layers):
         sink(Log("the uniform widths are not valid in a standard config (heads must divide the hidden size): "
                  "exporting per-layer widths with a modeling file instead", "warning"))
-        cfg.adaprune_layers = [
-            {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-             "intermediate_size": cfg.intermediate_size}
-        ] * len(decoder_layers(model))
-        per_layer = True
     base = getattr(cfg, "adaprune_base_model_type", cfg.model_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

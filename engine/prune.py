@@ -91,13 +91,30 @@ def describe_widths(model: nn.Module) -> None:
     cfg = model.config
     widths = layer_widths(model)
     cfg.head_dim = layer_shape(decoder_layers(model)[0]).head_dim  # explicit: heads * head_dim != hidden now
-    if all(w == widths[0] for w in widths):
+    if all(w == widths[0] for w in widths) and _valid_standard(cfg, widths[0]):
         for k, v in widths[0].items():
             setattr(cfg, k, v)
         if hasattr(cfg, "adaprune_layers"):
             del cfg.adaprune_layers
-    else:
-        cfg.adaprune_layers = widths
+        return
+    cfg.adaprune_layers = widths
+    if not _valid_standard(cfg, {}):
+        # the standard fields only size the skeleton that per-layer loading shrinks: make them valid
+        n = cfg.hidden_size // cfg.head_dim
+        cfg.num_attention_heads = n
+        cfg.num_key_value_heads = cfg.num_key_value_heads if n % cfg.num_key_value_heads == 0 else n
+
+
+def _valid_standard(cfg, widths: dict[str, int]) -> bool:
+    """Would transformers' config class accept these widths? (LlamaConfig demands heads | hidden size.)"""
+    data = {**cfg.to_dict(), **widths}
+    data.pop("adaprune_layers", None)
+    data.pop("model_type", None)
+    try:
+        type(cfg)(**data)
+    except Exception:
+        return False
+    return True
 
 
 def shrink_empty(layer: nn.Module, dims: dict[str, int]) -> None:

@@ -111,7 +111,23 @@ def _stdlib_documents() -> list[tuple[str, str]]:
         text = "\n\n".join(p for p in parts if p)
         if text:
             docs.append((f"module:{rel.as_posix()}", text))
-    return docs
+    return _dedupe(docs)
+
+
+def _dedupe(docs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Keep each paragraph once (docstrings repeat across modules): no text may sit in two splits."""
+    seen: set[str] = set()
+    out = []
+    for name, text in docs:
+        kept = []
+        for para in text.split("\n\n"):
+            key = para.strip()
+            if key and key not in seen:
+                seen.add(key)
+                kept.append(para)
+        if kept:
+            out.append((name, "\n\n".join(kept)))
+    return out
 
 
 def _split_of(name: str) -> str:
@@ -122,7 +138,7 @@ def _split_of(name: str) -> str:
 def stdlib_docs(split: str) -> str:
     """One split of the built-in corpus, cached on disk per Python version (building it takes seconds)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
-    path = cache_dir() / "text" / f"stdlib-docs-{version}.json"
+    path = cache_dir() / "text" / f"stdlib-docs-v2-{version}.json"
     docs: list[tuple[str, str]] | None = None
     if path.exists():
         try:

@@ -1,0 +1,104 @@
+"""The headless CLI: a full prune run, and one-line errors with nothing half-written for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tui.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, match):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_prune_end_to_end(tiny_folder, tmp_path):
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    r = _run("prune", "--model", tiny_folder, "--prune", "0.2", "--calib", "stdlib-docs:4x32", "--eval-windows", "3",
+             "--out", out, "--json", js, "--layers", "all")
+    assert r.exit_code == 0, r.output
+    assert "parameters" in r.output and "PPL stdlib-docs" in r.output and "peak memory" in r.output
+    result = json.loads(js.read_text())
+    removed = result["dense"]["params"] - result["pruned"]["params"]
+    assert abs(removed / result["dense"]["params"] - 0.2) < 0.01
+    assert result["export_format"] == "uniform"
+    assert result["pruned"]["peak_mib"] > 0 and result["dense"]["speed"]["prefill_tok_s"] > 0
+    plan = json.loads((out / "adaprune_plan.json").read_text())
+    assert plan["params_after"] == result["pruned"]["params"]
+
+
+def test_attn_share_zero_takes_everything_from_mlp(tiny_folder, tmp_path):
+    js = tmp_path / "r.json"
+    r = _run("prune", "--model", tiny_folder, "--calib", "stdlib-docs:2x32", "--eval-windows", "1", "--no-speed",
+             "--attn-share", "0", "--metric", "l2", "--json", js)
+    assert r.exit_code == 0, r.output
+    plan = json.loads(js.read_text())["plan"]
+    assert all(len(lp["keep_heads"]) == 6 for lp in plan["layers"])
+    assert any(len(lp["keep_channels"]) < 64 for lp in plan["layers"])
+
+
+@pytest.fixture
+def gpt2_folder(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=320)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bad_models(tmp_path, gpt2_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error(_run("prune", "--model", tmp_path / "nope"), "does not exist")
+    _one_line_error(_run("prune", "--model", gpt2_folder), "prunes LLaMA-family")
+    _one_line_error(_run("prune", "--model", "someone/not-cached-model"), "hub is unreachable")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(_run("prune", "--model", empty), "without config.json")
+
+
+def test_bad_numbers(tiny_folder):
+    for bad in ("0", "0.95", "-0.2"):
+        _one_line_error(_run("prune", "--model", tiny_folder, "--prune", bad), "outside (0, 0.9]")
+    _one_line_error(_run("prune", "--model", tiny_folder, "--prune", "0.9", "--layers", "1-1", "--no-speed"),
+                    "at most")
+    _one_line_error(_run("prune", "--model", tiny_folder, "--metric", "nope"), "unknown metric")
+    _one_line_error(_run("prune", "--model", tiny_folder, "--layers", "2-99"), "outside the model's layers")
+    _one_line_error(_run("prune", "--model", tiny_folder, "--calib", "stdlib-docs"), "needs a size")
+
+
+def test_bad_calibration_files(tiny_folder, tmp_path):
+    empty, binary, bad = tmp_path / "e.txt", tmp_path / "b.txt", tmp_path / "m.jsonl"
+    empty.write_text("")
+    binary.write_bytes(bytes(range(256)) * 10)
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    out = tmp_path / "out"
+    for f, msg in ((empty, "is empty"), (binary, "looks binary"), (bad, "m.jsonl:2")):
+        r = _run("prune", "--model", tiny_folder, "--calib", f"{f}:2x16", "--no-speed", "--eval-windows", "1",
+                 "--out", out)
+        _one_line_error(r, msg)
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt", "e.txt", "m.jsonl", tiny_folder.name]
+
+
+def test_existing_output_refused_before_work(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious").write_text("x")
+    _one_line_error(_run("prune", "--model", tiny_folder, "--out", out), "pass --force")
+    assert (out / "precious").read_text() == "x"
+
+
+def test_no_subcommand_shows_help():
+    r = _run()
+    assert r.exit_code == 0 and "prune" in r.output

@@ -1,0 +1,64 @@
+"""The parameter target: exact arithmetic, the attention/MLP split, rounding, impossible targets."""
+
+import pytest
+import torch
+from conftest import make_model
+
+from engine.errors import AdapruneError
+from engine.importance import LayerScores
+from engine.plan import params_after, select, solve_uniform
+from engine.prune import apply_plan
+from engine.structure import count_params, default_layer_range, layer_shapes
+
+
+def _scores(shapes, ids):
+    g = torch.Generator().manual_seed(0)
+    return {i: LayerScores(torch.rand(shapes[i].n_heads, generator=g), torch.rand(shapes[i].n_kv_heads, generator=g),
+                           torch.rand(shapes[i].intermediate, generator=g)) for i in ids}
+
+
+def test_default_layer_range_scales_llm_pruner_recipe():
+    assert default_layer_range(32) == (4, 30)  # LLaMA-7B: layers 4..29
+    assert default_layer_range(30) == (4, 28)  # SmolLM2-135M: layers 4..27
+    assert default_layer_range(4) == (0, 4)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.35])
+@pytest.mark.parametrize("head_mode", ["query", "kv"])
+@pytest.mark.parametrize("attn_share", [None, 0.0, 0.3])
+def test_reached_count_is_exact_and_close_to_target(fraction, head_mode, attn_share):
+    model = make_model("llama", layers=6, heads=6, kv_heads=2, hidden=48, intermediate=128)
+    shapes, total = layer_shapes(model), count_params(model)
+    ids = list(range(1, 5))
+    try:
+        b = solve_uniform(shapes, ids, total, fraction, head_mode, attn_share)
+    except AdapruneError as e:  # a split that cannot land near the target must say so, not drift
+        assert "cannot" in str(e)
+        return
+    plan = select(shapes, _scores(shapes, ids), {i: (b.heads, b.channels) for i in ids}, head_mode)
+    assert total - params_after(shapes, plan, total) == b.removed
+    apply_plan(model, plan)
+    assert total - count_params(model) == b.removed
+    step = 4 * shapes[0].channel_params
+    assert abs(b.removed - fraction * total) <= max(step / 2, 0.002 * total)
+    if attn_share == 0.0:
+        assert b.heads == 0 and b.attn_removed == 0
+
+
+def test_rounding_keeps_mlp_width_a_multiple():
+    model = make_model("llama", layers=4, intermediate=256)
+    shapes, total = layer_shapes(model), count_params(model)
+    b = solve_uniform(shapes, [0, 1, 2, 3], total, 0.2, "query", 0.0, round_to=64)
+    assert (256 - b.channels) % 64 == 0
+
+
+def test_impossible_targets_are_refused():
+    model = make_model("llama", layers=4)
+    shapes, total = layer_shapes(model), count_params(model)
+    for bad in (0.0, -0.1, 0.95):
+        with pytest.raises(AdapruneError, match=r"outside \(0, 0.9\]"):
+            solve_uniform(shapes, [0, 1, 2, 3], total, bad)
+    with pytest.raises(AdapruneError, match="at most"):
+        solve_uniform(shapes, [2], total, 0.6)  # one layer cannot give 60% of the model
+    with pytest.raises(AdapruneError, match="cannot reach"):
+        solve_uniform(shapes, [0, 1, 2, 3], total, 0.001)  # below one channel per layer

@@ -1,0 +1,121 @@
+"""Text sources: specs, the built-in corpus and its split, files, hub loading (with a local stand-in)."""
+
+import json
+
+import pytest
+import torch
+
+from engine import text
+from engine.errors import AdapruneError
+from engine.text import eval_windows, load_text, parse_spec, random_windows
+
+
+def test_parse_spec():
+    assert parse_spec("stdlib-docs:10x64") == text.TextSpec("stdlib-docs", None, 10, 64)
+    assert parse_spec("wikitext2/validation") == text.TextSpec("wikitext2", "validation")
+    assert parse_spec("data/my file.txt:4x128") == text.TextSpec("data/my file.txt", None, 4, 128)
+    with pytest.raises(AdapruneError):
+        parse_spec("stdlib-docs:0x64")
+
+
+def test_stdlib_docs_splits_are_disjoint_and_stable():
+    calib, valid, test = (text.stdlib_docs(s) for s in ("calib", "valid", "test"))
+    assert len(calib) > 500_000 and len(valid) > 50_000 and len(test) > 100_000
+    calib_docs, test_docs = set(calib.split("\n\n")), set(test.split("\n\n"))
+    shared = {d for d in calib_docs & test_docs if len(d) > 200}
+    assert not shared
+    assert text.stdlib_docs("test") == test  # read back from the cache: identical
+    assert load_text("stdlib-docs", "eval") == test and load_text("stdlib-docs", "calib") == calib
+
+
+def test_files(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "first"}\n\n{"text": "second"}\n')
+    assert load_text(str(p), "calib") == "first\n\nsecond"
+    p.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(AdapruneError, match=r"a.jsonl:2: not valid JSON"):
+        load_text(str(p), "calib")
+    p.write_text('{"body": "no text field"}\n')
+    with pytest.raises(AdapruneError, match=r":1: expected an object"):
+        load_text(str(p), "calib")
+    b = tmp_path / "b.txt"
+    b.write_bytes(b"\x00\x01\x02binary")
+    with pytest.raises(AdapruneError, match="looks binary"):
+        load_text(str(b), "calib")
+    e = tmp_path / "e.txt"
+    e.write_text("  \n\n ")
+    with pytest.raises(AdapruneError, match="is empty"):
+        load_text(str(e), "calib")
+    with pytest.raises(AdapruneError, match="neither a file nor a known name"):
+        load_text(str(tmp_path / "missing.txt"), "calib")
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["alpha", "beta"], "n": [1, 2]}), p)
+    assert load_text(str(p), "eval") == "alpha\n\nbeta"
+    with pytest.raises(AdapruneError, match="no column 'body'"):
+        load_text(str(p), "eval", field="body")
+
+
+def test_hub_datasets_load_through_datasets(monkeypatch, tmp_path):
+    """The hub is unreachable here: stand a local dataset in for load_dataset and check what is asked for."""
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, **kw):
+        calls.append((path, name, kw))
+        rows = {"text": ["= Title =", "Body text ."]} if path != "yahma/alpaca-cleaned" else {
+            "instruction": ["Say hi"], "input": [""], "output": ["hi"]}
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_text("wikitext2", "eval") == "= Title =\n\nBody text ."
+    assert calls[-1] == ("wikitext", "wikitext-2-raw-v1", {"split": "test"})
+    load_text("wikitext2", "calib")
+    assert calls[-1][2] == {"split": "train"}
+    load_text("c4", "eval")
+    assert calls[-1][0] == "allenai/c4" and "c4-validation" in calls[-1][2]["data_files"]["validation"]
+    assert load_text("alpaca", "calib") == "Say hi\n\nhi"
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(AdapruneError, match="hub may be unreachable"):
+        load_text("ptb", "eval")
+
+
+def test_windows():
+    ids = torch.arange(1000)
+    w = random_windows(ids, 5, 64, seed=3)
+    assert w.shape == (5, 64) and torch.equal(w, random_windows(ids, 5, 64, seed=3))
+    assert all(torch.equal(row, torch.arange(row[0], row[0] + 64)) for row in w)
+    e = eval_windows(ids, 100)
+    assert e.shape == (10, 100) and torch.equal(e.flatten(), ids)
+    assert eval_windows(ids, 100, 3)[:, 0].tolist() == [0, 400, 900]
+    with pytest.raises(AdapruneError, match="fewer than one"):
+        random_windows(torch.arange(10), 2, 64, 0)
+
+
+def test_self_text_is_sampled_from_the_model(tokenizer):
+    from conftest import make_model
+
+    model = make_model("llama")
+    a = text.sample_self(model, tokenizer, 3, 10, seed=5)
+    b = text.sample_self(model, tokenizer, 3, 10, seed=5)
+    assert a.shape == (3, 10) and torch.equal(a, b)
+
+
+def test_jsonl_text_field(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"content": "x y z"}) + "\n")
+    assert load_text(str(p), "calib", field="content") == "x y z"
