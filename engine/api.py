@@ -141,41 +141,48 @@ def evaluate_texts(loaded: Loaded, texts: dict[str, object], cfg: PruneConfig, l
     return out
 
 
-def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = None) -> PruneResult:
-    """Load, score, plan, prune physically, evaluate dense vs pruned, export."""
-    control = control or Control()
-    validate(cfg)
-    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
-    model, tok = loaded.model, loaded.tokenizer
-    shapes = layer_shapes(model)
-    layer_ids = parse_layers(cfg.layers, len(shapes))
-    total = count_params(model)
-    budget = solve_uniform(shapes, layer_ids, total, cfg.prune, cfg.head_mode, cfg.attn_share, cfg.round_to)
-    sink(Log(f"target {cfg.prune:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
-             f"{budget.heads} {'KV groups' if cfg.head_mode == 'kv' else 'query heads per KV group'} and "
-             f"{budget.channels} MLP channels -> {budget.removed:,} removed ({budget.removed / total:.2%})"))
-
-    hashes: dict[str, str] = {}
-    eval_sets = {}
+def evaluation_sets(tokenizer, cfg: PruneConfig) -> tuple[dict[str, object], dict[str, str]]:
+    """Token windows per evaluation text, and each text's hash (texts change, e.g. between Python versions)."""
+    sets, hashes = {}, {}
     for e in cfg.evals:
         spec = parse_spec(e)
         text = load_text(spec, "eval")
         hashes[str(spec)] = text_hash(text)
-        eval_sets[str(spec)] = eval_windows(tokenize(tok, text), cfg.eval_seq_len, cfg.eval_windows)
+        sets[str(spec)] = eval_windows(tokenize(tokenizer, text), cfg.eval_seq_len, cfg.eval_windows)
+    return sets, hashes
 
-    dense = ModelReport(total)
-    dense.ppl = evaluate_texts(loaded, eval_sets, cfg, "dense", sink, control)
+
+def measure(loaded: Loaded, sets: dict[str, object], cfg: PruneConfig, label: str, sink: Sink,
+            control: Control) -> ModelReport:
+    model = loaded.model
+    report = ModelReport(count_params(model))
+    report.ppl = evaluate_texts(loaded, sets, cfg, label, sink, control)
     if cfg.measure_speed:
-        dense.speed = speed(model, model.config.vocab_size, sink=sink, stage="speed (dense)")
+        report.speed = speed(model, model.config.vocab_size, sink=sink, stage=f"speed ({label})")
+    return report
 
-    t0 = time.perf_counter()
+
+def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
+                   control: Control | None = None) -> tuple[Plan, str]:
+    """Score with the recipe in `cfg`, choose per-layer removals for the target, and prune in place.
+
+    Returns the plan and the hash of the calibration text.
+    """
+    control = control or Control()
+    model = loaded.model
+    shapes = layer_shapes(model)
+    layer_ids = parse_layers(cfg.layers, len(shapes))
+    total = count_params(model)
+    budget = solve_uniform(shapes, layer_ids, total, cfg.prune, cfg.head_mode, cfg.attn_share, cfg.round_to)
+    unit = "KV groups" if cfg.head_mode == "kv" else "query heads per KV group"
+    sink(Log(f"target {cfg.prune:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
+             f"{budget.heads} {unit} and {budget.channels} MLP channels -> {budget.removed:,} removed "
+             f"({budget.removed / total:.2%})"))
     windows, calib_hash = calibration_windows(loaded, cfg.calib, cfg.seed, sink, control)
-    hashes[cfg.calib] = calib_hash
     stats = collect_stats(model, windows, layer_ids, cfg.metric, cfg.calib_batch, control, sink)
     scores = score_layers(model, layer_ids, cfg.metric, cfg.aggregate, stats, cfg.seed)
     del stats
-    counts = {i: (budget.heads, budget.channels) for i in layer_ids}
-    plan_layers = select(shapes, scores, counts, cfg.head_mode)
+    plan_layers = select(shapes, scores, {i: (budget.heads, budget.channels) for i in layer_ids}, cfg.head_mode)
     after = params_after(shapes, plan_layers, total)
     recipe = {"metric": cfg.metric, "aggregate": cfg.aggregate, "calib": cfg.calib, "seed": cfg.seed,
               "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": cfg.head_mode,
@@ -184,28 +191,44 @@ def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = No
     control.checkpoint()
     with Stage(sink, "prune"):
         apply_plan(model, plan_layers)
-    prune_seconds = time.perf_counter() - t0
     actual = count_params(model)
     if actual != after:  # the arithmetic and the tensors must agree, or every reported number is suspect
         raise AssertionError(f"pruned model has {actual:,} parameters, the plan predicted {after:,}")
+    return plan, calib_hash
 
-    pruned = ModelReport(actual)
-    pruned.ppl = evaluate_texts(loaded, eval_sets, cfg, "pruned", sink, control)
-    if cfg.measure_speed:
-        pruned.speed = speed(model, model.config.vocab_size, sink=sink, stage="speed (pruned)")
+
+def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = None) -> PruneResult:
+    """Load, score, plan, prune physically, evaluate dense vs pruned, export."""
+    control = control or Control()
+    validate(cfg)
+    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    # fail on an impossible target before any evaluation time is spent
+    shapes = layer_shapes(loaded.model)
+    layer_ids = parse_layers(cfg.layers, len(shapes))
+    solve_uniform(shapes, layer_ids, count_params(loaded.model), cfg.prune, cfg.head_mode, cfg.attn_share,
+                  cfg.round_to)
+    sets, hashes = evaluation_sets(loaded.tokenizer, cfg)
+    dense = measure(loaded, sets, cfg, "dense", sink, control)
+    t0 = time.perf_counter()
+    plan, hashes[cfg.calib] = plan_and_prune(loaded, cfg, sink, control)
+    prune_seconds = time.perf_counter() - t0
+    pruned = measure(loaded, sets, cfg, "pruned", sink, control)
 
     fmt = None
     if cfg.out:
         out = Path(cfg.out)
-        card = {"title": f"{cfg.model} pruned by {plan.removed / total:.1%}",
-                "recipe": {"base model": cfg.model, "target": f"{cfg.prune:.0%} of all parameters", **recipe},
+        card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%}",
+                "recipe": {"base model": cfg.model, "target": f"{cfg.prune:.0%} of all parameters", **plan.recipe},
                 "results": _card_results(dense, pruned)}
-        fmt = export(model, tok, out, cfg.force, card, sink)
+        fmt = export(loaded.model, loaded.tokenizer, out, cfg.force, card, sink)
         (out / "adaprune_plan.json").write_text(json.dumps(plan.to_dict()) + "\n", encoding="utf-8")
         if cfg.measure_memory and loaded.folder is not None:
             dt = str(loaded.dtype).removeprefix("torch.")
-            dense.peak_mib = peak_memory(loaded.folder, str(loaded.device), dt, sink=sink, stage="peak memory (dense)")
-            pruned.peak_mib = peak_memory(out, str(loaded.device), dt, sink=sink, stage="peak memory (pruned)")
+            try:
+                dense.peak_mib = peak_memory(loaded.folder, str(loaded.device), dt, sink=sink, stage="memory (dense)")
+                pruned.peak_mib = peak_memory(out, str(loaded.device), dt, sink=sink, stage="memory (pruned)")
+            except AdapruneError as e:  # the model is saved already; a failed measurement must not lose it
+                sink(Log(str(e), "warning"))
     return PruneResult(cfg, plan, dense, pruned, fmt, cfg.out, prune_seconds, hashes)
 
 

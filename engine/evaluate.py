@@ -117,17 +117,15 @@ def speed(
 
 def peak_memory(folder: Path, device: str = "cpu", dtype: str = "float32", prompt_len: int = 128,
                 new_tokens: int = 32, sink: Sink = null_sink, stage: str = "peak memory") -> float:
-    """Peak memory (MiB) of loading `folder` and generating from it, measured in a fresh process.
-
-    On CUDA: torch.cuda.max_memory_allocated. On the CPU: the process's peak resident set above what it held
-    once torch and transformers were imported (Linux VmHWM, reset after loading so it covers use, not load).
-    """
+    """Peak memory (MiB) the model in `folder` needs to generate, measured in a fresh process (see memprobe)."""
     with Stage(sink, stage):
         cmd = [sys.executable, "-m", "engine.memprobe", str(folder), device, dtype, str(prompt_len), str(new_tokens)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                             os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    from engine.memprobe import MARKER
+
+    lines = [ln.split(MARKER, 1)[1] for ln in proc.stdout.splitlines() if MARKER in ln]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise AdapruneError(f"the memory probe of {folder} failed: {tail}")

@@ -129,4 +129,4 @@ def load_pruned_folder(folder: Path, dtype: torch.dtype, attn_implementation: st
     model.config.adaprune_layers = widths
     model.config.adaprune_base_model_type = base
     model.eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

@@ -1,6 +1,8 @@
-"""Run as `python -m engine.memprobe FOLDER DEVICE DTYPE PROMPT_LEN NEW_TOKENS`: prints {"peak_mib": ...}.
+"""Run as `python -m engine.memprobe FOLDER DEVICE DTYPE PROMPT_LEN NEW_TOKENS`: prints the peak memory.
 
-A fresh process, so nothing else the engine holds is counted.
+A fresh process, so nothing else the engine holds is counted. The number is the memory the model needs to
+generate (batch 1): on CUDA the peak of allocated tensors; on the CPU the bytes of its weights and buffers plus
+the peak resident memory that generation adds (after a warm-up, so code pages and thread pools don't count).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import gc
 import json
 import sys
 from pathlib import Path
+
+MARKER = "adaprune-memprobe: "
 
 
 def _status_kib(field: str) -> int | None:
@@ -30,29 +34,35 @@ def main() -> None:
 
     loaded = load(folder, device=device, dtype=dtype)
     model = loaded.model
-    gc.collect()
     dev = torch.device(device)
+    with torch.no_grad():  # page in every weight: a lazily mapped file must count like copied tensors
+        for p in model.parameters():
+            p.float().sum().item()
     prompt = torch.randint(0, model.config.vocab_size, (1, int(prompt_len)), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": int(new_tokens), "min_new_tokens": int(new_tokens), "do_sample": False,
+          "pad_token_id": 0, "eos_token_id": None}
+    with torch.inference_mode():  # warm-up: kernels and their code pages are loaded once, not per model
+        model.generate(prompt.to(dev), **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+    gc.collect()
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-        base = 0
+        base = None
     else:
         base = _status_kib("VmRSS")
-        # reset the peak RSS so it measures use, not the transient copies made while loading
+        # reset the peak RSS so it covers generation only, not the transient copies made while loading
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
     with torch.inference_mode():
-        model.generate(prompt.to(dev), max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens),
-                       do_sample=False, pad_token_id=0, eos_token_id=None)
+        model.generate(prompt.to(dev), **kw)
     if dev.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
-        # weights are part of use: count the model's own bytes plus what generation added above the baseline
-        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         hwm = _status_kib("VmHWM")
-        extra = max(0, (hwm - base)) / 1024 if hwm is not None and base is not None else 0.0
-        peak_mib = weights + extra
-    print(json.dumps({"peak_mib": round(peak_mib, 1)}))
+        if hwm is None or base is None:
+            raise SystemExit("cannot read /proc/self/status: no memory measurement on this platform")
+        peak_mib = weights + max(0, hwm - base) / 1024
+    print(MARKER + json.dumps({"peak_mib": round(peak_mib, 1)}))
 
 
 if __name__ == "__main__":

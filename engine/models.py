@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -100,10 +102,12 @@ def convert_gguf(path: Path, sink: Sink = null_sink) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    with Stage(sink, f"convert {path.name} to safetensors (once)"):
+    with Stage(sink, "convert GGUF (once)"):
+        # the GGUF reader draws its own tqdm bar on stderr, which would tear through a Rich display
         try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            with contextlib.redirect_stderr(io.StringIO()):
+                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         except Exception as e:  # gguf raises ValueError/KeyError/... for files it cannot map
             raise AdapruneError(f"cannot read {path} as a GGUF model ({type(e).__name__}: {e})"[:300]) from None
         config = gguf_model.config

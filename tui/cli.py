@@ -31,7 +31,7 @@ def clean_errors(fn: Callable) -> Callable:
             err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
             raise typer.Exit(2) from None
         except (KeyboardInterrupt, Cancelled):
-            err.print("cancelled: nothing was written")
+            err.print("cancelled (an export is written whole or not at all)")
             raise typer.Exit(130) from None
 
     return run

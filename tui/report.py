@@ -13,7 +13,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from engine.api import PruneResult
 from engine.events import Event, Log, Metric, StageFinished, StageProgress, StageStarted
@@ -26,8 +26,8 @@ class RichSink:
         self.console = console
         self.progress = Progress(
             SpinnerColumn(),
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
+            TextColumn("{task.description}", table_column=Column(width=28, no_wrap=True, overflow="ellipsis")),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
