@@ -30,13 +30,17 @@ from engine.models import EMBEDDED, Loaded, load
 ROOT = Path(__file__).resolve().parent.parent
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 
+# LLM-Pruner's recipe and its baselines use its split (same ratio of heads and channels); then our defaults.
+LLM_PRUNER = {"attn_share": "same"}
 RECIPES = [
-    ("LLM-Pruner default (taylor1, 10x64, sum)", {}),
-    ("magnitude l2", {"metric": "l2"}),
-    ("magnitude l1", {"metric": "l1"}),
-    ("random", {"metric": "random"}),
-    ("taylor1, MLP channels only (--attn-share 0)", {"attn_share": 0.0}),
-    ("taylor1, whole KV groups (--heads kv)", {"head_mode": "kv"}),
+    ("LLM-Pruner default (taylor1, 10x64, sum)", LLM_PRUNER),
+    ("magnitude l2", {**LLM_PRUNER, "metric": "l2"}),
+    ("magnitude l1", {**LLM_PRUNER, "metric": "l1"}),
+    ("random", {**LLM_PRUNER, "metric": "random"}),
+    ("taylor1, whole KV groups (--heads kv --attn-share same)", {**LLM_PRUNER, "head_mode": "kv"}),
+    ("adaprune default: taylor1, --attn-share auto", {}),
+    ("magnitude l2, --attn-share auto", {"metric": "l2"}),
+    ("random, --attn-share auto", {"metric": "random"}),
 ]
 
 

@@ -14,7 +14,7 @@ from engine.events import Log, Metric, Sink, Stage, null_sink
 from engine.export import check_out_dir, export
 from engine.importance import check_metric, collect_stats, score_layers
 from engine.models import EMBEDDED, Loaded, load
-from engine.plan import Plan, params_after, select, solve_uniform
+from engine.plan import Plan, check_attn_share, params_after, select, solve_uniform
 from engine.prune import apply_plan
 from engine.structure import count_params, default_layer_range, layer_shapes
 from engine.text import (
@@ -43,7 +43,7 @@ class PruneConfig:
     eval_windows: int | None = 40
     layers: str | None = None  # "A-B" (inclusive), "A,B,...", "all"; None: LLM-Pruner's range scaled
     head_mode: str = "query"
-    attn_share: float | None = None  # None: the same ratio of heads and channels in each layer (LLM-Pruner)
+    attn_share: float | str = "auto"  # auto: MLP channels first; same: LLM-Pruner's ratio; or a number in [0, 1]
     round_to: int = 1
     seed: int = 0
     device: str = "auto"
@@ -106,8 +106,7 @@ def validate(cfg: PruneConfig) -> None:
     check_metric(cfg.metric, cfg.aggregate)
     if cfg.head_mode not in ("query", "kv"):
         raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' (heads inside each KV group) or 'kv'")
-    if cfg.attn_share is not None and not 0 <= cfg.attn_share <= 1:
-        raise AdapruneError(f"--attn-share {cfg.attn_share} is outside [0, 1]")
+    check_attn_share(cfg.attn_share)
     if cfg.round_to < 1:
         raise AdapruneError(f"--round-to {cfg.round_to} must be a positive integer (1, 8, 64, ...)")
     spec = parse_spec(cfg.calib)
@@ -186,7 +185,8 @@ def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
     after = params_after(shapes, plan_layers, total)
     recipe = {"metric": cfg.metric, "aggregate": cfg.aggregate, "calib": cfg.calib, "seed": cfg.seed,
               "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": cfg.head_mode,
-              "attn_share": "same ratio" if cfg.attn_share is None else cfg.attn_share, "round_to": cfg.round_to}
+              "attn_share": cfg.attn_share, "heads_removed_per_layer": budget.heads,
+              "channels_removed_per_layer": budget.channels, "round_to": cfg.round_to}
     plan = Plan(cfg.head_mode, plan_layers, total, after, round(cfg.prune * total), recipe)
     control.checkpoint()
     with Stage(sink, "prune"):

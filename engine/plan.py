@@ -2,7 +2,11 @@
 
 `--prune 0.20` means 20% of the model's TOTAL parameters (embeddings and head included) removed. Inside the
 pruned layer range every layer loses the same number of query heads per KV group (or KV groups) and of MLP
-channels, as in LLM-Pruner; the split of the budget between attention and MLP is a choice (`attn_share`).
+channels, as in LLM-Pruner; the split of the budget between attention and MLP is a choice (`attn_share`):
+- "auto" (the default): MLP channels only, and attention only for what the channels cannot give. On the
+  embedded GQA model this beat LLM-Pruner's same-ratio split by a wide margin (bench/RESULTS.md);
+- "same": LLM-Pruner's recipe, the same ratio of heads and of channels in every pruned layer;
+- a number in [0, 1]: that share of the removed parameters comes from attention.
 """
 
 from __future__ import annotations
@@ -81,14 +85,13 @@ def solve_uniform(
     total_params: int,
     fraction: float,
     head_mode: HeadMode = "query",
-    attn_share: float | None = None,
+    attn_share: float | str = "auto",
     round_to: int = 1,
 ) -> Budget:
     """The uniform per-layer amounts closest to removing `fraction` of `total_params`."""
     if not 0 < fraction <= 0.9:
         raise AdapruneError(f"--prune {fraction} is outside (0, 0.9]: give the fraction of all parameters to remove")
-    if attn_share is not None and not 0 <= attn_share <= 1:
-        raise AdapruneError(f"--attn-share {attn_share} is outside [0, 1]")
+    check_attn_share(attn_share)
     if not layer_ids:
         raise AdapruneError("the layer range is empty: choose at least one layer to prune")
     pruned = [shapes[i] for i in layer_ids]
@@ -113,9 +116,12 @@ def solve_uniform(
     def attn(k: int) -> int:
         return sum(_head_cost(s, k, head_mode) for s in pruned)
 
-    if attn_share is None:  # LLM-Pruner: the same ratio of heads and of channels in every pruned layer
+    if attn_share == "same":  # LLM-Pruner: the same ratio of heads and of channels in every pruned layer
         rho = target / sum(s.attn_params + s.mlp_params for s in pruned)
         k = min(units - 1, max(0, round(rho * units)))
+    elif attn_share == "auto":  # the fewest heads that let the channels cover the rest
+        k = next((k for k in range(units) if target - attn(k) <= max(chan_options) * chan_cost + chan_cost * round_to / 2),
+                 units - 1)
     else:
         k = min(range(units), key=lambda k: (abs(attn(k) - attn_share * target), k))
     c = best_channels(target - attn(k))
@@ -125,7 +131,8 @@ def solve_uniform(
     if target > most + step / 2:
         raise AdapruneError(
             f"cannot remove {fraction:.1%} of the parameters inside layers {layer_ids[0]}..{layer_ids[-1]}: "
-            f"at most {most / total_params:.1%}; widen the layer range or lower --prune"
+            f"at most {most / total_params:.1%}; widen the layer range, lower --prune, or let attention share the cut "
+            f"(--attn-share auto)"
         )
     if removed == 0 or abs(removed - target) > max(step / 2, 0.002 * total_params):
         raise AdapruneError(
@@ -133,6 +140,14 @@ def solve_uniform(
             f"({removed:,} parameters); change --attn-share, --round-to or the layer range"
         )
     return Budget(heads=k, channels=c, removed=removed, attn_removed=attn(k))
+
+
+def check_attn_share(attn_share: float | str) -> None:
+    if isinstance(attn_share, str):
+        if attn_share not in ("auto", "same"):
+            raise AdapruneError(f"--attn-share {attn_share!r}: give auto, same, or a number in [0, 1]")
+    elif not 0 <= attn_share <= 1:
+        raise AdapruneError(f"--attn-share {attn_share} is outside [0, 1]")
 
 
 def _lowest(scores: torch.Tensor, n: int) -> set[int]:

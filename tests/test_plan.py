@@ -25,7 +25,7 @@ def test_default_layer_range_scales_llm_pruner_recipe():
 
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.35])
 @pytest.mark.parametrize("head_mode", ["query", "kv"])
-@pytest.mark.parametrize("attn_share", [None, 0.0, 0.3])
+@pytest.mark.parametrize("attn_share", ["same", "auto", 0.0, 0.3])
 def test_reached_count_is_exact_and_close_to_target(fraction, head_mode, attn_share):
     model = make_model("llama", layers=6, heads=6, kv_heads=2, hidden=48, intermediate=128)
     shapes, total = layer_shapes(model), count_params(model)
@@ -41,7 +41,7 @@ def test_reached_count_is_exact_and_close_to_target(fraction, head_mode, attn_sh
     assert total - count_params(model) == b.removed
     step = 4 * shapes[0].channel_params
     assert abs(b.removed - fraction * total) <= max(step / 2, 0.002 * total)
-    if attn_share == 0.0:
+    if attn_share in (0.0, "auto") and fraction < 0.3:
         assert b.heads == 0 and b.attn_removed == 0
 
 
@@ -62,3 +62,17 @@ def test_impossible_targets_are_refused():
         solve_uniform(shapes, [2], total, 0.6)  # one layer cannot give 60% of the model
     with pytest.raises(AdapruneError, match="cannot reach"):
         solve_uniform(shapes, [0, 1, 2, 3], total, 0.001)  # below one channel per layer
+
+
+def test_auto_split_uses_attention_only_when_channels_cannot_reach():
+    model = make_model("llama", layers=4, heads=6, kv_heads=2, hidden=48, intermediate=64)
+    shapes, total = layer_shapes(model), count_params(model)
+    ids = [0, 1, 2, 3]
+    low = solve_uniform(shapes, ids, total, 0.15, "query", "auto")
+    assert low.heads == 0
+    high = solve_uniform(shapes, ids, total, 0.5, "query", "auto")  # more than all MLP channels can give
+    assert high.heads > 0
+    with pytest.raises(AdapruneError, match="cannot reach|at most"):
+        solve_uniform(shapes, ids, total, 0.5, "query", 0.0)
+    with pytest.raises(AdapruneError, match="give auto, same"):
+        solve_uniform(shapes, ids, total, 0.2, "query", "most")

@@ -43,13 +43,13 @@ def root(ctx: typer.Context) -> None:
         typer.echo(ctx.get_help())
 
 
-def _attn_share(value: str) -> float | None:
+def _attn_share(value: str) -> float | str:
     if value in ("same", "auto"):
-        return None
+        return value
     try:
         return float(value)
     except ValueError:
-        raise AdapruneError(f"--attn-share {value!r}: give a number in [0, 1] or 'same'") from None
+        raise AdapruneError(f"--attn-share {value!r}: give auto, same, or a number in [0, 1]") from None
 
 
 @app.command("prune")
@@ -65,7 +65,8 @@ def prune_cmd(
     eval_windows: int = typer.Option(40, help="PPL windows per text (0: all)"),
     layers: str = typer.Option(None, help="layers to prune: A-B, A,B,C or all (default: LLM-Pruner's range)"),
     heads: str = typer.Option("query", help="query: heads inside every KV group; kv: whole KV groups"),
-    attn_share: str = typer.Option("same", help="share of the budget taken from attention, 0..1; 'same': same ratio"),
+    attn_share: str = typer.Option(
+        "auto", help="budget from attention: auto (MLP channels first), same (LLM-Pruner's ratio), or 0..1"),
     round_to: int = typer.Option(1, help="keep MLP widths a multiple of this (8, 64 for fast kernels)"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
