@@ -161,11 +161,13 @@ def resolve(spec: str, sink: Sink = null_sink) -> Path | str:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(spec, local_files_only=True, allow_patterns=["*.json"]))
+        snap = Path(snapshot_download(spec, local_files_only=True))
+        if (snap / "config.json").is_file() and _weights_bytes(snap) > 0:
+            return snap
     except HFValidationError:
         raise AdapruneError(f"{spec!r} is not a model folder, a .gguf file or a valid hub id") from None
     except Exception:
-        pass
+        pass  # not cached (or only partly): download below
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise AdapruneError(
             f"model {spec!r} is not cached and the Hugging Face hub is unreachable: "

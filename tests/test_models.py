@@ -1,0 +1,56 @@
+"""Model loading: local folders, the hub cache (standing in for the hub), devices and dtypes."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.errors import AdapruneError
+from engine.models import load, pick_device, pick_dtype
+
+
+def test_hub_id_loads_from_the_hub_cache_offline(tiny_folder, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_folder, snap)
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load("someone/tiny", device="cpu")
+    assert loaded.folder == snap and loaded.model.config.num_hidden_layers == 4
+    assert loaded.dtype == torch.float32
+
+
+def test_local_folder_and_attention_implementation(tiny_folder):
+    loaded = load(str(tiny_folder), device="cpu", attn_implementation="eager")
+    assert loaded.model.config._attn_implementation == "eager"
+    assert not loaded.model.training
+
+
+def test_devices_and_dtypes():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(AdapruneError, match="unknown dtype"):
+        pick_dtype("int3", torch.device("cpu"))
+    with pytest.raises(AdapruneError, match="unknown device"):
+        pick_device("tpu:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(AdapruneError, match="no CUDA GPU"):
+            pick_device("cuda")
+
+
+def test_a_gguf_that_is_not_a_model(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all" * 100)
+    with pytest.raises(AdapruneError, match="cannot read .* as a GGUF model"):
+        load(str(bad), device="cpu")
+    models = Path(os.environ["ADAPRUNE_CACHE"]) / "models"
+    left = [p.name for p in models.iterdir()] if models.exists() else []
+    assert not [n for n in left if n.startswith((".convert-", "x-"))]  # nothing half-converted in the cache
