@@ -146,7 +146,7 @@ def check_attn_share(attn_share: float | str) -> None:
     if isinstance(attn_share, str):
         if attn_share not in ("auto", "same"):
             raise AdapruneError(f"--attn-share {attn_share!r}: give auto, same, or a number in [0, 1]")
-    elif not 0 <= attn_share <= 1:
+    elif not isinstance(attn_share, (int, float)) or not 0 <= attn_share <= 1:
         raise AdapruneError(f"--attn-share {attn_share} is outside [0, 1]")
 
 

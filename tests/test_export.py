@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.errors import AdapruneError
 from engine.export import export
+from engine.importance import LayerScores
 from engine.models import load
 from engine.plan import select, solve_uniform
 from engine.prune import apply_plan
@@ -33,10 +34,7 @@ def test_uniform_export_loads_in_plain_transformers(kind, tokenizer, tmp_path):
     model = make_model(kind)
     shapes = layer_shapes(model)
     ids = list(range(len(shapes)))
-    b = solve_uniform(shapes, ids, count_params(model), 0.2, "query", None)
-    plan = random_plan(model, "query", seed=2)  # for scores only; counts below are uniform
-    from engine.importance import LayerScores
-
+    b = solve_uniform(shapes, ids, count_params(model), 0.2, "query", "same")
     scores = {i: LayerScores(torch.rand(6), torch.rand(2), torch.rand(64)) for i in ids}
     plan = select(shapes, scores, {i: (b.heads, b.channels) for i in ids}, "query")
     apply_plan(model, plan)
