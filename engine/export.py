@@ -8,6 +8,7 @@ that file.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -82,7 +83,10 @@ def export(model: nn.Module, tokenizer, out: Path, force: bool = False, card: di
                                     "AutoModelForCausalLM": f"{stem}.Adaprune{cls}ForCausalLM"}
                 config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
                 template = resources.files("engine").joinpath("templates/modeling_adaprune.py.txt").read_text()
-                (tmp / MODELING_FILE).write_text(template.format(module=base, Base=cls), encoding="utf-8")
+                # the export must load without adaprune: the one shrinking routine is copied in as source
+                source = inspect.getsource(shrink_empty)
+                (tmp / MODELING_FILE).write_text(template.format(module=base, Base=cls, shrink_source=source),
+                                                 encoding="utf-8")
                 card["load"] = ("from transformers import AutoModelForCausalLM\n"
                                 f"model = AutoModelForCausalLM.from_pretrained('{out.name}', trust_remote_code=True)")
             else:

@@ -117,8 +117,11 @@ def _valid_standard(cfg, widths: dict[str, int]) -> bool:
     return True
 
 
-def shrink_empty(layer: nn.Module, dims: dict[str, int]) -> None:
-    """Give a freshly built layer the widths of a pruned one (weights are loaded afterwards)."""
+def shrink_empty(layer, dims):
+    """Give a freshly built layer the widths of a pruned one (weights are loaded afterwards).
+
+    Exports copy this function's source into their modeling file: it may use only `nn`.
+    """
     attn, mlp = layer.self_attn, layer.mlp
     hd, hidden = attn.head_dim, attn.q_proj.in_features
     nh, nkv, ni = dims["num_attention_heads"], dims["num_key_value_heads"], dims["intermediate_size"]
