@@ -12,10 +12,10 @@ from engine.errors import AdapruneError
 from engine.evaluate import Speed, peak_memory, perplexity, speed
 from engine.events import Log, Metric, Sink, Stage, null_sink
 from engine.export import check_out_dir, export
-from engine.importance import check_metric, collect_stats, score_layers
+from engine.importance import check_metric
 from engine.models import EMBEDDED, Loaded, load
-from engine.plan import Plan, check_attn_share, params_after, select, solve_uniform
-from engine.prune import apply_plan
+from engine.plan import Plan, check_attn_share, solve_uniform
+from engine.recipe import prune_with
 from engine.structure import count_params, default_layer_range, layer_shapes
 from engine.text import (
     SELF,
@@ -168,32 +168,10 @@ def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
     Returns the plan and the hash of the calibration text.
     """
     control = control or Control()
-    model = loaded.model
-    shapes = layer_shapes(model)
-    layer_ids = parse_layers(cfg.layers, len(shapes))
-    total = count_params(model)
-    budget = solve_uniform(shapes, layer_ids, total, cfg.prune, cfg.head_mode, cfg.attn_share, cfg.round_to)
-    unit = "KV groups" if cfg.head_mode == "kv" else "query heads per KV group"
-    sink(Log(f"target {cfg.prune:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
-             f"{budget.heads} {unit} and {budget.channels} MLP channels -> {budget.removed:,} removed "
-             f"({budget.removed / total:.2%})"))
+    layer_ids = parse_layers(cfg.layers, len(layer_shapes(loaded.model)))
     windows, calib_hash = calibration_windows(loaded, cfg.calib, cfg.seed, sink, control)
-    stats = collect_stats(model, windows, layer_ids, cfg.metric, cfg.calib_batch, control, sink)
-    scores = score_layers(model, layer_ids, cfg.metric, cfg.aggregate, stats, cfg.seed)
-    del stats
-    plan_layers = select(shapes, scores, {i: (budget.heads, budget.channels) for i in layer_ids}, cfg.head_mode)
-    after = params_after(shapes, plan_layers, total)
-    recipe = {"metric": cfg.metric, "aggregate": cfg.aggregate, "calib": cfg.calib, "seed": cfg.seed,
-              "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": cfg.head_mode,
-              "attn_share": cfg.attn_share, "heads_removed_per_layer": budget.heads,
-              "channels_removed_per_layer": budget.channels, "round_to": cfg.round_to}
-    plan = Plan(cfg.head_mode, plan_layers, total, after, round(cfg.prune * total), recipe)
-    control.checkpoint()
-    with Stage(sink, "prune"):
-        apply_plan(model, plan_layers)
-    actual = count_params(model)
-    if actual != after:  # the arithmetic and the tensors must agree, or every reported number is suspect
-        raise AssertionError(f"pruned model has {actual:,} parameters, the plan predicted {after:,}")
+    plan = prune_with(loaded.model, windows, layer_ids, cfg.prune, cfg.metric, cfg.aggregate, cfg.head_mode,
+                      cfg.attn_share, cfg.round_to, cfg.seed, cfg.calib_batch, control, sink, {"calib": cfg.calib})
     return plan, calib_hash
 
 
@@ -230,6 +208,32 @@ def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = No
             except AdapruneError as e:  # the model is saved already; a failed measurement must not lose it
                 sink(Log(str(e), "warning"))
     return PruneResult(cfg, plan, dense, pruned, fmt, cfg.out, prune_seconds, hashes)
+
+
+def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink) -> str:
+    """Apply a session's best plan to its dense model and export it."""
+    from engine.plan import Plan
+    from engine.prune import apply_plan
+    from engine.search import SearchConfig
+    from engine.session import Session
+
+    session = Session.open(root, name)
+    check_out_dir(out, force)
+    best = session.read_json("plan.json")
+    if best is None:
+        raise AdapruneError(f"session {name!r} has no completed trial yet: run or resume its search first")
+    cfg = SearchConfig.from_dict(session.config())
+    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    plan = Plan.from_dict(best["plan"])
+    if plan.params_before != count_params(loaded.model):
+        raise AdapruneError(f"session {name!r}: its model {cfg.model!r} no longer matches the plan (parameter count)")
+    apply_plan(loaded.model, plan.layers)
+    card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%} (adaprune search)",
+            "recipe": {"base model": cfg.model, "session": name, "trial": best["trial"],
+                       "objective": f"{best['value']:.4f}", **plan.recipe}}
+    fmt = export(loaded.model, loaded.tokenizer, out, force, card, sink)
+    (out / "adaprune_plan.json").write_text(json.dumps(best) + "\n", encoding="utf-8")
+    return fmt
 
 
 def _card_results(dense: ModelReport, pruned: ModelReport) -> dict[str, tuple[str, str]]:

@@ -60,6 +60,47 @@ class Metric(Event):
     model: str = ""
 
 
+@dataclass(frozen=True)
+class TrialStarted(Event):
+    kind: ClassVar[str] = "trial_started"
+    number: int
+    params: dict
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class TrialFinished(Event):
+    """A trial ended: state is complete, pruned (stopped early), duplicate (value copied) or failed."""
+
+    kind: ClassVar[str] = "trial_finished"
+    number: int
+    state: str
+    value: float | None
+    params: dict
+    seconds: float = 0.0
+    objective_seconds: float = 0.0
+    params_after: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class BestChanged(Event):
+    kind: ClassVar[str] = "best_changed"
+    number: int
+    value: float
+    params: dict
+
+
+@dataclass(frozen=True)
+class SearchFinished(Event):
+    kind: ClassVar[str] = "search_finished"
+    status: str
+    completed: int
+    total: int
+    best_number: int | None = None
+    best_value: float | None = None
+
+
 Sink = Callable[[Event], None]
 
 
@@ -68,7 +109,9 @@ def null_sink(event: Event) -> None:
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (StageStarted, StageProgress, StageFinished, Log, Metric)
+    cls.kind: cls
+    for cls in (StageStarted, StageProgress, StageFinished, Log, Metric, TrialStarted, TrialFinished, BestChanged,
+                SearchFinished)
 }
 
 

@@ -195,6 +195,24 @@ def _weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(p.stat().st_size for p in folder.glob("*.bin"))
 
 
+def num_layers(spec: str, trust_remote_code: bool = False, sink: Sink = null_sink) -> int:
+    """The model's depth from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    where = resolve(spec, sink)
+    if isinstance(where, Path):
+        data = _config_dict(where)
+        _check_type(data, spec)
+        if "num_hidden_layers" in data:
+            return int(data["num_hidden_layers"])
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise AdapruneError(f"cannot read the config of {spec!r} ({type(e).__name__}): {str(e)[:200]}") from None
+    _check_type(config.to_dict(), spec)
+    return int(config.num_hidden_layers)
+
+
 def load(
     spec: str,
     device: str = "auto",

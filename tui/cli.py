@@ -98,6 +98,114 @@ def prune_cmd(
         json_out.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
 
 
+SESSIONS_DIR = typer.Option(None, "--sessions-dir", help="where sessions live (default ./sessions)")
+
+
+def _root(sessions_dir: Path | None) -> Path:
+    from engine.session import default_dir
+
+    return sessions_dir or default_dir()
+
+
+def _parse_fixed(items: list[str]) -> dict:
+    fixed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AdapruneError(f"--fix {item!r}: use NAME=VALUE, e.g. --fix metric=taylor2")
+        fixed[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return fixed
+
+
+def _drive(session, worker: bool = False) -> None:
+    from engine.search import run_search
+    from tui.report import RichSink
+
+    console = Console()
+    with RichSink(console) as sink:
+        if worker:
+            run_search(session, sink, worker=True)
+        else:
+            with session.lock():
+                run_search(session, sink)
+
+
+@app.command("search")
+@clean_errors
+def search_cmd(
+    session: str = typer.Option(..., help="session name (a folder under --sessions-dir)"),
+    model: str = typer.Option(EMBEDDED, help=f"hub id, local HF folder, local .gguf, or {EMBEDDED}"),
+    prune: float = typer.Option(0.20, help="fraction of ALL parameters to remove, in (0, 0.9]"),
+    trials: int = typer.Option(20, help="trials to evaluate (duplicates proposed by TPE are free)"),
+    seed: int = typer.Option(0, help="sampler and data seed; the same seed proposes the same trials"),
+    source: list[str] = typer.Option(["stdlib-docs", "self"], help="calibration sources to search over"),
+    objective: list[str] = typer.Option(["stdlib-docs/valid", "self"], help="validation texts of the objective"),
+    objective_windows: int = typer.Option(16, help="128-token windows per objective text"),
+    fix: list[str] = typer.Option([], help="hold a dimension fixed: NAME=VALUE (e.g. metric=taylor2)"),
+    heads: str = typer.Option("query", help="query: heads inside every KV group; kv: whole KV groups"),
+    round_to: int = typer.Option(1, help="keep MLP widths a multiple of this"),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    storage: str = typer.Option(None, help="Optuna storage URL (default: SQLite in the session)"),
+    early_stop: bool = typer.Option(True, help="stop hopeless trials early (Optuna median pruner)"),
+    sessions_dir: Path = SESSIONS_DIR,
+) -> None:
+    """Search calibration data x importance metric x allocation with TPE, in a resumable session."""
+    from engine.search import SearchConfig, create_session
+
+    cfg = SearchConfig(model=model, prune=prune, trials=trials, seed=seed, sources=list(source),
+                       objective=list(objective), objective_windows=objective_windows, fixed=_parse_fixed(fix),
+                       head_mode=heads, round_to=round_to, device=device, dtype=dtype, storage=storage,
+                       early_stop=early_stop)
+    _drive(create_session(_root(sessions_dir), session, cfg))
+
+
+@app.command("resume")
+@clean_errors
+def resume_cmd(name: str, sessions_dir: Path = SESSIONS_DIR) -> None:
+    """Continue a session's search after a crash, a kill or a closed SSH connection."""
+    from engine.session import Session
+
+    _drive(Session.open(_root(sessions_dir), name))
+
+
+@app.command("worker")
+@clean_errors
+def worker_cmd(name: str, sessions_dir: Path = SESSIONS_DIR) -> None:
+    """Join a running session's study as one more worker (another GPU or machine)."""
+    from engine.session import Session
+
+    _drive(Session.open(_root(sessions_dir), name), worker=True)
+
+
+@app.command("sessions")
+@clean_errors
+def sessions_cmd(sessions_dir: Path = SESSIONS_DIR) -> None:
+    """List saved sessions."""
+    from engine.search import summary
+    from engine.session import list_sessions
+    from tui.report import sessions_table
+
+    rows = [summary(s) for s in list_sessions(_root(sessions_dir))]
+    if not rows:
+        Console().print(f"no sessions in {_root(sessions_dir)}")
+        return
+    Console().print(sessions_table(rows))
+
+
+@app.command("export")
+@clean_errors
+def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"), force: bool = False,
+               sessions_dir: Path = SESSIONS_DIR) -> None:
+    """Export the best plan of a session as a Hugging Face folder."""
+    from engine.api import export_session
+
+    session_root = _root(sessions_dir)
+    fmt = export_session(session_root, name, out, force)
+    how = "plain transformers" if fmt == "uniform" else "trust_remote_code=True"
+    Console().print(f"saved to {out} ({fmt} widths; loads with {how})")
+
+
 def main() -> None:
     app(prog_name="adaprune")
 

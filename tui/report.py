@@ -16,7 +16,18 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from engine.api import PruneResult
-from engine.events import Event, Log, Metric, StageFinished, StageProgress, StageStarted
+from engine.events import (
+    BestChanged,
+    Event,
+    Log,
+    Metric,
+    SearchFinished,
+    StageFinished,
+    StageProgress,
+    StageStarted,
+    TrialFinished,
+    TrialStarted,
+)
 
 
 class RichSink:
@@ -58,6 +69,41 @@ class RichSink:
             self.progress.console.print(f"[{style}]{event.message}[/]")
         elif isinstance(event, Metric):
             self.progress.console.print(f"[dim]{event.model} {event.name} = {event.value:.4g}[/]")
+        elif isinstance(event, TrialStarted):
+            self.progress.console.print(f"[cyan]trial {event.number}[/] {describe(event.params)}")
+        elif isinstance(event, TrialFinished):
+            value = f"{event.value:.3f}" if event.value is not None else "-"
+            extra = f" ({event.message})" if event.message else ""
+            timing = f" in {event.seconds:.1f} s (objective {event.objective_seconds:.1f} s)" if event.seconds else ""
+            self.progress.console.print(f"[cyan]trial {event.number}[/] {event.state}: objective {value}{timing}{extra}")
+        elif isinstance(event, BestChanged):
+            self.progress.console.print(f"[green]best so far: trial {event.number}, objective {event.value:.3f}[/]")
+        elif isinstance(event, SearchFinished):
+            best = f"; best trial {event.best_number} ({event.best_value:.3f})" if event.best_value is not None else ""
+            self.progress.console.print(f"search {event.status}: {event.completed}/{event.total} trials{best}")
+
+
+def describe(params: dict) -> str:
+    """A trial's configuration in one short line."""
+    p = params
+    calib = f"{p.get('calib_source')}:{p.get('calib_n')}x{p.get('calib_len')} {p.get('calib_select')}"
+    if p.get("calib_select") == "random":
+        calib += f" #{p.get('calib_seed')}"
+    return (f"{p.get('metric')}/{p.get('aggregate')} on {calib}; attn {p.get('attn_share')}; "
+            f"keep first {p.get('first_kept')} last {p.get('last_kept')}")
+
+
+def sessions_table(rows: list[dict]) -> Table:
+    import datetime
+
+    t = Table(title="sessions")
+    for col in ("name", "model", "target", "trials", "best objective", "status", "last change"):
+        t.add_column(col, justify="right" if col in ("trials", "best objective") else "left")
+    for r in rows:
+        when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%Y-%m-%d %H:%M") if r.get("updated") else ""
+        best = f"{r['best']:.3f}" if r.get("best") is not None else ""
+        t.add_row(r["name"], r["model"], f"{r['prune']:.0%}", f"{r['done']}/{r['trials']}", best, r["status"], when)
+    return t
 
 
 def _ratio(a: float | None, b: float | None) -> str:

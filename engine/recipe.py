@@ -1,0 +1,58 @@
+"""One pruning recipe applied to a model: score on calibration windows, plan for the target, slice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from engine.control import Control
+from engine.events import Log, Sink, Stage, null_sink
+from engine.importance import collect_stats, score_layers
+from engine.plan import Plan, params_after, select, solve_uniform
+from engine.prune import apply_plan
+from engine.structure import count_params, layer_shapes
+
+
+def prune_with(
+    model: nn.Module,
+    windows: Tensor,
+    layer_ids: Sequence[int],
+    fraction: float,
+    metric: str = "taylor1",
+    aggregate: str = "sum",
+    head_mode: str = "query",
+    attn_share: float | str = "auto",
+    round_to: int = 1,
+    seed: int = 0,
+    calib_batch: int = 4,
+    control: Control | None = None,
+    sink: Sink = null_sink,
+    recipe: dict | None = None,
+) -> Plan:
+    """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied."""
+    control = control or Control()
+    shapes = layer_shapes(model)
+    total = count_params(model)
+    budget = solve_uniform(shapes, layer_ids, total, fraction, head_mode, attn_share, round_to)
+    unit = "KV groups" if head_mode == "kv" else "query heads per KV group"
+    sink(Log(f"target {fraction:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
+             f"{budget.heads} {unit} and {budget.channels} MLP channels -> {budget.removed:,} removed "
+             f"({budget.removed / total:.2%})"))
+    stats = collect_stats(model, windows, layer_ids, metric, calib_batch, control, sink)
+    scores = score_layers(model, layer_ids, metric, aggregate, stats, seed)
+    del stats
+    plan_layers = select(shapes, scores, {i: (budget.heads, budget.channels) for i in layer_ids}, head_mode)
+    after = params_after(shapes, plan_layers, total)
+    full_recipe = {"metric": metric, "aggregate": aggregate, "seed": seed,
+                   "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": head_mode, "attn_share": attn_share,
+                   "heads_removed_per_layer": budget.heads, "channels_removed_per_layer": budget.channels,
+                   "round_to": round_to, **(recipe or {})}
+    plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe)
+    control.checkpoint()
+    with Stage(sink, "prune"):
+        apply_plan(model, plan_layers)
+    actual = count_params(model)
+    if actual != after:  # the arithmetic and the tensors must agree, or every reported number is suspect
+        raise AssertionError(f"pruned model has {actual:,} parameters, the plan predicted {after:,}")
+    return plan

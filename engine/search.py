@@ -1,0 +1,591 @@
+"""Adaptive search (AdaPruner): TPE over calibration data x importance metric x allocation, in a session.
+
+Each trial prunes a copy of the dense model with one configuration and scores it by the objective: the
+geometric mean of the pruned model's PPL over several validation domains (held-out built-in text and text
+sampled from the dense model by default), evaluated progressively so Optuna's median pruner can stop a
+hopeless trial early. Trial 0 is LLM-Pruner's recipe, enqueued, so every later trial is read against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.control import Control
+from engine.errors import AdapruneError, Cancelled
+from engine.events import (
+    BestChanged,
+    Log,
+    SearchFinished,
+    Sink,
+    Stage,
+    TrialFinished,
+    TrialStarted,
+    null_sink,
+)
+from engine.models import EMBEDDED, Loaded, load
+from engine.plan import check_attn_share
+from engine.recipe import prune_with
+from engine.session import Session
+from engine.structure import count_params, decoder_layers, default_layer_range
+from engine.text import SELF, eval_windows, load_text, parse_spec, random_windows, sample_self, tokenize
+
+CALIB_NS = [10, 16, 32]
+CALIB_LENS = [64, 128]
+SELECTIONS = ["random", "low-loss", "high-loss", "typical", "spread"]
+SEARCH_METRICS = ["taylor1", "taylor2", "taylor-mix", "vector", "wanda"]
+AGGREGATES = ["sum", "mean", "max", "prod", "last"]
+ATTN_SHARES = ["auto", "same", "0.1", "0.25"]
+SEEDS = 10  # random draws per (source, n, len) the search may pick from
+MAX_DUPLICATES_IN_A_ROW = 25
+
+
+@dataclass
+class SearchConfig:
+    model: str = EMBEDDED
+    prune: float = 0.20
+    trials: int = 20
+    seed: int = 0
+    sources: list[str] = field(default_factory=lambda: ["stdlib-docs", SELF])
+    objective: list[str] = field(default_factory=lambda: ["stdlib-docs/valid", SELF])
+    objective_windows: int = 16
+    objective_len: int = 128
+    pool_size: int = 64
+    fixed: dict = field(default_factory=dict)
+    head_mode: str = "query"
+    round_to: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    storage: str | None = None
+    early_stop: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]:
+    """The searched dimensions: categorical lists, or inclusive (low, high) integer ranges."""
+    first, end = default_layer_range(n_layers)
+    last = n_layers - end
+    return {
+        "calib_source": list(cfg.sources),
+        "calib_n": CALIB_NS,
+        "calib_len": CALIB_LENS,
+        "calib_select": SELECTIONS,
+        "calib_seed": (0, SEEDS - 1),
+        "metric": SEARCH_METRICS,
+        "aggregate": AGGREGATES,
+        "attn_share": ATTN_SHARES,
+        "first_kept": (0, max(1, 2 * first)),
+        "last_kept": (0, max(1, 2 * last)),
+    }
+
+
+def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
+    """Trial 0: LLM-Pruner's recipe (taylor1, 10 random 64-token windows, sum, same ratio, its layer range)."""
+    first, end = default_layer_range(n_layers)
+    source = "stdlib-docs" if "stdlib-docs" in cfg.sources else cfg.sources[0]
+    return {"calib_source": source, "calib_n": 10, "calib_len": 64, "calib_select": "random", "calib_seed": 0,
+            "metric": "taylor1", "aggregate": "sum", "attn_share": "same", "first_kept": first,
+            "last_kept": n_layers - end}
+
+
+def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
+    if cfg.trials < 1:
+        raise AdapruneError(f"--trials {cfg.trials}: a search needs at least one trial")
+    if not 0 < cfg.prune <= 0.9:
+        raise AdapruneError(f"--prune {cfg.prune} is outside (0, 0.9]: give the fraction of all parameters to remove")
+    if not cfg.sources:
+        raise AdapruneError("no calibration sources to search: give at least one --source")
+    if not cfg.objective:
+        raise AdapruneError("no objective text: give at least one --objective")
+    for s in [*cfg.sources, *cfg.objective]:
+        if parse_spec(s).n is not None:
+            raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")
+    if cfg.head_mode not in ("query", "kv"):
+        raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' or 'kv'")
+    sp = space(cfg, n_layers or 32)
+    for key, value in cfg.fixed.items():
+        if key not in sp:
+            raise AdapruneError(f"--fix {key}: not a search dimension ({', '.join(sp)})")
+        _check_fixed(key, value)
+    free = [k for k, d in sp.items() if k not in cfg.fixed and (isinstance(d, tuple) and d[0] < d[1] or
+                                                                   not isinstance(d, tuple) and len(d) > 1)]
+    if not free:
+        raise AdapruneError("every search dimension is fixed: nothing left to search (use `adaprune prune`)")
+
+
+def _check_fixed(key: str, value: object) -> None:
+    """A fixed value may lie outside the searched choices (any metric, any size), but must be valid."""
+    from engine.importance import AGGREGATES as ALL_AGGREGATES
+    from engine.importance import METRICS
+
+    choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS}
+    if key in choices and value not in choices[key]:
+        raise AdapruneError(f"--fix {key}={value}: choose one of {', '.join(choices[key])}")
+    minimum = {"calib_n": 1, "calib_len": 2, "calib_seed": 0, "first_kept": 0, "last_kept": 0}
+    if key in minimum and (not isinstance(value, int) or value < minimum[key]):
+        raise AdapruneError(f"--fix {key}={value}: must be an integer >= {minimum[key]}")
+    if key == "attn_share":
+        try:
+            check_attn_share(value if value in ("auto", "same") else float(value))
+        except (TypeError, ValueError):
+            raise AdapruneError(f"--fix attn_share={value}: give auto, same, or a number in [0, 1]") from None
+    if key == "calib_source":
+        parse_spec(str(value))
+
+
+def canonical(params: dict) -> str:
+    """A configuration's identity: settings that cannot change the result are normalised away."""
+    p = dict(params)
+    if p.get("calib_select") != "random":
+        p["calib_seed"] = 0  # a deterministic selection ignores the seed
+    if p.get("metric") in ("l1", "l2", "random"):
+        for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed"):
+            p[k] = None  # data-free metrics
+    return json.dumps(p, sort_keys=True)
+
+
+# --- cached data: calibration pools and objective windows -----------------------------------------------
+
+
+def _slug(spec: str) -> str:
+    return hashlib.sha1(spec.encode()).hexdigest()[:12]
+
+
+class SearchData:
+    """Token windows the trials draw from, built once per session and cached in its stats/ folder."""
+
+    def __init__(self, session: Session, cfg: SearchConfig, loaded: Loaded, sink: Sink, control: Control) -> None:
+        self.session, self.cfg, self.loaded, self.sink, self.control = session, cfg, loaded, sink, control
+        self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.objective: dict[str, torch.Tensor] = {}
+
+    def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        path = self.session.stats_dir / f"{name}.safetensors"
+        if path.exists():
+            return load_file(path)
+        tensors = build()
+        self.session.stats_dir.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+        return tensors
+
+    def _windows(self, spec: str, role: str, n: int, length: int, seed: int) -> torch.Tensor:
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        if parse_spec(spec).name == SELF:
+            with Stage(self.sink, f"sample self text ({role})", n, "samples") as st:
+                return sample_self(model, tok, n, length, seed, on_batch=st.advance)
+        ids = tokenize(tok, load_text(spec, "calib" if role == "calibration" else "eval"))
+        if role == "calibration":
+            return random_windows(ids, n, length, seed)
+        return eval_windows(ids, length, n)
+
+    def pool(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """pool_size windows of the longest calibration length, with the dense model's loss on each."""
+        if source not in self.pools:
+            cfg = self.cfg
+
+            def build() -> dict[str, torch.Tensor]:
+                ids = self._windows(source, "calibration", cfg.pool_size, max(CALIB_LENS), cfg.seed)
+                return {"ids": ids, "loss": window_losses(self.loaded.model, ids, self.control)}
+
+            with Stage(self.sink, f"calibration pool {source}"):
+                data = self._cached(f"pool-{_slug(source)}-{cfg.seed}", build)
+            self.pools[source] = (data["ids"], data["loss"])
+        return self.pools[source]
+
+    def objective_sets(self) -> dict[str, torch.Tensor]:
+        if not self.objective:
+            cfg = self.cfg
+            for spec in cfg.objective:
+                def build(spec: str = spec) -> dict[str, torch.Tensor]:
+                    # seed + 1: text sampled for the objective is a different draw from any calibration pool
+                    return {"ids": self._windows(spec, "objective", cfg.objective_windows, cfg.objective_len,
+                                                 cfg.seed + 1)}
+
+                with Stage(self.sink, f"objective text {spec}"):
+                    self.objective[spec] = self._cached(f"objective-{_slug(spec)}-{cfg.seed}", build)["ids"]
+        return self.objective
+
+
+@torch.inference_mode()
+def window_losses(model, ids: torch.Tensor, control: Control, batch_size: int = 8) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for b in range(0, ids.shape[0], batch_size):
+        control.checkpoint()
+        x = ids[b : b + batch_size].to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+        out.append(nll.cpu())
+    return torch.cat(out)
+
+
+def pick_windows(ids: torch.Tensor, loss: torch.Tensor, n: int, length: int, select: str, seed: int) -> torch.Tensor:
+    """Sample-aware selection from a pool: by seed, or by the dense model's loss on each window."""
+    n = min(n, ids.shape[0])
+    if select == "random":
+        idx = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    elif select == "low-loss":
+        idx = torch.argsort(loss)[:n]
+    elif select == "high-loss":
+        idx = torch.argsort(loss, descending=True)[:n]
+    elif select == "typical":
+        idx = torch.argsort((loss - loss.median()).abs())[:n]
+    elif select == "spread":
+        order = torch.argsort(loss)
+        idx = order[torch.linspace(0, len(order) - 1, n).round().long()]
+    else:
+        raise AdapruneError(f"unknown calibration selection {select!r}: {', '.join(SELECTIONS)}")
+    return ids[idx, :length]
+
+
+# --- the objective --------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def progressive_objective(model, sets: dict[str, torch.Tensor], control: Control, report=None,
+                          batch_size: int = 4) -> float:
+    """Geometric mean of per-domain PPL, computed a batch of every domain at a time.
+
+    `report(step, value)` gets the running value after each step and returns True to stop (trial pruned).
+    """
+    device = next(model.parameters()).device
+    nll = {k: 0.0 for k in sets}
+    count = {k: 0 for k in sets}
+    steps = max((v.shape[0] + batch_size - 1) // batch_size for v in sets.values())
+    value = float("inf")
+    for step in range(steps):
+        control.checkpoint()
+        for name, windows in sets.items():
+            batch = windows[step * batch_size : (step + 1) * batch_size]
+            if not batch.shape[0]:
+                continue
+            x = batch.to(device)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            nll[name] += torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum").item()
+            count[name] += x[:, 1:].numel()
+        mean_log = sum(nll[k] / count[k] for k in sets if count[k]) / sum(1 for k in sets if count[k])
+        value = math.exp(min(mean_log, 700))
+        if report is not None and report(step, value):
+            raise _Pruned(value)
+    return value
+
+
+class _Pruned(Exception):
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+
+# --- the study ------------------------------------------------------------------------------------------
+
+
+def storage_url(session: Session, cfg: SearchConfig) -> str:
+    return cfg.storage or f"sqlite:///{(session.path / 'study.db').resolve()}"
+
+
+def _storage(url: str):
+    """SQLite or PostgreSQL by URL; a journal file (one machine, many processes) by a *.log path."""
+    import optuna
+
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url))
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as e:
+        raise AdapruneError(f"cannot open the study storage {url!r} ({type(e).__name__}): check the URL") from None
+
+
+def open_study(session: Session, cfg: SearchConfig, sampler_seed: int | None = None):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # Optuna's logger must not write over the display
+    storage = _storage(storage_url(session, cfg))
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed if sampler_seed is None else sampler_seed,
+                                         n_startup_trials=max(3, min(8, cfg.trials // 3)), multivariate=True)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0) if cfg.early_stop
+              else optuna.pruners.NopPruner())
+    return optuna.create_study(study_name=session.name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="minimize", load_if_exists=True)
+
+
+def _counts_toward_budget(t) -> bool:
+    from optuna.trial import TrialState
+
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) and \
+        "duplicate_of" not in t.user_attrs
+
+
+def completed(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "duplicate_of" not in t.user_attrs)
+
+
+def fail_orphans(study, sink: Sink = null_sink) -> int:
+    """Trials left RUNNING by a dead process (same host) are failed and their configuration queued again."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker", "")
+        pid, _, where = owner.partition("@")
+        if where == host and pid.isdigit() and _alive(int(pid)):
+            continue  # a live worker on this machine is running it
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number})
+        n += 1
+    if n:
+        sink(Log(f"{n} trial(s) left running by a stopped process were marked failed and will run again"))
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _suggest(trial, sp: dict, fixed: dict) -> dict:
+    params = {}
+    for key, dim in sp.items():
+        if key in fixed:
+            params[key] = fixed[key]
+        elif isinstance(dim, tuple):
+            params[key] = trial.suggest_int(key, dim[0], dim[1])
+        else:
+            params[key] = trial.suggest_categorical(key, dim)
+    return params
+
+
+def _attn(value: str) -> float | str:
+    return value if value in ("auto", "same") else float(value)
+
+
+@dataclass
+class TrialOutcome:
+    value: float
+    state: str
+    plan: dict | None
+    seconds: float
+    objective_seconds: float
+    params_after: int
+
+
+def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,
+              sink: Sink) -> TrialOutcome:
+    """Prune a copy of the dense model with `params` and measure the objective."""
+    t0 = time.perf_counter()
+    model = copy.deepcopy(dense.model)
+    try:
+        n_layers = len(decoder_layers(model))
+        layer_ids = list(range(params["first_kept"], n_layers - params["last_kept"]))
+        if not layer_ids:
+            raise AdapruneError("the protected first and last layers leave nothing to prune")
+        ids, loss = data.pool(params["calib_source"])
+        windows = pick_windows(ids, loss, params["calib_n"], params["calib_len"], params["calib_select"],
+                               params["calib_seed"])
+        plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
+                          _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
+                          recipe={"calib": f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
+                                           f"({params['calib_select']}, seed {params['calib_seed']})"})
+        sets = data.objective_sets()
+        t1 = time.perf_counter()
+        try:
+            value = progressive_objective(model, sets, control, report)
+            state = "complete"
+        except _Pruned as p:
+            value, state = p.value, "pruned"
+        t2 = time.perf_counter()
+        return TrialOutcome(value, state, plan.to_dict(), t2 - t0, t2 - t1, count_params(model))
+    finally:
+        del model
+
+
+def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,
+               worker: bool = False) -> dict:
+    """Drive (or, as a worker, join) the session's study until its trial budget is spent."""
+    from optuna.trial import TrialState
+
+    control = control or Control()
+    outer = sink
+
+    def sink(event) -> None:  # every event goes to the session's log too: `attach` and the app read it
+        session.append_event(event)
+        outer(event)
+
+    cfg = SearchConfig.from_dict(session.config())
+    validate(cfg)
+    dense = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    dense.model.requires_grad_(False)
+    n_layers = len(decoder_layers(dense.model))
+    validate(cfg, n_layers)
+    sp = space(cfg, n_layers)
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    study = open_study(session, cfg, None if not worker else cfg.seed + os.getpid())
+    if not worker:
+        fail_orphans(study, sink)
+        session.update(status="running", storage=storage_url(session, cfg), dense_params=count_params(dense.model))
+    data = SearchData(session, cfg, dense, sink, control)
+    duplicates_in_a_row = 0
+    status = "done"
+    current = None
+    try:
+        while True:
+            control.checkpoint()
+            trials = study.get_trials(deepcopy=False)
+            if sum(1 for t in trials if _counts_toward_budget(t)) >= cfg.trials:
+                break
+            current = study.ask()
+            earlier = [t for t in study.get_trials(deepcopy=False) if t.number < current.number]
+            if sum(1 for t in earlier if _counts_toward_budget(t)) >= cfg.trials:
+                # another worker took the last slot between our count and our ask
+                current.set_user_attr("over_budget", True)
+                study.tell(current, state=TrialState.FAIL)
+                current = None
+                break
+            params = _suggest(current, sp, cfg.fixed)
+            key = canonical(params)
+            twin = next((t for t in earlier if t.state == TrialState.COMPLETE and t.user_attrs.get("key") == key), None)
+            current.set_user_attr("key", key)
+            current.set_user_attr("worker", me)
+            if twin is None and any(t.state == TrialState.RUNNING and t.user_attrs.get("key") == key for t in earlier):
+                # another worker is evaluating this very configuration right now
+                current.set_user_attr("duplicate_of", "running")
+                study.tell(current, state=TrialState.FAIL)
+                current = None
+                continue
+            if twin is not None:  # TPE proposes configurations it has seen: reuse the value, spend no time
+                current.set_user_attr("duplicate_of", twin.number)
+                study.tell(current, twin.value)
+                sink(TrialFinished(current.number, "duplicate", twin.value, params, message=f"same as trial {twin.number}"))
+                current = None
+                duplicates_in_a_row += 1
+                if duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
+                    sink(Log("the sampler keeps proposing evaluated configurations: the space looks exhausted", "warning"))
+                    break
+                continue
+            duplicates_in_a_row = 0
+            sink(TrialStarted(current.number, params, me))
+            trial = current
+
+            def report(step: int, value: float, trial=trial) -> bool:
+                trial.report(value, step)
+                return trial.number > 0 and trial.should_prune()
+
+            try:
+                out = run_trial(dense, data, cfg, params, report, control, sink)
+            except AdapruneError as e:  # this configuration cannot be built (e.g. an unreachable split)
+                current.set_user_attr("error", str(e))
+                study.tell(current, state=TrialState.FAIL)
+                sink(TrialFinished(current.number, "failed", None, params, message=str(e)))
+                current = None
+                continue
+            current.set_user_attr("seconds", out.seconds)
+            current.set_user_attr("objective_seconds", out.objective_seconds)
+            current.set_user_attr("params_after", out.params_after)
+            state = TrialState.PRUNED if out.state == "pruned" else TrialState.COMPLETE
+            study.tell(current, out.value if state == TrialState.COMPLETE else None, state=state)
+            sink(TrialFinished(current.number, out.state, out.value, params, out.seconds, out.objective_seconds,
+                               out.params_after))
+            if state == TrialState.COMPLETE and _best(study) == (current.number, out.value):
+                session.write_json("plan.json", {"trial": current.number, "value": out.value, "params": params,
+                                                 "plan": out.plan})
+                sink(BestChanged(current.number, out.value, params))
+            current = None
+    except (Cancelled, KeyboardInterrupt):
+        status = "cancelled"
+        raise
+    except Exception:
+        status = "failed"
+        raise
+    finally:
+        if current is not None:  # interrupted mid-trial: fail it so a resume runs it again
+            try:
+                study.tell(current, state=TrialState.FAIL)
+                study.enqueue_trial(current.params, user_attrs={"rerun_of": current.number})
+            except Exception:
+                pass
+        done = completed(study)
+        if not worker:
+            session.update(status=status if status != "done" or done >= cfg.trials else "stopped")
+        b = _best(study)
+        sink(SearchFinished(status, done, cfg.trials, b[0] if b else None, b[1] if b else None))
+    return {"completed": done, "best": b}
+
+
+def _best(study) -> tuple[int, float] | None:
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return None
+    t = min(done, key=lambda t: t.value)
+    return t.number, t.value
+
+
+def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_sink) -> Session:
+    """Create the session folder and its study, with trial 0 (the LLM-Pruner baseline) queued."""
+    from engine.models import num_layers
+
+    validate(cfg)
+    if (root / name).exists():
+        Session.create(root, name, {})  # raises the clear "exists" error
+    n_layers = num_layers(cfg.model, cfg.trust_remote_code, sink)
+    validate(cfg, n_layers)
+    session = Session.create(root, name, asdict(cfg))
+    try:
+        study = open_study(session, cfg)
+        base = {k: v for k, v in baseline_params(cfg, n_layers).items() if k not in cfg.fixed}
+        study.enqueue_trial(base, user_attrs={"baseline": True})
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(session.path, ignore_errors=True)  # nothing half-made is left behind
+        raise
+    return session
+
+
+def summary(session: Session) -> dict:
+    """One row of the sessions table."""
+    m = session.manifest()
+    cfg = SearchConfig.from_dict(m["config"])
+    row = {"name": session.name, "model": cfg.model, "prune": cfg.prune, "trials": cfg.trials,
+           "status": m.get("status", "?"), "updated": m.get("updated"), "done": 0, "best": None}
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = optuna.load_study(study_name=session.name, storage=_storage(storage_url(session, cfg)))
+        row["done"] = completed(study)
+        b = _best(study)
+        row["best"] = b[1] if b else None
+    except Exception as e:  # a session whose study cannot be read still lists
+        row["status"] = f"{row['status']} (study unreadable: {type(e).__name__})"
+    return row

@@ -1,0 +1,202 @@
+"""A session on disk: the contract between the engine, the CLI, the app and extra workers.
+
+sessions/<name>/
+  session.json   manifest: schema_version, config, status (written to a temp file, then os.replace)
+  study.db       the Optuna study (SQLite) unless the config names another storage
+  events.jsonl   append-only log of engine events, one JSON object per line
+  stats/         cached calibration pools and the like, as safetensors
+  plan.json      the best plan so far (every kept index)
+  lock           {"pid", "host"} of the process driving the search (workers join without it)
+Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import AdapruneError
+from engine.events import Event, StageProgress
+
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("ADAPRUNE_SESSIONS", "sessions"))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Session:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "session.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.path / "stats"
+
+    # --- creating and opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, name: str, config: dict) -> Session:
+        if not _NAME.match(name):
+            raise AdapruneError(f"session name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)")
+        path = root / name
+        if path.exists():
+            raise AdapruneError(f"session {name!r} exists in {root}: `adaprune resume {name}` continues it")
+        path.mkdir(parents=True)
+        (path / "stats").mkdir()
+        now = time.time()
+        write_json_atomic(path / "session.json", {"schema_version": SCHEMA_VERSION, "name": name, "config": config,
+                                                  "status": "created", "created": now, "updated": now})
+        return cls(path)
+
+    @classmethod
+    def open(cls, root: Path, name: str) -> Session:
+        path = root / name
+        if not (path / "session.json").is_file():
+            known = ", ".join(sorted(p.name for p in root.iterdir() if (p / "session.json").is_file())) if root.is_dir() else ""
+            raise AdapruneError(f"no session {name!r} in {root}" + (f" (sessions: {known})" if known else ""))
+        session = cls(path)
+        session.manifest()  # validates
+        return session
+
+    def manifest(self) -> dict:
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise AdapruneError(f"{self.manifest_path} is corrupt ({type(e).__name__}): restore it or start a new session") from None
+        if not isinstance(data, dict) or "schema_version" not in data or "config" not in data:
+            raise AdapruneError(f"{self.manifest_path} is not an adaprune session manifest")
+        if data["schema_version"] > SCHEMA_VERSION:
+            raise AdapruneError(
+                f"session {self.name!r} was written by a newer adaprune (schema {data['schema_version']} > "
+                f"{SCHEMA_VERSION}): upgrade adaprune to open it"
+            )
+        return data
+
+    def config(self) -> dict:
+        return self.manifest()["config"]
+
+    def update(self, **fields: object) -> None:
+        data = self.manifest()
+        data.update(fields)
+        data["updated"] = time.time()
+        write_json_atomic(self.manifest_path, data)
+
+    # --- events ---------------------------------------------------------------------------------------------
+
+    def append_event(self, event: Event) -> None:
+        if isinstance(event, StageProgress):  # high-rate; the live views get them, the log does not need them
+            return
+        with self.events_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(event.to_dict(), default=str) + "\n")
+
+    def read_events(self) -> tuple[list[dict], list[int]]:
+        """All readable events, and the line numbers of any that are corrupt (kept out, reported)."""
+        events, bad = [], []
+        if not self.events_path.exists():
+            return events, bad
+        for i, line in enumerate(self.events_path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "kind" not in row:
+                    raise ValueError
+                events.append(row)
+            except ValueError:
+                bad.append(i)
+        return events, bad
+
+    # --- the driver's lock ----------------------------------------------------------------------------------
+
+    def lock(self) -> Iterator[None]:
+        return _Lock(self)
+
+    # --- files ----------------------------------------------------------------------------------------------
+
+    def write_json(self, name: str, data: dict) -> None:
+        write_json_atomic(self.path / name, data)
+
+    def read_json(self, name: str) -> dict | None:
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise AdapruneError(f"{path} is corrupt: delete it and re-run the step that writes it") from None
+
+
+class _Lock:
+    """One driving process per session; a dead holder's lock (same host) is taken over."""
+
+    def __init__(self, session: Session) -> None:
+        self.path = session.path / "lock"
+        self.session = session
+
+    def __enter__(self) -> None:
+        host = socket.gethostname()
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    holder = {}
+                pid, where = holder.get("pid"), holder.get("host")
+                if isinstance(pid, int) and (where != host or _pid_alive(pid)):
+                    raise AdapruneError(
+                        f"session {self.session.name!r} is driven by pid {pid} on {where}: stop it, or join it with "
+                        f"`adaprune worker {self.session.name}`"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # its holder died: take over
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": host, "since": time.time()}, f)
+            return
+        raise AdapruneError(f"cannot lock session {self.session.name!r}: {self.path} keeps reappearing")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def list_sessions(root: Path) -> list[Session]:
+    if not root.is_dir():
+        return []
+    return [Session(p) for p in sorted(root.iterdir()) if (p / "session.json").is_file()]

@@ -1,0 +1,199 @@
+"""The adaptive search: sessions on disk, trial 0, duplicates, resume after a kill, workers, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine.control import Control
+from engine.errors import AdapruneError, Cancelled
+from engine.events import TrialFinished
+from engine.search import (
+    SearchConfig,
+    _suggest,
+    baseline_params,
+    canonical,
+    completed,
+    create_session,
+    open_study,
+    pick_windows,
+    run_search,
+    space,
+    summary,
+)
+from engine.session import Session
+
+
+@pytest.fixture
+def llama_folder(tmp_path, tokenizer):
+    from conftest import make_model
+
+    folder = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _cfg(folder, **kw) -> SearchConfig:
+    base = SearchConfig(model=str(folder), trials=4, objective_windows=2, pool_size=12, device="cpu",
+                        sources=["stdlib-docs", "self"], objective=["stdlib-docs/valid", "self"])
+    return replace(base, **kw)
+
+
+def _trials(session, cfg):
+    return open_study(session, cfg).get_trials(deepcopy=False)
+
+
+def test_search_records_everything_in_the_session(llama_folder, tmp_path):
+    cfg = _cfg(llama_folder)
+    session = create_session(tmp_path / "s", "run1", cfg)
+    events = []
+    result = run_search(session, events.append)
+    assert result["completed"] == 4
+    trials = _trials(session, cfg)
+    assert trials[0].params == baseline_params(cfg, 4) and trials[0].user_attrs["baseline"]
+    best = json.loads((session.path / "plan.json").read_text())
+    assert best["value"] == min(t.value for t in trials if t.value is not None and t.state.name == "COMPLETE")
+    logged, bad = session.read_events()
+    assert not bad and sum(e["kind"] == "trial_finished" for e in logged) >= 4
+    assert session.manifest()["status"] == "done"
+    assert sorted(p.name.split("-")[0] for p in session.stats_dir.iterdir()) == ["objective", "objective", "pool", "pool"]
+    row = summary(session)
+    assert row["done"] == 4 and row["best"] == pytest.approx(best["value"])
+    # the best plan exports and loads
+    from engine.api import export_session
+    from engine.models import load
+
+    export_session(tmp_path / "s", "run1", tmp_path / "best")
+    assert load(str(tmp_path / "best"), device="cpu").model is not None
+
+
+def test_duplicates_are_not_evaluated_again(llama_folder, tmp_path):
+    # everything fixed but last_kept (0 or 1): only two distinct configurations exist
+    fixed = {"calib_source": "stdlib-docs", "calib_n": 10, "calib_len": 64, "calib_select": "low-loss",
+             "calib_seed": 0, "metric": "l2", "aggregate": "sum", "attn_share": "auto", "first_kept": 0}
+    cfg = _cfg(llama_folder, trials=5, fixed=fixed)
+    session = create_session(tmp_path / "s", "dups", cfg)
+    events = []
+    run_search(session, events.append)
+    finished = [e for e in events if isinstance(e, TrialFinished)]
+    evaluated = [e for e in finished if e.state in ("complete", "pruned")]
+    assert len(evaluated) == 2 and {e.params["last_kept"] for e in evaluated} == {0, 1}
+    assert any(e.state == "duplicate" for e in finished)
+
+
+def test_resume_after_kill_reruns_the_interrupted_trial(llama_folder, tmp_path):
+    cfg = _cfg(llama_folder, trials=3)
+    session = create_session(tmp_path / "s", "crash", cfg)
+    study = open_study(session, cfg)
+    # what a kill -9 leaves: a RUNNING trial owned by a dead process, and its stale lock
+    t = study.ask()  # trial 0, the queued baseline
+    orphan = _suggest(t, space(cfg, 4), {})
+    t.set_user_attr("worker", f"999999999@{__import__('socket').gethostname()}")
+    (session.path / "lock").write_text(json.dumps({"pid": 999999999, "host": __import__("socket").gethostname()}))
+    with session.lock():
+        run_search(session)
+    trials = _trials(session, cfg)
+    assert trials[0].state.name == "FAIL"
+    assert completed(open_study(session, cfg)) == 3
+    assert any(t.user_attrs.get("rerun_of") == 0 and t.params == orphan and t.state.name == "COMPLETE" for t in trials)
+
+
+def test_a_second_driver_is_refused(llama_folder, tmp_path):
+    session = create_session(tmp_path / "s", "busy", _cfg(llama_folder))
+    (session.path / "lock").write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()}))
+    with pytest.raises(AdapruneError, match=f"driven by pid {os.getpid()}"), session.lock():
+        pass
+
+
+def test_cancel_between_trials_leaves_a_resumable_session(llama_folder, tmp_path):
+    cfg = _cfg(llama_folder, trials=3)
+    session = create_session(tmp_path / "s", "stop", cfg)
+    control = Control()
+
+    def sink(e):
+        if isinstance(e, TrialFinished):
+            control.cancel()
+
+    with pytest.raises(Cancelled):
+        run_search(session, sink, control)
+    assert session.manifest()["status"] == "cancelled"
+    assert completed(open_study(session, cfg)) == 1
+    run_search(session)
+    assert completed(open_study(session, cfg)) == 3
+
+
+def test_same_seed_proposes_the_same_trials(llama_folder, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = _cfg(llama_folder, trials=4, early_stop=False, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+        session = create_session(tmp_path / "s", name, cfg)
+        run_search(session)
+        runs.append([t.params for t in _trials(session, cfg)])
+    assert runs[0] == runs[1]
+
+
+def test_two_workers_share_one_study_exactly(llama_folder, tmp_path):
+    cfg = _cfg(llama_folder, trials=6, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    root = tmp_path / "s"
+    session = create_session(root, "shared", cfg)
+    run_search(session, worker=False) if False else None  # noqa: B018 - the workers do all the work
+    env = {**os.environ, "ADAPRUNE_SESSIONS": str(root)}
+    cmd = [sys.executable, "-c", "from tui.cli import main; main()", "worker", "shared"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    trials = _trials(session, cfg)
+    counted = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and "duplicate_of" not in t.user_attrs]
+    assert len(counted) == 6
+    keys = [t.user_attrs["key"] for t in counted]
+    assert len(keys) == len(set(keys))  # no configuration evaluated twice
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both took part
+
+
+def test_pick_windows():
+    ids = torch.arange(40).view(8, 5)
+    loss = torch.tensor([5.0, 1.0, 3.0, 7.0, 2.0, 6.0, 4.0, 0.0])
+    assert pick_windows(ids, loss, 2, 3, "low-loss", 0)[:, 0].tolist() == [35, 5]
+    assert pick_windows(ids, loss, 2, 5, "high-loss", 0)[:, 0].tolist() == [15, 25]
+    assert pick_windows(ids, loss, 3, 5, "spread", 0)[:, 0].tolist() == [35, 30, 15]
+    a = pick_windows(ids, loss, 4, 5, "random", 1)
+    assert torch.equal(a, pick_windows(ids, loss, 4, 5, "random", 1)) and a.shape == (4, 5)
+
+
+def test_canonical_ignores_what_cannot_matter():
+    p = {"calib_select": "low-loss", "calib_seed": 3, "metric": "taylor1"}
+    assert canonical(p) == canonical({**p, "calib_seed": 7})
+    assert canonical({**p, "calib_select": "random"}) != canonical({**p, "calib_select": "random", "calib_seed": 7})
+
+
+def test_bad_sessions(llama_folder, tmp_path):
+    root = tmp_path / "s"
+    with pytest.raises(AdapruneError, match="at least one trial"):
+        create_session(root, "x", _cfg(llama_folder, trials=0))
+    all_fixed = dict(baseline_params(_cfg(llama_folder), 32))
+    with pytest.raises(AdapruneError, match="nothing left to search"):
+        create_session(root, "x", _cfg(llama_folder, fixed=all_fixed))
+    with pytest.raises(AdapruneError, match="not a search dimension"):
+        create_session(root, "x", _cfg(llama_folder, fixed={"colour": 1}))
+    assert not (root / "x").exists()
+    with pytest.raises(AdapruneError, match="no session 'nope'"):
+        Session.open(root, "nope")
+    s = create_session(root, "newer", _cfg(llama_folder))
+    data = json.loads(s.manifest_path.read_text())
+    s.manifest_path.write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(AdapruneError, match="newer adaprune"):
+        Session.open(root, "newer")
+    s.manifest_path.write_text("{ not json")
+    with pytest.raises(AdapruneError, match="corrupt"):
+        Session.open(root, "newer")
+    ok = create_session(root, "events", _cfg(llama_folder))
+    ok.events_path.write_text('{"kind": "log", "message": "a"}\n{broken\n{"kind": "log", "message": "b"}\n')
+    events, bad = ok.read_events()
+    assert [e["message"] for e in events] == ["a", "b"] and bad == [2]
