@@ -220,3 +220,107 @@ def score_layers(
 ) -> dict[int, LayerScores]:
     check_metric(metric, aggregate)
     return {i: layer_scores(model, i, metric, aggregate, stats, seed) for i in layer_ids}
+
+
+# --- per-sample statistics: computed once for a pool, reused by every subset a search trial picks ----------
+
+SAMPLE_METRICS = ("vector", "taylor2", "wanda", "l1", "l2", "random")  # sums over samples: decomposable
+
+
+def _parts(layer: nn.Module, e: dict[str, Tensor], hd: int, r: int) -> dict[str, list[Tensor]]:
+    """Each group kind's per-matrix group sums of an element-wise quantity (before _finish)."""
+    return {
+        "heads": [_blocks(e["q_proj"], 0, hd), _blocks(e["o_proj"], 1, hd)],
+        "kv": [_blocks(e["q_proj"], 0, hd * r), _blocks(e["k_proj"], 0, hd), _blocks(e["v_proj"], 0, hd),
+               _blocks(e["o_proj"], 1, hd * r)],
+        "channels": [_blocks(e["gate_proj"], 0, 1), _blocks(e["up_proj"], 0, 1), _blocks(e["down_proj"], 1, 1)],
+    }
+
+
+def collect_sample_stats(
+    model: nn.Module, windows: Tensor, control: Control | None = None, sink: Sink = null_sink
+) -> dict[str, Tensor]:
+    """Per calibration window, every layer's per-group sums of w*g and 1/2 w^2 g^2, and input sq-norms.
+
+    Keys: 'L.KIND.vector' and 'L.KIND.taylor2' -> [samples, matrices, groups] (KIND: heads, kv, channels);
+    'L.PROJ.act' -> [samples, in_features] (sum over the window's tokens of x^2).
+    """
+    control = control or Control()
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    n = windows.shape[0]
+    rows: dict[str, list[Tensor]] = {}
+    acts: dict[str, Tensor] = {}
+
+    def hook(key: str):
+        def fn(_mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            acts[key] = x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
+        return fn
+
+    hooks = [_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}.act"))
+             for i in range(len(layers)) for p in ("q_proj", "o_proj", "gate_proj", "down_proj")]
+    weights = {(i, p): _proj(layers[i], p).weight for i in range(len(layers)) for p in PROJ}
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        with Stage(sink, "per-sample statistics", n, "samples") as stage:
+            for s in range(n):
+                control.checkpoint()
+                x = windows[s : s + 1].to(device)
+                model(input_ids=x, labels=x).loss.backward()
+                with torch.no_grad():
+                    for i, layer in enumerate(layers):
+                        shape = layer_shape(layer)
+                        ws = {p: weights[(i, p)].detach().float() for p in PROJ}
+                        gs = {p: weights[(i, p)].grad.float() for p in PROJ}
+                        first = _parts(layer, {p: ws[p] * gs[p] for p in PROJ}, shape.head_dim, shape.heads_per_group)
+                        second = _parts(layer, {p: 0.5 * ws[p].pow(2) * gs[p].pow(2) for p in PROJ},
+                                        shape.head_dim, shape.heads_per_group)
+                        for kind in first:
+                            rows.setdefault(f"{i}.{kind}.vector", []).append(torch.stack(first[kind]).cpu())
+                            rows.setdefault(f"{i}.{kind}.taylor2", []).append(torch.stack(second[kind]).cpu())
+                for key, value in acts.items():
+                    rows.setdefault(key, []).append(value.cpu())
+                for w in weights.values():
+                    w.grad = None
+                stage.advance(s + 1)
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+            p.grad = None
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def scores_from_samples(
+    model: nn.Module, cache: dict[str, Tensor], subset: Tensor, layer_ids: Sequence[int], metric: str,
+    aggregate: str, seq_len: int, seed: int = 0,
+) -> dict[int, LayerScores]:
+    """Group scores for the windows `subset` of a pool, from its per-sample statistics alone.
+
+    Equal to collect_stats (batch size 1) + score_layers on those windows, without a backward pass.
+    """
+    check_metric(metric, aggregate)
+    if metric not in SAMPLE_METRICS:
+        raise ValueError(f"{metric} does not decompose over samples")
+    if metric in ("l1", "l2", "random"):
+        return score_layers(model, layer_ids, metric, aggregate, CalibStats(), seed)
+    if metric == "wanda":
+        n_tokens = subset.numel() * seq_len
+        stats = CalibStats(act={k.removesuffix(".act"): cache[k][subset].sum(0) / n_tokens
+                                for k in cache if k.endswith(".act")})
+        return score_layers(model, layer_ids, metric, aggregate, stats, seed)
+    out = {}
+    for i in layer_ids:
+        kinds = {}
+        for kind in ("heads", "kv", "channels"):
+            per_matrix = cache[f"{i}.{kind}.{metric}"][subset].mean(0)  # [matrices, groups]
+            per_matrix = per_matrix.abs() if metric == "vector" else per_matrix
+            kinds[kind] = _aggregate(list(per_matrix), aggregate)
+        out[i] = LayerScores(kinds["heads"], kinds["kv"], kinds["channels"])
+    return out

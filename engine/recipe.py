@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from engine.control import Control
 from engine.events import Log, Sink, Stage, null_sink
-from engine.importance import collect_stats, score_layers
+from engine.importance import LayerScores, collect_stats, score_layers
 from engine.plan import Plan, params_after, select, solve_uniform
 from engine.prune import apply_plan
 from engine.structure import count_params, layer_shapes
@@ -16,7 +16,7 @@ from engine.structure import count_params, layer_shapes
 
 def prune_with(
     model: nn.Module,
-    windows: Tensor,
+    windows: Tensor | None,
     layer_ids: Sequence[int],
     fraction: float,
     metric: str = "taylor1",
@@ -29,8 +29,12 @@ def prune_with(
     control: Control | None = None,
     sink: Sink = null_sink,
     recipe: dict | None = None,
+    scores: dict[int, LayerScores] | None = None,
 ) -> Plan:
-    """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied."""
+    """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied.
+
+    Group scores come from `windows` with the metric, or ready-made in `scores` (a search's cached statistics).
+    """
     control = control or Control()
     shapes = layer_shapes(model)
     total = count_params(model)
@@ -39,9 +43,10 @@ def prune_with(
     sink(Log(f"target {fraction:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
              f"{budget.heads} {unit} and {budget.channels} MLP channels -> {budget.removed:,} removed "
              f"({budget.removed / total:.2%})"))
-    stats = collect_stats(model, windows, layer_ids, metric, calib_batch, control, sink)
-    scores = score_layers(model, layer_ids, metric, aggregate, stats, seed)
-    del stats
+    if scores is None:
+        stats = collect_stats(model, windows, layer_ids, metric, calib_batch, control, sink)
+        scores = score_layers(model, layer_ids, metric, aggregate, stats, seed)
+        del stats
     plan_layers = select(shapes, scores, {i: (budget.heads, budget.channels) for i in layer_ids}, head_mode)
     after = params_after(shapes, plan_layers, total)
     full_recipe = {"metric": metric, "aggregate": aggregate, "seed": seed,

@@ -32,6 +32,7 @@ from engine.events import (
     TrialStarted,
     null_sink,
 )
+from engine.importance import SAMPLE_METRICS, collect_sample_stats, scores_from_samples
 from engine.models import EMBEDDED, Loaded, load
 from engine.plan import check_attn_share
 from engine.recipe import prune_with
@@ -172,6 +173,7 @@ class SearchData:
         self.session, self.cfg, self.loaded, self.sink, self.control = session, cfg, loaded, sink, control
         self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.objective: dict[str, torch.Tensor] = {}
+        self.samples: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
@@ -210,6 +212,23 @@ class SearchData:
             self.pools[source] = (data["ids"], data["loss"])
         return self.pools[source]
 
+    def sample_stats(self, source: str, length: int) -> dict[str, torch.Tensor]:
+        """Per-window statistics of a pool at one window length: one backward per window, once per session."""
+        key = (source, length)
+        if key not in self.samples:
+            ids, _ = self.pool(source)
+            with Stage(self.sink, f"per-sample statistics {source} x{length}"):
+                self.samples[key] = self._cached(
+                    f"samples-{_slug(source)}-{length}-{self.cfg.seed}",
+                    lambda: collect_sample_stats(self.loaded.model, ids[:, :length], self.control, self.sink))
+        return self.samples[key]
+
+    def prepare(self) -> None:
+        """Build every pool and objective text before the first trial, so trial times are trial times."""
+        self.objective_sets()
+        for source in self.cfg.sources:
+            self.pool(source)
+
     def objective_sets(self) -> dict[str, torch.Tensor]:
         if not self.objective:
             cfg = self.cfg
@@ -239,6 +258,11 @@ def window_losses(model, ids: torch.Tensor, control: Control, batch_size: int = 
 
 def pick_windows(ids: torch.Tensor, loss: torch.Tensor, n: int, length: int, select: str, seed: int) -> torch.Tensor:
     """Sample-aware selection from a pool: by seed, or by the dense model's loss on each window."""
+    return ids[pick_indices(loss, n, select, seed), :length]
+
+
+def pick_indices(loss: torch.Tensor, n: int, select: str, seed: int) -> torch.Tensor:
+    ids = loss
     n = min(n, ids.shape[0])
     if select == "random":
         idx = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
@@ -253,7 +277,7 @@ def pick_windows(ids: torch.Tensor, loss: torch.Tensor, n: int, length: int, sel
         idx = order[torch.linspace(0, len(order) - 1, n).round().long()]
     else:
         raise AdapruneError(f"unknown calibration selection {select!r}: {', '.join(SELECTIONS)}")
-    return ids[idx, :length]
+    return idx
 
 
 # --- the objective --------------------------------------------------------------------------------------
@@ -409,11 +433,17 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
         if not layer_ids:
             raise AdapruneError("the protected first and last layers leave nothing to prune")
         ids, loss = data.pool(params["calib_source"])
-        windows = pick_windows(ids, loss, params["calib_n"], params["calib_len"], params["calib_select"],
-                               params["calib_seed"])
+        idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
+        windows, scores, once = ids[idx, : params["calib_len"]], None, 0.0
+        if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
+            tc = time.perf_counter()
+            cache = data.sample_stats(params["calib_source"], params["calib_len"])
+            once = time.perf_counter() - tc  # built once per session: not this trial's own work
+            scores = scores_from_samples(model, cache, idx, layer_ids, params["metric"], params["aggregate"],
+                                         params["calib_len"], cfg.seed)
         plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                           _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
-                          recipe={"calib": f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
+                          scores=scores, recipe={"calib": f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
                                            f"({params['calib_select']}, seed {params['calib_seed']})"})
         sets = data.objective_sets()
         t1 = time.perf_counter()
@@ -423,7 +453,7 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
         except _Pruned as p:
             value, state = p.value, "pruned"
         t2 = time.perf_counter()
-        return TrialOutcome(value, state, plan.to_dict(), t2 - t0, t2 - t1, count_params(model))
+        return TrialOutcome(value, state, plan.to_dict(), t2 - t0 - once, t2 - t1, count_params(model))
     finally:
         del model
 
@@ -453,6 +483,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         fail_orphans(study, sink)
         session.update(status="running", storage=storage_url(session, cfg), dense_params=count_params(dense.model))
     data = SearchData(session, cfg, dense, sink, control)
+    data.prepare()
     duplicates_in_a_row = 0
     status = "done"
     current = None

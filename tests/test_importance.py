@@ -96,3 +96,20 @@ def test_unknown_metric_is_refused():
         check_metric("taylor3", "sum")
     with pytest.raises(AdapruneError, match="unknown aggregation"):
         check_metric("taylor1", "median")
+
+
+@pytest.mark.parametrize("metric", ["vector", "taylor2", "wanda"])
+def test_per_sample_cache_equals_direct_scoring(metric):
+    from engine.importance import collect_sample_stats, scores_from_samples
+
+    model = make_model("qwen2", heads=6, kv_heads=2)
+    pool = _windows(6, 16)
+    cache = collect_sample_stats(model, pool)
+    subset = torch.tensor([4, 1, 3])
+    stats = collect_stats(model, pool[subset], [1, 2], metric, batch_size=1)
+    for aggregate, i in (("sum", 1), ("max", 2), ("last", 1)):
+        direct = score_layers(model, [i], metric, aggregate, stats)
+        cached = scores_from_samples(model, cache, subset, [i], metric, aggregate, seq_len=16)
+        for a, b in ((direct[i].heads, cached[i].heads), (direct[i].kv_groups, cached[i].kv_groups),
+                     (direct[i].channels, cached[i].channels)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
