@@ -1,0 +1,131 @@
+"""A default search on the embedded model: trial cost against objective cost, and whether the best trial
+beats trial 0 (LLM-Pruner's recipe) on text the search never saw. Records its table in bench/RESULTS.md.
+
+    .venv/bin/python bench/search.py [--trials 20] [--windows 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
+
+from engine.api import PruneConfig, evaluation_sets  # noqa: E402
+from engine.control import Control  # noqa: E402
+from engine.evaluate import perplexity  # noqa: E402
+from engine.models import load  # noqa: E402
+from engine.plan import Plan  # noqa: E402
+from engine.prune import apply_plan  # noqa: E402
+from engine.recipe import prune_with  # noqa: E402
+from engine.search import SearchConfig, create_session, open_study, run_search  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--windows", type=int, default=40, help="held-out PPL windows per text")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args()
+
+    cfg = SearchConfig(trials=args.trials)
+    root = Path(tempfile.mkdtemp(prefix="adaprune-bench-"))
+    t0 = time.perf_counter()
+    session = create_session(root, "bench", cfg)
+    prepared = {}
+
+    def sink(event) -> None:
+        if event.kind == "trial_started" and "first_trial" not in prepared:
+            prepared["first_trial"] = time.perf_counter() - t0
+        if event.kind in ("trial_finished", "best_changed", "log"):
+            print({k: v for k, v in event.to_dict().items() if k != "t"}, flush=True)
+
+    run_search(session, sink)
+    wall = time.perf_counter() - t0
+    study = open_study(session, cfg)
+    trials = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED") and "duplicate_of" not in t.user_attrs]
+    ratios = [t.user_attrs["seconds"] / t.user_attrs["objective_seconds"] for t in trials
+              if t.state.name == "COMPLETE" and t.user_attrs.get("objective_seconds")]
+    trial_s = [t.user_attrs["seconds"] for t in trials if "seconds" in t.user_attrs]
+    obj_s = [t.user_attrs["objective_seconds"] for t in trials if t.state.name == "COMPLETE"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    best = min(complete, key=lambda t: t.value)
+    base = next(t for t in trials if t.number == 0 or t.user_attrs.get("baseline"))
+
+    # held-out texts the search never saw: stdlib-docs test split and WikiText-2 test
+    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
+    dense = load(cfg.model)
+    sets, _ = evaluation_sets(dense.tokenizer, PruneConfig(evals=evals, eval_windows=args.windows))
+    rows = []
+
+    def heldout(model) -> dict[str, float]:
+        return {k: perplexity(model, v) for k, v in sets.items()}
+
+    rows.append(("dense", "", heldout(dense.model)))
+    for label, trial in (("trial 0: LLM-Pruner recipe", base), (f"best: trial {best.number}", best)):
+        model = copy.deepcopy(dense.model)
+        plan = Plan.from_dict(_plan_of(session, trial, cfg, dense))
+        apply_plan(model, plan.layers)
+        rows.append((label, f"{trial.value:.2f}" if trial.value else "", heldout(model)))
+    # magnitude and random at the best trial's allocation (same layers, split, parameter count)
+    p = best.params
+    layer_ids = list(range(p["first_kept"], 30 - p["last_kept"]))
+    share = p["attn_share"] if p["attn_share"] in ("auto", "same") else float(p["attn_share"])
+    for metric in ("l2", "random"):
+        model = copy.deepcopy(dense.model)
+        prune_with(model, None, layer_ids, cfg.prune, metric, "sum", cfg.head_mode, share, control=Control())
+        rows.append((f"{metric}, best trial's allocation", "", heldout(model)))
+
+    names = list(sets)
+    short = {n: ("WikiText-2 test" if n == str(WIKITEXT) else "stdlib-docs test") for n in names}
+    lines = ["| model | search objective | " + " | ".join(f"PPL {short[n]}" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for label, obj, ppl in rows:
+        lines.append(f"| {label} | {obj} | " + " | ".join(f"{ppl[n]:.2f}" for n in names) + " |")
+    gains = {n: 1 - rows[2][2][n] / rows[1][2][n] for n in names}
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
+               f"{transformers.__version__}, cpu, float32")
+    body = (f"## search.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
+            f"Default search (`adaprune search --trials {args.trials}`) on the embedded model at 20%: objective = "
+            f"geometric mean PPL on stdlib-docs/valid and text sampled from the dense model, 16 windows of 128 "
+            f"tokens each. Held-out PPL: {args.windows} windows of 128 tokens of texts the search never saw.\n\n"
+            f"- wall time of the whole search: {wall / 60:.1f} min ({prepared.get('first_trial', 0):.0f} s before "
+            f"trial 0 started: loading, calibration pools, objective texts)\n"
+            f"- trials evaluated: {len(trials)} ({len(complete)} complete, {len(trials) - len(complete)} stopped "
+            f"early); median trial {statistics.median(trial_s):.1f} s against a median objective evaluation of "
+            f"{statistics.median(obj_s):.1f} s; median ratio {statistics.median(ratios):.2f}x (per-session caches of "
+            f"per-sample statistics excluded, they are built once)\n"
+            f"- best trial {best.number}: {best.params}\n"
+            f"- best vs trial 0 on held-out text: " + ", ".join(f"{short[n]} {gains[n]:+.0%}" for n in names) +
+            " lower PPL\n\n" + "\n".join(lines) + "\n")
+    print(body)
+    _record(args.out, "search.py", body)
+
+
+def _plan_of(session, trial, cfg, dense) -> dict:
+    """The plan a trial applied: re-run its recipe (deterministic) unless plan.json holds it."""
+    best = session.read_json("plan.json")
+    if best and best["trial"] == trial.number:
+        return best["plan"]
+    from engine.search import SearchData, run_trial
+
+    data = SearchData(session, cfg, dense, lambda e: None, Control())
+    out = run_trial(dense, data, cfg, trial.params, None, Control(), lambda e: None)
+    return out.plan
+
+
+if __name__ == "__main__":
+    main()
