@@ -28,6 +28,9 @@ from engine.events import (
     SearchFinished,
     Sink,
     Stage,
+    StageFinished,
+    StageProgress,
+    StageStarted,
     TrialFinished,
     TrialStarted,
     null_sink,
@@ -487,6 +490,10 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
     duplicates_in_a_row = 0
     status = "done"
     current = None
+    # the whole search as one stage: a progress bar with the count of trials and an ETA
+    started = time.perf_counter()
+    sink(StageStarted("trials", cfg.trials, "trials"))
+    sink(StageProgress("trials", completed(study), cfg.trials))
     try:
         while True:
             control.checkpoint()
@@ -550,6 +557,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                                                  "plan": out.plan})
                 sink(BestChanged(current.number, out.value, params))
             current = None
+            sink(StageProgress("trials", completed(study), cfg.trials))
     except (Cancelled, KeyboardInterrupt):
         status = "cancelled"
         raise
@@ -567,6 +575,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         if not worker:
             session.update(status=status if status != "done" or done >= cfg.trials else "stopped")
         b = _best(study)
+        sink(StageFinished("trials", time.perf_counter() - started))
         sink(SearchFinished(status, done, cfg.trials, b[0] if b else None, b[1] if b else None))
     return {"completed": done, "best": b}
 

@@ -47,6 +47,8 @@ class RichSink:
             transient=False,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.finished: dict[str, TaskID] = {}
+        self.totals: dict[TaskID, int | None] = {}
 
     def __enter__(self) -> RichSink:
         self.progress.start()
@@ -57,13 +59,18 @@ class RichSink:
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, StageStarted):
+            if event.stage in self.finished:  # a stage that repeats (every trial prunes): one row, the latest
+                self.progress.remove_task(self.finished.pop(event.stage))
             self.tasks[event.stage] = self.progress.add_task(event.stage, total=event.total)
+            self.totals[self.tasks[event.stage]] = event.total
         elif isinstance(event, StageProgress) and event.stage in self.tasks:
+            self.totals[self.tasks[event.stage]] = event.total
             self.progress.update(self.tasks[event.stage], completed=event.done, total=event.total)
         elif isinstance(event, StageFinished) and event.stage in self.tasks:
             task = self.tasks.pop(event.stage)
-            total = self.progress.tasks[task].total or 1
+            total = self.totals.pop(task, None) or 1
             self.progress.update(task, total=total, completed=total)
+            self.finished[event.stage] = task
         elif isinstance(event, Log):
             style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
             self.progress.console.print(f"[{style}]{event.message}[/]")
