@@ -69,9 +69,9 @@ def collect_stats(
 ) -> CalibStats:
     """One pass over the calibration windows gathering what `metric` needs (nothing for l1/l2/random)."""
     need_grad, need_fisher, need_act = metric in GRAD_METRICS, metric in FISHER_METRICS, metric in ACT_METRICS
-    stats = CalibStats(n_samples=windows.shape[0], n_tokens=windows.numel())
     if not (need_grad or need_act):
-        return stats
+        return CalibStats()  # l1, l2 and random read no data
+    stats = CalibStats(n_samples=windows.shape[0], n_tokens=windows.numel())
     control = control or Control()
     layers = decoder_layers(model)
     device = next(model.parameters()).device

@@ -349,7 +349,8 @@ def open_study(session: Session, cfg: SearchConfig, sampler_seed: int | None = N
     storage = _storage(storage_url(session, cfg))
     sampler = optuna.samplers.TPESampler(seed=cfg.seed if sampler_seed is None else sampler_seed,
                                          n_startup_trials=max(3, min(8, cfg.trials // 3)), multivariate=True)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0) if cfg.early_stop
+    # the first step (one batch per text) is too noisy to judge on: stop trials from the second step on
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if cfg.early_stop
               else optuna.pruners.NopPruner())
     return optuna.create_study(study_name=session.name, storage=storage, sampler=sampler, pruner=pruner,
                                direction="minimize", load_if_exists=True)
