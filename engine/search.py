@@ -511,7 +511,8 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                 break
             params = _suggest(current, sp, cfg.fixed)
             key = canonical(params)
-            twin = next((t for t in earlier if t.state == TrialState.COMPLETE and t.user_attrs.get("key") == key), None)
+            twin = next((t for t in earlier if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                         and t.user_attrs.get("key") == key), None)
             current.set_user_attr("key", key)
             current.set_user_attr("worker", me)
             if twin is None and any(t.state == TrialState.RUNNING and t.user_attrs.get("key") == key for t in earlier):
@@ -522,7 +523,10 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                 continue
             if twin is not None:  # TPE proposes configurations it has seen: reuse the value, spend no time
                 current.set_user_attr("duplicate_of", twin.number)
-                study.tell(current, twin.value)
+                if twin.state == TrialState.COMPLETE:
+                    study.tell(current, twin.value)
+                else:  # stopped early before: stopped again, without running
+                    study.tell(current, state=TrialState.PRUNED)
                 sink(TrialFinished(current.number, "duplicate", twin.value, params, message=f"same as trial {twin.number}"))
                 current = None
                 duplicates_in_a_row += 1
