@@ -14,7 +14,7 @@ from engine.events import Log, Metric, Sink, Stage, null_sink
 from engine.export import check_out_dir, export
 from engine.importance import check_metric
 from engine.models import EMBEDDED, Loaded, load
-from engine.plan import Plan, check_attn_share, solve_uniform
+from engine.plan import Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
 from engine.recipe import prune_with
 from engine.structure import count_params, default_layer_range, layer_shapes
 from engine.text import (
@@ -54,6 +54,7 @@ class PruneConfig:
     measure_memory: bool = True
     out: str | None = None
     force: bool = False
+    overrides: dict = field(default_factory=dict)  # {"7": "lock"} or {"7": {"heads": K, "channels": C}}
 
 
 @dataclass
@@ -170,8 +171,11 @@ def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
     control = control or Control()
     layer_ids = parse_layers(cfg.layers, len(layer_shapes(loaded.model)))
     windows, calib_hash = calibration_windows(loaded, cfg.calib, cfg.seed, sink, control)
+    shapes = layer_shapes(loaded.model)
+    overrides = parse_overrides(cfg.overrides, len(shapes), shapes, cfg.head_mode)
     plan = prune_with(loaded.model, windows, layer_ids, cfg.prune, cfg.metric, cfg.aggregate, cfg.head_mode,
-                      cfg.attn_share, cfg.round_to, cfg.seed, cfg.calib_batch, control, sink, {"calib": cfg.calib})
+                      cfg.attn_share, cfg.round_to, cfg.seed, cfg.calib_batch, control, sink, {"calib": cfg.calib},
+                      overrides=overrides)
     return plan, calib_hash
 
 
@@ -182,9 +186,10 @@ def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = No
     loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
     # fail on an impossible target before any evaluation time is spent
     shapes = layer_shapes(loaded.model)
-    layer_ids = parse_layers(cfg.layers, len(shapes))
+    overrides = parse_overrides(cfg.overrides, len(shapes), shapes, cfg.head_mode)
+    layer_ids = [i for i in parse_layers(cfg.layers, len(shapes)) if i not in overrides]
     solve_uniform(shapes, layer_ids, count_params(loaded.model), cfg.prune, cfg.head_mode, cfg.attn_share,
-                  cfg.round_to)
+                  cfg.round_to, removal_of(shapes, overrides, cfg.head_mode))
     sets, hashes = evaluation_sets(loaded.tokenizer, cfg)
     dense = measure(loaded, sets, cfg, "dense", sink, control)
     t0 = time.perf_counter()

@@ -87,8 +87,12 @@ def solve_uniform(
     head_mode: HeadMode = "query",
     attn_share: float | str = "auto",
     round_to: int = 1,
+    fixed_removed: int = 0,
 ) -> Budget:
-    """The uniform per-layer amounts closest to removing `fraction` of `total_params`."""
+    """The uniform per-layer amounts closest to removing `fraction` of `total_params`.
+
+    `fixed_removed` parameters are taken already by layers the user set by hand (outside `layer_ids`).
+    """
     if not 0 < fraction <= 0.9:
         raise AdapruneError(f"--prune {fraction} is outside (0, 0.9]: give the fraction of all parameters to remove")
     check_attn_share(attn_share)
@@ -100,6 +104,10 @@ def solve_uniform(
            s.intermediate != first.intermediate for s in pruned):
         raise AdapruneError("the layers in the range have different widths: uniform pruning needs equal layers")
     target = round(fraction * total_params)
+    goal = target - fixed_removed  # what the layers in the range must give
+    if goal < 0:
+        raise AdapruneError(f"the per-layer overrides alone remove {fixed_removed / total_params:.1%}, more than "
+                            f"the {fraction:.1%} target: lower them or raise --prune")
     units = _head_units(first, head_mode)
     chan_cost = sum(s.channel_params for s in pruned)
     # kept MLP width stays a positive multiple of round_to
@@ -117,17 +125,17 @@ def solve_uniform(
         return sum(_head_cost(s, k, head_mode) for s in pruned)
 
     if attn_share == "same":  # LLM-Pruner: the same ratio of heads and of channels in every pruned layer
-        rho = target / sum(s.attn_params + s.mlp_params for s in pruned)
+        rho = goal / sum(s.attn_params + s.mlp_params for s in pruned)
         k = min(units - 1, max(0, round(rho * units)))
     elif attn_share == "auto":  # the fewest heads that let the channels cover the rest
-        k = next((k for k in range(units) if target - attn(k) <= max(chan_options) * chan_cost + chan_cost * round_to / 2),
+        k = next((k for k in range(units) if goal - attn(k) <= max(chan_options) * chan_cost + chan_cost * round_to / 2),
                  units - 1)
     else:
-        k = min(range(units), key=lambda k: (abs(attn(k) - attn_share * target), k))
-    c = best_channels(target - attn(k))
-    removed = attn(k) + c * chan_cost
+        k = min(range(units), key=lambda k: (abs(attn(k) - attn_share * goal), k))
+    c = best_channels(goal - attn(k))
+    removed = fixed_removed + attn(k) + c * chan_cost
     step = chan_cost * round_to
-    most = attn(units - 1) + max(chan_options) * chan_cost
+    most = fixed_removed + attn(units - 1) + max(chan_options) * chan_cost
     if target > most + step / 2:
         raise AdapruneError(
             f"cannot remove {fraction:.1%} of the parameters inside layers {layer_ids[0]}..{layer_ids[-1]}: "
@@ -140,6 +148,40 @@ def solve_uniform(
             f"({removed:,} parameters); change --attn-share, --round-to or the layer range"
         )
     return Budget(heads=k, channels=c, removed=removed, attn_removed=attn(k))
+
+
+def parse_overrides(overrides: Mapping[str, object], n_layers: int, shapes: Sequence[LayerShape],
+                    head_mode: HeadMode) -> dict[int, tuple[int, int]]:
+    """User per-layer decisions: {"7": "lock"} keeps layer 7 whole; {"7": {"heads": k, "channels": c}} removes
+    k query heads per KV group (or k KV groups) and c channels there. The search and the solver respect them."""
+    out = {}
+    for key, value in overrides.items():
+        try:
+            i = int(key)
+        except ValueError:
+            raise AdapruneError(f"override for layer {key!r}: layers are numbered 0..{n_layers - 1}") from None
+        if not 0 <= i < n_layers:
+            raise AdapruneError(f"override for layer {i}: the model has layers 0..{n_layers - 1}")
+        if value == "lock":
+            out[i] = (0, 0)
+            continue
+        if not isinstance(value, Mapping) or set(value) - {"heads", "channels"}:
+            raise AdapruneError(f"override for layer {i}: use \"lock\" or {{\"heads\": K, \"channels\": C}}")
+        k, c = int(value.get("heads", 0)), int(value.get("channels", 0))
+        s = shapes[i]
+        k_max = s.n_kv_heads - 1 if head_mode == "kv" else s.heads_per_group - 1
+        if not 0 <= k <= k_max:
+            unit = "KV groups" if head_mode == "kv" else f"query heads per KV group (of {s.heads_per_group})"
+            raise AdapruneError(f"override for layer {i}: remove 0..{k_max} {unit}, not {k}; every KV group "
+                                f"must keep at least one query head")
+        if not 0 <= c < s.intermediate:
+            raise AdapruneError(f"override for layer {i}: remove 0..{s.intermediate - 1} channels, not {c}")
+        out[i] = (k, c)
+    return out
+
+
+def removal_of(shapes: Sequence[LayerShape], counts: Mapping[int, tuple[int, int]], head_mode: HeadMode) -> int:
+    return sum(_head_cost(shapes[i], k, head_mode) + c * shapes[i].channel_params for i, (k, c) in counts.items())
 
 
 def check_attn_share(attn_share: float | str) -> None:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from engine.control import Control
 from engine.events import Log, Sink, Stage, null_sink
 from engine.importance import LayerScores, collect_stats, score_layers
-from engine.plan import Plan, params_after, select, solve_uniform
+from engine.plan import Plan, params_after, removal_of, select, solve_uniform
 from engine.prune import apply_plan
 from engine.structure import count_params, layer_shapes
 
@@ -30,29 +30,37 @@ def prune_with(
     sink: Sink = null_sink,
     recipe: dict | None = None,
     scores: dict[int, LayerScores] | None = None,
+    overrides: dict[int, tuple[int, int]] | None = None,
 ) -> Plan:
     """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied.
 
     Group scores come from `windows` with the metric, or ready-made in `scores` (a search's cached statistics).
+    `overrides` are the user's per-layer (heads, channels) removals; the range's uniform amounts fill the rest.
     """
     control = control or Control()
     shapes = layer_shapes(model)
     total = count_params(model)
-    budget = solve_uniform(shapes, layer_ids, total, fraction, head_mode, attn_share, round_to)
+    overrides = overrides or {}
+    layer_ids = [i for i in layer_ids if i not in overrides]
+    budget = solve_uniform(shapes, layer_ids, total, fraction, head_mode, attn_share, round_to,
+                           removal_of(shapes, overrides, head_mode))
+    scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
     unit = "KV groups" if head_mode == "kv" else "query heads per KV group"
     sink(Log(f"target {fraction:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
              f"{budget.heads} {unit} and {budget.channels} MLP channels -> {budget.removed:,} removed "
              f"({budget.removed / total:.2%})"))
     if scores is None:
-        stats = collect_stats(model, windows, layer_ids, metric, calib_batch, control, sink)
-        scores = score_layers(model, layer_ids, metric, aggregate, stats, seed)
+        stats = collect_stats(model, windows, scored, metric, calib_batch, control, sink)
+        scores = score_layers(model, scored, metric, aggregate, stats, seed)
         del stats
-    plan_layers = select(shapes, scores, {i: (budget.heads, budget.channels) for i in layer_ids}, head_mode)
+    counts = {**{i: (budget.heads, budget.channels) for i in layer_ids}, **overrides}
+    plan_layers = select(shapes, scores, {i: kc for i, kc in counts.items() if kc != (0, 0)}, head_mode)
     after = params_after(shapes, plan_layers, total)
     full_recipe = {"metric": metric, "aggregate": aggregate, "seed": seed,
                    "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": head_mode, "attn_share": attn_share,
                    "heads_removed_per_layer": budget.heads, "channels_removed_per_layer": budget.channels,
-                   "round_to": round_to, **(recipe or {})}
+                   "round_to": round_to, "overrides": {str(i): list(kc) for i, kc in overrides.items()},
+                   **(recipe or {})}
     plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe)
     control.checkpoint()
     with Stage(sink, "prune"):

@@ -37,10 +37,10 @@ from engine.events import (
 )
 from engine.importance import SAMPLE_METRICS, collect_sample_stats, scores_from_samples
 from engine.models import EMBEDDED, Loaded, load
-from engine.plan import check_attn_share
+from engine.plan import check_attn_share, parse_overrides
 from engine.recipe import prune_with
 from engine.session import Session
-from engine.structure import count_params, decoder_layers, default_layer_range
+from engine.structure import count_params, decoder_layers, default_layer_range, layer_shapes
 from engine.text import SELF, eval_windows, load_text, parse_spec, random_windows, sample_self, tokenize
 
 CALIB_NS = [10, 16, 32]
@@ -72,6 +72,7 @@ class SearchConfig:
     trust_remote_code: bool = False
     storage: str | None = None
     early_stop: bool = True
+    overrides: dict = field(default_factory=dict)  # user per-layer decisions (engine.plan.parse_overrides)
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchConfig:
@@ -433,9 +434,11 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
     model = copy.deepcopy(dense.model)
     try:
         n_layers = len(decoder_layers(model))
-        layer_ids = list(range(params["first_kept"], n_layers - params["last_kept"]))
+        overrides = parse_overrides(cfg.overrides, n_layers, layer_shapes(model), cfg.head_mode)
+        layer_ids = [i for i in range(params["first_kept"], n_layers - params["last_kept"]) if i not in overrides]
         if not layer_ids:
-            raise AdapruneError("the protected first and last layers leave nothing to prune")
+            raise AdapruneError("the protected first and last layers and the overrides leave nothing to prune")
+        scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
         ids, loss = data.pool(params["calib_source"])
         idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
         windows, scores, once = ids[idx, : params["calib_len"]], None, 0.0
@@ -443,11 +446,11 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
             tc = time.perf_counter()
             cache = data.sample_stats(params["calib_source"], params["calib_len"])
             once = time.perf_counter() - tc  # built once per session: not this trial's own work
-            scores = scores_from_samples(model, cache, idx, layer_ids, params["metric"], params["aggregate"],
+            scores = scores_from_samples(model, cache, idx, scored, params["metric"], params["aggregate"],
                                          params["calib_len"], cfg.seed)
         plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                           _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
-                          scores=scores, recipe={"calib": f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
+                          scores=scores, overrides=overrides, recipe={"calib": f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
                                            f"({params['calib_select']}, seed {params['calib_seed']})"})
         sets = data.objective_sets()
         t1 = time.perf_counter()
@@ -480,6 +483,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
     dense.model.requires_grad_(False)
     n_layers = len(decoder_layers(dense.model))
     validate(cfg, n_layers)
+    parse_overrides(cfg.overrides, n_layers, layer_shapes(dense.model), cfg.head_mode)  # refuse bad ones now
     sp = space(cfg, n_layers)
     me = f"{os.getpid()}@{socket.gethostname()}"
     study = open_study(session, cfg, None if not worker else cfg.seed + os.getpid())

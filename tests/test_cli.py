@@ -102,3 +102,13 @@ def test_existing_output_refused_before_work(tiny_folder, tmp_path):
 def test_no_subcommand_shows_help():
     r = _run()
     assert r.exit_code == 0 and "prune" in r.output
+
+
+def test_overrides_from_the_command_line(tiny_folder, tmp_path):
+    js = tmp_path / "r.json"
+    r = _run("prune", "--model", tiny_folder, "--calib", "stdlib-docs:2x32", "--eval-windows", "1", "--no-speed",
+             "--layers", "all", "--override", "1=lock", "--override", "2=1/10", "--json", js)
+    assert r.exit_code == 0, r.output
+    layers = json.loads(js.read_text())["plan"]["layers"]
+    assert len(layers[1]["keep_channels"]) == 64 and len(layers[2]["keep_channels"]) == 54
+    _one_line_error(_run("prune", "--model", tiny_folder, "--override", "2=half"), "use L=lock or L=K/C")

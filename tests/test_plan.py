@@ -76,3 +76,34 @@ def test_auto_split_uses_attention_only_when_channels_cannot_reach():
         solve_uniform(shapes, ids, total, 0.5, "query", 0.0)
     with pytest.raises(AdapruneError, match="give auto, same"):
         solve_uniform(shapes, ids, total, 0.2, "query", "most")
+
+
+def test_overrides_are_respected_and_the_rest_meets_the_target():
+    from engine.plan import parse_overrides, removal_of
+    from engine.recipe import prune_with
+
+    model = make_model("llama", layers=4, heads=6, kv_heads=2, intermediate=64)
+    shapes, total = layer_shapes(model), count_params(model)
+    ov = parse_overrides({"1": "lock", "2": {"heads": 1, "channels": 10}}, 4, shapes, "query")
+    assert ov == {1: (0, 0), 2: (1, 10)} and removal_of(shapes, ov, "query") > 0
+    windows = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    plan = prune_with(model, windows, [0, 1, 2, 3], 0.2, "taylor1", attn_share="auto", overrides=ov)
+    assert plan.layers[1].widths() == (6, 2, 64)
+    assert plan.layers[2].widths() == (4, 2, 54)
+    assert plan.layers[0].widths() == plan.layers[3].widths() != (6, 2, 64)
+    assert abs(plan.removed - 0.2 * total) <= max(2 * shapes[0].channel_params / 2, 0.002 * total)
+    assert count_params(model) == plan.params_after
+
+
+def test_bad_overrides_are_refused():
+    from engine.plan import parse_overrides
+
+    shapes = layer_shapes(make_model("llama", layers=4, heads=6, kv_heads=2))
+    with pytest.raises(AdapruneError, match="at least one query head"):
+        parse_overrides({"1": {"heads": 3, "channels": 0}}, 4, shapes, "query")
+    with pytest.raises(AdapruneError, match="layers 0..3"):
+        parse_overrides({"9": "lock"}, 4, shapes, "query")
+    with pytest.raises(AdapruneError, match="use \"lock\""):
+        parse_overrides({"1": "keep"}, 4, shapes, "query")
+    with pytest.raises(AdapruneError, match="more than the"):
+        solve_uniform(shapes, [0], count_params(make_model("llama")), 0.05, "query", "auto", 1, 10**9)

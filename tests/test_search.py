@@ -199,3 +199,14 @@ def test_bad_sessions(llama_folder, tmp_path):
     ok.events_path.write_text('{"kind": "log", "message": "a"}\n{broken\n{"kind": "log", "message": "b"}\n')
     events, bad = ok.read_events()
     assert [e["message"] for e in events] == ["a", "b"] and bad == [2]
+
+
+def test_search_respects_a_locked_layer(llama_folder, tmp_path):
+    cfg = _cfg(llama_folder, trials=3, overrides={"1": "lock"}, sources=["stdlib-docs"],
+               objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "locked", cfg)
+    events = []
+    run_search(session, events.append)
+    best = json.loads((session.path / "plan.json").read_text())
+    layer1 = best["plan"]["layers"][1]
+    assert len(layer1["keep_heads"]) == 6 and len(layer1["keep_channels"]) == 64

@@ -77,6 +77,8 @@ def prune_cmd(
     out: Path = typer.Option(None, help="write the pruned model here (an HF folder)"),
     force: bool = typer.Option(False, help="replace --out if it exists"),
     json_out: Path = typer.Option(None, "--json", help="also write the full result as JSON here"),
+    override: list[str] = typer.Option([], help="per-layer decision: L=lock, or L=K/C (remove K heads per KV "
+                                                "group, C channels in layer L); the rest of the range shares the target"),
 ) -> None:
     """Prune a model once with a fixed recipe, evaluate dense vs pruned, save it."""
     from engine.api import prune as run_prune
@@ -86,7 +88,7 @@ def prune_cmd(
                       eval_seq_len=seq_len, eval_windows=eval_windows or None, layers=layers, head_mode=heads,
                       attn_share=_attn_share(attn_share), round_to=round_to, seed=seed, device=device, dtype=dtype,
                       trust_remote_code=trust_remote_code, measure_speed=speed, measure_memory=memory,
-                      out=str(out) if out else None, force=force)
+                      out=str(out) if out else None, force=force, overrides=_parse_overrides(override))
     console = Console()
     with RichSink(console) as sink:
         result = run_prune(cfg, sink=sink)
@@ -105,6 +107,20 @@ def _root(sessions_dir: Path | None) -> Path:
     from engine.session import default_dir
 
     return sessions_dir or default_dir()
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out: dict = {}
+    for item in items:
+        layer, sep, value = item.partition("=")
+        heads, slash, channels = value.partition("/")
+        if value == "lock":
+            out[layer.strip()] = "lock"
+        elif sep and slash and heads.strip().isdigit() and channels.strip().isdigit():
+            out[layer.strip()] = {"heads": int(heads), "channels": int(channels)}
+        else:
+            raise AdapruneError(f"--override {item!r}: use L=lock or L=K/C (heads per KV group / channels removed)")
+    return out
 
 
 def _parse_fixed(items: list[str]) -> dict:
@@ -148,6 +164,7 @@ def search_cmd(
     dtype: str = typer.Option("auto"),
     storage: str = typer.Option(None, help="Optuna storage URL (default: SQLite in the session)"),
     early_stop: bool = typer.Option(True, help="stop hopeless trials early (Optuna median pruner)"),
+    override: list[str] = typer.Option([], help="per-layer decision the search respects: L=lock or L=K/C"),
     sessions_dir: Path = SESSIONS_DIR,
 ) -> None:
     """Search calibration data x importance metric x allocation with TPE, in a resumable session."""
@@ -156,7 +173,7 @@ def search_cmd(
     cfg = SearchConfig(model=model, prune=prune, trials=trials, seed=seed, sources=list(source),
                        objective=list(objective), objective_windows=objective_windows, fixed=_parse_fixed(fix),
                        head_mode=heads, round_to=round_to, device=device, dtype=dtype, storage=storage,
-                       early_stop=early_stop)
+                       early_stop=early_stop, overrides=_parse_overrides(override))
     _drive(create_session(_root(sessions_dir), session, cfg))
 
 
