@@ -324,3 +324,20 @@ def scores_from_samples(
             kinds[kind] = _aggregate(list(per_matrix), aggregate)
         out[i] = LayerScores(kinds["heads"], kinds["kv"], kinds["channels"])
     return out
+
+
+def _normalised(v: Tensor) -> Tensor:
+    """Scale a layer's scores to mean 1, so metrics of different magnitudes can be mixed."""
+    m = v.abs().mean()
+    return v / m if m > 0 else v
+
+
+def mix_scores(a: dict[int, LayerScores], b: dict[int, LayerScores], weight: float) -> dict[int, LayerScores]:
+    """(1 - weight) * a + weight * b, each normalised per layer and group kind."""
+    out = {}
+    for i in a:
+        parts = [(1 - weight) * _normalised(x) + weight * _normalised(y)
+                 for x, y in ((a[i].heads, b[i].heads), (a[i].kv_groups, b[i].kv_groups),
+                              (a[i].channels, b[i].channels))]
+        out[i] = LayerScores(*parts)
+    return out

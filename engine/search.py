@@ -35,7 +35,14 @@ from engine.events import (
     TrialStarted,
     null_sink,
 )
-from engine.importance import SAMPLE_METRICS, collect_sample_stats, scores_from_samples
+from engine.importance import (
+    SAMPLE_METRICS,
+    collect_sample_stats,
+    collect_stats,
+    mix_scores,
+    score_layers,
+    scores_from_samples,
+)
 from engine.models import EMBEDDED, Loaded, load
 from engine.plan import check_attn_share, parse_overrides
 from engine.recipe import prune_with
@@ -49,6 +56,8 @@ SELECTIONS = ["random", "low-loss", "high-loss", "typical", "spread"]
 SEARCH_METRICS = ["taylor1", "taylor2", "taylor-mix", "vector", "wanda"]
 AGGREGATES = ["sum", "mean", "max", "prod", "last"]
 ATTN_SHARES = ["auto", "same", "0.1", "0.25"]
+MIX_METRICS = ["none", "vector", "taylor2", "wanda"]  # second metrics: decomposable, so mixing costs no backward
+MIX_WEIGHTS = [0.25, 0.5, 0.75]
 SEEDS = 10  # random draws per (source, n, len) the search may pick from
 MAX_DUPLICATES_IN_A_ROW = 25
 
@@ -92,6 +101,8 @@ def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]
         "calib_seed": (0, SEEDS - 1),
         "metric": SEARCH_METRICS,
         "aggregate": AGGREGATES,
+        "metric2": MIX_METRICS,
+        "mix": MIX_WEIGHTS,
         "attn_share": ATTN_SHARES,
         "first_kept": (0, max(1, 2 * first)),
         "last_kept": (0, max(1, 2 * last)),
@@ -103,7 +114,8 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
     first, end = default_layer_range(n_layers)
     source = "stdlib-docs" if "stdlib-docs" in cfg.sources else cfg.sources[0]
     return {"calib_source": source, "calib_n": 10, "calib_len": 64, "calib_select": "random", "calib_seed": 0,
-            "metric": "taylor1", "aggregate": "sum", "attn_share": "same", "first_kept": first,
+            "metric": "taylor1", "aggregate": "sum", "metric2": "none", "mix": 0.5, "attn_share": "same",
+            "first_kept": first,
             "last_kept": n_layers - end}
 
 
@@ -137,7 +149,10 @@ def _check_fixed(key: str, value: object) -> None:
     from engine.importance import AGGREGATES as ALL_AGGREGATES
     from engine.importance import METRICS
 
-    choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS}
+    choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS,
+               "metric2": ["none", *SAMPLE_METRICS]}
+    if key == "mix" and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise AdapruneError(f"--fix mix={value}: a weight in [0, 1] for the second metric")
     if key in choices and value not in choices[key]:
         raise AdapruneError(f"--fix {key}={value}: choose one of {', '.join(choices[key])}")
     minimum = {"calib_n": 1, "calib_len": 2, "calib_seed": 0, "first_kept": 0, "last_kept": 0}
@@ -157,6 +172,8 @@ def canonical(params: dict) -> str:
     p = dict(params)
     if p.get("calib_select") != "random":
         p["calib_seed"] = 0  # a deterministic selection ignores the seed
+    if p.get("metric2") in ("none", None) or p.get("metric2") == p.get("metric"):
+        p["metric2"], p["mix"] = "none", None  # no second metric: its weight cannot matter
     if p.get("metric") in ("l1", "l2", "random"):
         for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed"):
             p[k] = None  # data-free metrics
@@ -427,42 +444,58 @@ class TrialOutcome:
     params_after: int
 
 
+def _recipe(params: dict, mixing: bool) -> dict:
+    calib = (f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
+             f"({params['calib_select']}, seed {params['calib_seed']})")
+    extra = {"metric2": params["metric2"], "mix": params["mix"]} if mixing else {}
+    return {"calib": calib, **extra}
+
+
 def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,
               sink: Sink) -> TrialOutcome:
     """Prune a copy of the dense model with `params` and measure the objective."""
     t0 = time.perf_counter()
     model = copy.deepcopy(dense.model)
+    n_layers = len(decoder_layers(model))
+    overrides = parse_overrides(cfg.overrides, n_layers, layer_shapes(model), cfg.head_mode)
+    layer_ids = [i for i in range(params["first_kept"], n_layers - params["last_kept"]) if i not in overrides]
+    if not layer_ids:
+        raise AdapruneError("the protected first and last layers and the overrides leave nothing to prune")
+    scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
+    ids, loss = data.pool(params["calib_source"])
+    idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
+    windows, scores, once = ids[idx, : params["calib_len"]], None, 0.0
+    metric2 = params.get("metric2", "none")
+    mixing = metric2 != "none" and metric2 != params["metric"]
+
+    def cached_scores(metric: str) -> dict:
+        nonlocal once
+        tc = time.perf_counter()
+        cache = data.sample_stats(params["calib_source"], params["calib_len"])
+        once += time.perf_counter() - tc  # built once per session: not this trial's own work
+        return scores_from_samples(model, cache, idx, scored, metric, params["aggregate"], params["calib_len"],
+                                   cfg.seed)
+
+    if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
+        scores = cached_scores(params["metric"])
+    elif mixing:
+        stats = collect_stats(model, windows, scored, params["metric"], control=control, sink=sink)
+        scores = score_layers(model, scored, params["metric"], params["aggregate"], stats, cfg.seed)
+        del stats
+    if mixing:
+        scores = mix_scores(scores, cached_scores(metric2), float(params["mix"]))
+    plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
+                      _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
+                      scores=scores, overrides=overrides, recipe=_recipe(params, mixing))
+    sets = data.objective_sets()
+    t1 = time.perf_counter()
     try:
-        n_layers = len(decoder_layers(model))
-        overrides = parse_overrides(cfg.overrides, n_layers, layer_shapes(model), cfg.head_mode)
-        layer_ids = [i for i in range(params["first_kept"], n_layers - params["last_kept"]) if i not in overrides]
-        if not layer_ids:
-            raise AdapruneError("the protected first and last layers and the overrides leave nothing to prune")
-        scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
-        ids, loss = data.pool(params["calib_source"])
-        idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
-        windows, scores, once = ids[idx, : params["calib_len"]], None, 0.0
-        if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
-            tc = time.perf_counter()
-            cache = data.sample_stats(params["calib_source"], params["calib_len"])
-            once = time.perf_counter() - tc  # built once per session: not this trial's own work
-            scores = scores_from_samples(model, cache, idx, scored, params["metric"], params["aggregate"],
-                                         params["calib_len"], cfg.seed)
-        plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
-                          _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
-                          scores=scores, overrides=overrides, recipe={"calib": f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
-                                           f"({params['calib_select']}, seed {params['calib_seed']})"})
-        sets = data.objective_sets()
-        t1 = time.perf_counter()
-        try:
-            value = progressive_objective(model, sets, control, report)
-            state = "complete"
-        except _Pruned as p:
-            value, state = p.value, "pruned"
-        t2 = time.perf_counter()
-        return TrialOutcome(value, state, plan.to_dict(), t2 - t0 - once, t2 - t1, count_params(model))
-    finally:
-        del model
+        value = progressive_objective(model, sets, control, report)
+        state = "complete"
+    except _Pruned as p:
+        value, state = p.value, "pruned"
+    t2 = time.perf_counter()
+    return TrialOutcome(value, state, plan.to_dict(), t2 - t0 - once, t2 - t1, count_params(model))
 
 
 def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,

@@ -113,3 +113,14 @@ def test_per_sample_cache_equals_direct_scoring(metric):
         for a, b in ((direct[i].heads, cached[i].heads), (direct[i].kv_groups, cached[i].kv_groups),
                      (direct[i].channels, cached[i].channels)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_mixing_two_metrics():
+    from engine.importance import LayerScores, mix_scores
+
+    a = {0: LayerScores(torch.tensor([1.0, 2.0]), torch.tensor([1.0]), torch.tensor([1.0, 2.0, 3.0]))}
+    b = {0: LayerScores(torch.tensor([40.0, 20.0]), torch.tensor([5.0]), torch.tensor([300.0, 200.0, 100.0]))}
+    assert torch.argsort(mix_scores(a, b, 0.0)[0].channels).tolist() == [0, 1, 2]
+    assert torch.argsort(mix_scores(a, b, 1.0)[0].channels).tolist() == [2, 1, 0]
+    # normalised: a 100x larger metric does not swamp the other at equal weight
+    torch.testing.assert_close(mix_scores(a, b, 0.5)[0].channels, torch.tensor([1.0, 1.0, 1.0]))

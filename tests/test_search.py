@@ -75,9 +75,10 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
 
 
 def test_duplicates_are_not_evaluated_again(llama_folder, tmp_path):
-    # everything fixed but last_kept (0 or 1): only two distinct configurations exist
+    # everything that matters fixed but last_kept (0 or 1): only two distinct configurations exist
     fixed = {"calib_source": "stdlib-docs", "calib_n": 10, "calib_len": 64, "calib_select": "low-loss",
-             "calib_seed": 0, "metric": "l2", "aggregate": "sum", "attn_share": "auto", "first_kept": 0}
+             "calib_seed": 0, "metric": "l2", "aggregate": "sum", "attn_share": "auto", "first_kept": 0,
+             "metric2": "none"}  # mix stays free: without a second metric it cannot matter
     cfg = _cfg(llama_folder, trials=5, fixed=fixed)
     session = create_session(tmp_path / "s", "dups", cfg)
     events = []
@@ -210,3 +211,18 @@ def test_search_respects_a_locked_layer(llama_folder, tmp_path):
     best = json.loads((session.path / "plan.json").read_text())
     layer1 = best["plan"]["layers"][1]
     assert len(layer1["keep_heads"]) == 6 and len(layer1["keep_channels"]) == 64
+
+
+@pytest.mark.parametrize("metric", ["taylor1", "taylor2"])
+def test_a_trial_mixing_two_metrics(llama_folder, tmp_path, metric):
+    from engine.models import load
+    from engine.search import SearchData, run_trial
+
+    cfg = _cfg(llama_folder, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "mix", cfg)
+    dense = load(str(llama_folder), device="cpu")
+    data = SearchData(session, cfg, dense, lambda e: None, Control())
+    params = {**baseline_params(cfg, 4), "metric": metric, "metric2": "wanda", "mix": 0.5}
+    out = run_trial(dense, data, cfg, params, None, Control(), lambda e: None)
+    assert out.state == "complete" and out.plan["recipe"]["metric2"] == "wanda"
+    assert out.params_after < 77232

@@ -96,7 +96,10 @@ def describe(params: dict) -> str:
     calib = f"{p.get('calib_source')}:{p.get('calib_n')}x{p.get('calib_len')} {p.get('calib_select')}"
     if p.get("calib_select") == "random":
         calib += f" #{p.get('calib_seed')}"
-    return (f"{p.get('metric')}/{p.get('aggregate')} on {calib}; attn {p.get('attn_share')}; "
+    metric = p.get("metric")
+    if p.get("metric2") not in (None, "none", metric):
+        metric = f"{metric}+{p.get('mix')}*{p.get('metric2')}"
+    return (f"{metric}/{p.get('aggregate')} on {calib}; attn {p.get('attn_share')}; "
             f"keep first {p.get('first_kept')} last {p.get('last_kept')}")
 
 
