@@ -245,3 +245,36 @@ def params_after(shapes: Sequence[LayerShape], layers: Sequence[LayerPlan], tota
         after -= (s.n_heads - nh) * s.query_head_params + (s.n_kv_heads - nkv) * s.kv_head_params
         after -= (s.intermediate - ni) * s.channel_params
     return after
+
+
+def ramp_channels(layer_ids: Sequence[int], channels: int, intermediate: int, ramp: float,
+                  round_to: int = 1) -> dict[int, int]:
+    """Spread `channels` removed per layer (on average) over the range along a linear depth ramp.
+
+    Layer weight 1 + ramp * (2 * position - 1), position 0 at the first layer of the range and 1 at the last:
+    ramp > 0 prunes deeper layers more, ramp < 0 shallower ones. The total removed is unchanged, so the plan
+    still lands on the same parameter count.
+    """
+    n = len(layer_ids)
+    if not -1 < ramp < 1:
+        raise AdapruneError(f"ramp {ramp} must lie in (-1, 1)")
+    if n == 1 or ramp == 0:
+        return {i: channels for i in layer_ids}
+    steps_total = channels * n // round_to  # work in units of round_to channels
+    cap = (intermediate - round_to) // round_to  # keep at least one unit in every layer
+    weights = [1 + ramp * (2 * j / (n - 1) - 1) for j in range(n)]
+    ideal = [steps_total * w / sum(weights) for w in weights]
+    steps = [min(cap, int(x)) for x in ideal]
+    # hand out the remainder by largest fractional part, never above the cap
+    order = sorted(range(n), key=lambda j: ideal[j] - steps[j], reverse=True)
+    left = steps_total - sum(steps)
+    while left > 0:
+        progressed = False
+        for j in order:
+            if left and steps[j] < cap:
+                steps[j] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            raise AdapruneError("the depth ramp cannot place the channels: lower the ramp or the target")
+    return {i: s * round_to for i, s in zip(layer_ids, steps, strict=True)}

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from engine.control import Control
 from engine.events import Log, Sink, Stage, null_sink
 from engine.importance import LayerScores, collect_stats, score_layers
-from engine.plan import Plan, params_after, removal_of, select, solve_uniform
+from engine.plan import Plan, params_after, ramp_channels, removal_of, select, solve_uniform
 from engine.prune import apply_plan
 from engine.structure import count_params, layer_shapes
 
@@ -31,6 +31,7 @@ def prune_with(
     recipe: dict | None = None,
     scores: dict[int, LayerScores] | None = None,
     overrides: dict[int, tuple[int, int]] | None = None,
+    ramp: float = 0.0,
 ) -> Plan:
     """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied.
 
@@ -53,13 +54,14 @@ def prune_with(
         stats = collect_stats(model, windows, scored, metric, calib_batch, control, sink)
         scores = score_layers(model, scored, metric, aggregate, stats, seed)
         del stats
-    counts = {**{i: (budget.heads, budget.channels) for i in layer_ids}, **overrides}
+    per_layer = ramp_channels(layer_ids, budget.channels, shapes[layer_ids[0]].intermediate, ramp, round_to)
+    counts = {**{i: (budget.heads, per_layer[i]) for i in layer_ids}, **overrides}
     plan_layers = select(shapes, scores, {i: kc for i, kc in counts.items() if kc != (0, 0)}, head_mode)
     after = params_after(shapes, plan_layers, total)
     full_recipe = {"metric": metric, "aggregate": aggregate, "seed": seed,
                    "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": head_mode, "attn_share": attn_share,
                    "heads_removed_per_layer": budget.heads, "channels_removed_per_layer": budget.channels,
-                   "round_to": round_to, "overrides": {str(i): list(kc) for i, kc in overrides.items()},
+                   "round_to": round_to, "ramp": ramp, "overrides": {str(i): list(kc) for i, kc in overrides.items()},
                    **(recipe or {})}
     plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe)
     control.checkpoint()

@@ -58,6 +58,7 @@ AGGREGATES = ["sum", "mean", "max", "prod", "last"]
 ATTN_SHARES = ["auto", "same", "0.1", "0.25"]
 MIX_METRICS = ["none", "vector", "taylor2", "wanda"]  # second metrics: decomposable, so mixing costs no backward
 MIX_WEIGHTS = [0.25, 0.5, 0.75]
+RAMPS = [-0.5, -0.25, 0.0, 0.25, 0.5]  # depth ramp of the MLP cut: > 0 prunes deeper layers more
 SEEDS = 10  # random draws per (source, n, len) the search may pick from
 MAX_DUPLICATES_IN_A_ROW = 25
 
@@ -104,6 +105,7 @@ def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]
         "metric2": MIX_METRICS,
         "mix": MIX_WEIGHTS,
         "attn_share": ATTN_SHARES,
+        "ramp": RAMPS,
         "first_kept": (0, max(1, 2 * first)),
         "last_kept": (0, max(1, 2 * last)),
     }
@@ -115,6 +117,7 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
     source = "stdlib-docs" if "stdlib-docs" in cfg.sources else cfg.sources[0]
     return {"calib_source": source, "calib_n": 10, "calib_len": 64, "calib_select": "random", "calib_seed": 0,
             "metric": "taylor1", "aggregate": "sum", "metric2": "none", "mix": 0.5, "attn_share": "same",
+            "ramp": 0.0,
             "first_kept": first,
             "last_kept": n_layers - end}
 
@@ -151,6 +154,8 @@ def _check_fixed(key: str, value: object) -> None:
 
     choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS,
                "metric2": ["none", *SAMPLE_METRICS]}
+    if key == "ramp" and not (isinstance(value, (int, float)) and -1 < value < 1):
+        raise AdapruneError(f"--fix ramp={value}: a slope in (-1, 1)")
     if key == "mix" and not (isinstance(value, (int, float)) and 0 <= value <= 1):
         raise AdapruneError(f"--fix mix={value}: a weight in [0, 1] for the second metric")
     if key in choices and value not in choices[key]:
@@ -486,7 +491,8 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
         scores = mix_scores(scores, cached_scores(metric2), float(params["mix"]))
     plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                       _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
-                      scores=scores, overrides=overrides, recipe=_recipe(params, mixing))
+                      scores=scores, overrides=overrides, ramp=float(params.get("ramp", 0.0)),
+                      recipe=_recipe(params, mixing))
     sets = data.objective_sets()
     t1 = time.perf_counter()
     try:

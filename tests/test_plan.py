@@ -107,3 +107,29 @@ def test_bad_overrides_are_refused():
         parse_overrides({"1": "keep"}, 4, shapes, "query")
     with pytest.raises(AdapruneError, match="more than the"):
         solve_uniform(shapes, [0], count_params(make_model("llama")), 0.05, "query", "auto", 1, 10**9)
+
+
+def test_depth_ramp_moves_channels_but_not_the_total():
+    from engine.plan import ramp_channels
+
+    ids = list(range(4, 28))
+    flat = ramp_channels(ids, 521, 1536, 0.0)
+    up = ramp_channels(ids, 521, 1536, 0.5)
+    down = ramp_channels(ids, 521, 1536, -0.5)
+    assert set(flat.values()) == {521}
+    for r in (up, down):
+        assert sum(r.values()) == 521 * len(ids) and max(r.values()) < 1536
+    assert up[4] < up[15] < up[27] and down[4] > down[27]
+    r64 = ramp_channels(ids, 512, 1536, 0.25, round_to=64)
+    assert all(c % 64 == 0 for c in r64.values()) and sum(r64.values()) == 512 * len(ids)
+
+
+def test_ramped_plan_lands_on_the_same_count():
+    from engine.recipe import prune_with
+
+    a, b = make_model("llama", layers=6, intermediate=128), make_model("llama", layers=6, intermediate=128)
+    flat = prune_with(a, None, list(range(6)), 0.2, "l2", attn_share="auto")
+    ramped = prune_with(b, None, list(range(6)), 0.2, "l2", attn_share="auto", ramp=0.5)
+    assert flat.params_after == ramped.params_after == count_params(b)
+    widths = [lp.widths()[2] for lp in ramped.layers]
+    assert widths[0] > widths[-1]  # deeper layers lose more

@@ -78,7 +78,7 @@ def test_duplicates_are_not_evaluated_again(llama_folder, tmp_path):
     # everything that matters fixed but last_kept (0 or 1): only two distinct configurations exist
     fixed = {"calib_source": "stdlib-docs", "calib_n": 10, "calib_len": 64, "calib_select": "low-loss",
              "calib_seed": 0, "metric": "l2", "aggregate": "sum", "attn_share": "auto", "first_kept": 0,
-             "metric2": "none"}  # mix stays free: without a second metric it cannot matter
+             "metric2": "none", "ramp": 0.0}  # mix stays free: without a second metric it cannot matter
     cfg = _cfg(llama_folder, trials=5, fixed=fixed)
     session = create_session(tmp_path / "s", "dups", cfg)
     events = []

@@ -129,7 +129,11 @@ def _parse_fixed(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise AdapruneError(f"--fix {item!r}: use NAME=VALUE, e.g. --fix metric=taylor2")
-        fixed[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        value = value.strip()
+        try:
+            fixed[key.strip()] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            fixed[key.strip()] = value
     return fixed
 
 
