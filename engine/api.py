@@ -131,7 +131,7 @@ def calibration_windows(loaded: Loaded, spec_text: str, seed: int, sink: Sink, c
     return random_windows(ids, spec.n, spec.seq_len, seed), text_hash(text)
 
 
-def evaluate_texts(loaded: Loaded, texts: dict[str, object], cfg: PruneConfig, label: str, sink: Sink,
+def evaluate_texts(loaded: Loaded, texts: dict[str, object], label: str, sink: Sink,
                    control: Control) -> dict[str, float]:
     out = {}
     for name, windows in texts.items():
@@ -156,7 +156,7 @@ def measure(loaded: Loaded, sets: dict[str, object], cfg: PruneConfig, label: st
             control: Control) -> ModelReport:
     model = loaded.model
     report = ModelReport(count_params(model))
-    report.ppl = evaluate_texts(loaded, sets, cfg, label, sink, control)
+    report.ppl = evaluate_texts(loaded, sets, label, sink, control)
     if cfg.measure_speed:
         report.speed = speed(model, model.config.vocab_size, sink=sink, stage=f"speed ({label})")
     return report

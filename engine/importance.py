@@ -10,7 +10,8 @@ the sum over its slice; matrices are combined by the aggregation (sum, mean, max
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,35 @@ def _proj(layer: nn.Module, name: str) -> nn.Linear:
     return getattr(layer.self_attn if name in ATTN else layer.mlp, name)
 
 
+@contextmanager
+def _gradients_only_for(model: nn.Module, weights) -> Iterator[None]:
+    """Eval mode (no dropout: importance of the model as it will be used) and gradients for `weights` only;
+    everything restored afterwards, no gradient left behind."""
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+            p.grad = None
+        model.train(was_training)
+
+
+@contextmanager
+def _removed_after(hooks: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def collect_stats(
     model: nn.Module,
     windows: Tensor,
@@ -89,15 +119,7 @@ def collect_stats(
         for i in layer_ids:
             for p in ("q_proj", "o_proj", "gate_proj", "down_proj"):
                 hooks.append(_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}")))
-    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-    try:
-        model.eval()  # no dropout: importance of the model as it will be used
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if need_grad:
-            for w in weights.values():
-                w.requires_grad_(True)
+    with _gradients_only_for(model, weights.values() if need_grad else ()), _removed_after(hooks):
         n_batches = (windows.shape[0] + bs - 1) // bs
         with Stage(sink, "calibration statistics", n_batches, "batches") as stage:
             for b in range(n_batches):
@@ -123,13 +145,6 @@ def collect_stats(
                 d[key] /= n_batches
         for key in stats.act:
             stats.act[key] /= stats.n_tokens
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved_flags[n])
-            p.grad = None
-        model.train(was_training)
     return stats
 
 
@@ -194,24 +209,9 @@ def layer_scores(
         )
     e = {p: _elementwise(metric, _proj(layer, p).weight, f"{layer_id}.{p}", stats) for p in PROJ}
     with torch.no_grad():
-        heads = _aggregate([_finish(metric, _blocks(e["q_proj"], 0, hd)), _finish(metric, _blocks(e["o_proj"], 1, hd))], aggregate)
-        kv = _aggregate(
-            [
-                _finish(metric, _blocks(e["q_proj"], 0, hd * r)),
-                _finish(metric, _blocks(e["k_proj"], 0, hd)),
-                _finish(metric, _blocks(e["v_proj"], 0, hd)),
-                _finish(metric, _blocks(e["o_proj"], 1, hd * r)),
-            ],
-            aggregate,
-        )
-        channels = _aggregate(
-            [
-                _finish(metric, _blocks(e["gate_proj"], 0, 1)),
-                _finish(metric, _blocks(e["up_proj"], 0, 1)),
-                _finish(metric, _blocks(e["down_proj"], 1, 1)),
-            ],
-            aggregate,
-        )
+        parts = _parts(layer, e, hd, r)
+        heads, kv, channels = (_aggregate([_finish(metric, v) for v in parts[kind]], aggregate)
+                               for kind in ("heads", "kv", "channels"))
     return LayerScores(heads.cpu(), kv.cpu(), channels.cpu())
 
 
@@ -261,39 +261,28 @@ def collect_sample_stats(
     hooks = [_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}.act"))
              for i in range(len(layers)) for p in ("q_proj", "o_proj", "gate_proj", "down_proj")]
     weights = {(i, p): _proj(layers[i], p).weight for i in range(len(layers)) for p in PROJ}
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
-        with Stage(sink, "per-sample statistics", n, "samples") as stage:
-            for s in range(n):
-                control.checkpoint()
-                x = windows[s : s + 1].to(device)
-                model(input_ids=x, labels=x).loss.backward()
-                with torch.no_grad():
-                    for i, layer in enumerate(layers):
-                        shape = layer_shape(layer)
-                        ws = {p: weights[(i, p)].detach().float() for p in PROJ}
-                        gs = {p: weights[(i, p)].grad.float() for p in PROJ}
-                        first = _parts(layer, {p: ws[p] * gs[p] for p in PROJ}, shape.head_dim, shape.heads_per_group)
-                        second = _parts(layer, {p: 0.5 * ws[p].pow(2) * gs[p].pow(2) for p in PROJ},
-                                        shape.head_dim, shape.heads_per_group)
-                        for kind in first:
-                            rows.setdefault(f"{i}.{kind}.vector", []).append(torch.stack(first[kind]).cpu())
-                            rows.setdefault(f"{i}.{kind}.taylor2", []).append(torch.stack(second[kind]).cpu())
-                for key, value in acts.items():
-                    rows.setdefault(key, []).append(value.cpu())
-                for w in weights.values():
-                    w.grad = None
-                stage.advance(s + 1)
-    finally:
-        for h in hooks:
-            h.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
-            p.grad = None
+    with (_gradients_only_for(model, weights.values()), _removed_after(hooks),
+          Stage(sink, "per-sample statistics", n, "samples") as stage):
+        for s in range(n):
+            control.checkpoint()
+            x = windows[s : s + 1].to(device)
+            model(input_ids=x, labels=x).loss.backward()
+            with torch.no_grad():
+                for i, layer in enumerate(layers):
+                    shape = layer_shape(layer)
+                    ws = {p: weights[(i, p)].detach().float() for p in PROJ}
+                    gs = {p: weights[(i, p)].grad.float() for p in PROJ}
+                    first = _parts(layer, {p: ws[p] * gs[p] for p in PROJ}, shape.head_dim, shape.heads_per_group)
+                    second = _parts(layer, {p: 0.5 * ws[p].pow(2) * gs[p].pow(2) for p in PROJ},
+                                    shape.head_dim, shape.heads_per_group)
+                    for kind in first:
+                        rows.setdefault(f"{i}.{kind}.vector", []).append(torch.stack(first[kind]).cpu())
+                        rows.setdefault(f"{i}.{kind}.taylor2", []).append(torch.stack(second[kind]).cpu())
+            for key, value in acts.items():
+                rows.setdefault(key, []).append(value.cpu())
+            for w in weights.values():
+                w.grad = None
+            stage.advance(s + 1)
     return {k: torch.stack(v) for k, v in rows.items()}
 
 

@@ -46,7 +46,7 @@ from engine.importance import (
 from engine.models import EMBEDDED, Loaded, load
 from engine.plan import check_attn_share, parse_overrides
 from engine.recipe import prune_with
-from engine.session import Session
+from engine.session import Session, pid_alive
 from engine.structure import count_params, decoder_layers, default_layer_range, layer_shapes
 from engine.text import SELF, eval_windows, load_text, parse_spec, random_windows, sample_self, tokenize
 
@@ -402,7 +402,7 @@ def fail_orphans(study, sink: Sink = null_sink) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("worker", "")
         pid, _, where = owner.partition("@")
-        if where == host and pid.isdigit() and _alive(int(pid)):
+        if where == host and pid.isdigit() and pid_alive(int(pid)):
             continue  # a live worker on this machine is running it
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
@@ -411,16 +411,6 @@ def fail_orphans(study, sink: Sink = null_sink) -> int:
     if n:
         sink(Log(f"{n} trial(s) left running by a stopped process were marked failed and will run again"))
     return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _suggest(trial, sp: dict, fixed: dict) -> dict:

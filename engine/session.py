@@ -38,7 +38,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -180,7 +180,7 @@ class _Lock:
                 except (OSError, ValueError):
                     holder = {}
                 pid, where = holder.get("pid"), holder.get("host")
-                if isinstance(pid, int) and (where != host or _pid_alive(pid)):
+                if isinstance(pid, int) and (where != host or pid_alive(pid)):
                     raise AdapruneError(
                         f"session {self.session.name!r} is driven by pid {pid} on {where}: stop it, or join it with "
                         f"`adaprune worker {self.session.name}`"

@@ -144,7 +144,6 @@ def test_two_workers_share_one_study_exactly(llama_folder, tmp_path):
     cfg = _cfg(llama_folder, trials=6, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
     root = tmp_path / "s"
     session = create_session(root, "shared", cfg)
-    run_search(session, worker=False) if False else None  # noqa: B018 - the workers do all the work
     env = {**os.environ, "ADAPRUNE_SESSIONS": str(root)}
     cmd = [sys.executable, "-c", "from tui.cli import main; main()", "worker", "shared"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
