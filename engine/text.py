@@ -292,7 +292,8 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
 
 
 def sample_self(
-    model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 8, on_batch: Callable[[int], None] | None = None
+    model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """n sequences of seq_len tokens sampled from the model itself, starting from BOS (or EOS if none)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
