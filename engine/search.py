@@ -651,11 +651,19 @@ def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_s
 
 
 def summary(session: Session) -> dict:
-    """One row of the sessions table."""
-    m = session.manifest()
+    """One row of the sessions table; a session whose files are damaged still gets a row saying so."""
+    try:
+        m = session.manifest()
+    except AdapruneError as e:
+        return {"name": session.name, "model": "?", "prune": 0.0, "trials": 0, "status": "unreadable",
+                "updated": None, "done": 0, "best": None, "problem": str(e)}
     cfg = SearchConfig.from_dict(m["config"])
     row = {"name": session.name, "model": cfg.model, "prune": cfg.prune, "trials": cfg.trials,
            "status": m.get("status", "?"), "updated": m.get("updated"), "done": 0, "best": None}
+    _, bad = session.read_events()
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        row["problem"] = f"{session.events_path}: line(s) {shown} corrupt, kept out; the other events are intact"
     try:
         import optuna
 

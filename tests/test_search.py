@@ -225,3 +225,19 @@ def test_a_trial_mixing_two_metrics(llama_folder, tmp_path, metric):
     out = run_trial(dense, data, cfg, params, None, Control(), lambda e: None)
     assert out.state == "complete" and out.plan["recipe"]["metric2"] == "wanda"
     assert out.params_after < 77232
+
+
+def test_sessions_listing_survives_damaged_sessions(llama_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from tui.cli import app
+
+    root = tmp_path / "s"
+    good = create_session(root, "good", _cfg(llama_folder))
+    good.events_path.write_text('{"kind": "log", "message": "a"}\nnot json\n')
+    broken = create_session(root, "broken", _cfg(llama_folder))
+    broken.manifest_path.write_text("{")
+    r = CliRunner().invoke(app, ["sessions", "--sessions-dir", str(root)])
+    assert r.exit_code == 0, r.output
+    assert "good" in r.stdout and "broken" in r.stdout and "unreadable" in r.stdout
+    assert "line(s) 2 corrupt" in r.stderr and "broken" in r.stderr

@@ -212,6 +212,9 @@ def sessions_cmd(sessions_dir: Path = SESSIONS_DIR) -> None:
         Console().print(f"no sessions in {_root(sessions_dir)}")
         return
     Console().print(sessions_table(rows))
+    for r in rows:
+        if r.get("problem"):
+            err.print(f"[yellow]warning:[/] {r['name']}: {r['problem']}", soft_wrap=True)
 
 
 @app.command("export")

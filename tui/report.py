@@ -112,7 +112,8 @@ def sessions_table(rows: list[dict]) -> Table:
     for r in rows:
         when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%Y-%m-%d %H:%M") if r.get("updated") else ""
         best = f"{r['best']:.3f}" if r.get("best") is not None else ""
-        t.add_row(r["name"], r["model"], f"{r['prune']:.0%}", f"{r['done']}/{r['trials']}", best, r["status"], when)
+        target = f"{r['prune']:.0%}" if r.get("prune") else ""
+        t.add_row(r["name"], r["model"], target, f"{r['done']}/{r['trials']}", best, r["status"], when)
     return t
 
 
