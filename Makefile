@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prune_recipes.py
+	$(BIN)/python bench/search.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

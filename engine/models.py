@@ -230,8 +230,9 @@ def load(
     where = resolve(spec, sink)
     folder = where if isinstance(where, Path) else None
     if folder is not None:
-        _check_type(_config_dict(folder), spec)
-        if (folder / "config.json").is_file() and "adaprune_layers" in _config_dict(folder):
+        data = _config_dict(folder)
+        _check_type(data, spec)
+        if "adaprune_layers" in data:
             from engine.export import load_pruned_folder
 
             model, tok = load_pruned_folder(folder, dt, attn_implementation)
