@@ -14,7 +14,7 @@ from engine.events import Log, Metric, Sink, Stage, null_sink
 from engine.export import check_out_dir, export
 from engine.importance import check_metric
 from engine.models import EMBEDDED, Loaded, load
-from engine.plan import Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
+from engine.plan import ALLOCATIONS, Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
 from engine.recipe import prune_with
 from engine.structure import count_params, default_layer_range, layer_shapes
 from engine.text import (
@@ -45,6 +45,8 @@ class PruneConfig:
     head_mode: str = "query"
     attn_share: float | str = "auto"  # auto: MLP channels first; same: LLM-Pruner's ratio; or a number in [0, 1]
     round_to: int = 1
+    allocation: str = "uniform"  # uniform: the same cut in every layer; global: one ranking across the range
+    ramp: float = 0.0  # with uniform: > 0 prunes deeper layers more, at the same total
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -108,6 +110,10 @@ def validate(cfg: PruneConfig) -> None:
     if cfg.head_mode not in ("query", "kv"):
         raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' (heads inside each KV group) or 'kv'")
     check_attn_share(cfg.attn_share)
+    if cfg.allocation not in ALLOCATIONS:
+        raise AdapruneError(f"--allocation {cfg.allocation!r}: choose {' or '.join(ALLOCATIONS)}")
+    if not -1 < cfg.ramp < 1 or (cfg.ramp and cfg.allocation == "global"):
+        raise AdapruneError(f"--ramp {cfg.ramp}: a slope in (-1, 1), and only with --allocation uniform")
     if cfg.round_to < 1:
         raise AdapruneError(f"--round-to {cfg.round_to} must be a positive integer (1, 8, 64, ...)")
     spec = parse_spec(cfg.calib)
@@ -175,7 +181,7 @@ def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
     overrides = parse_overrides(cfg.overrides, len(shapes), shapes, cfg.head_mode)
     plan = prune_with(loaded.model, windows, layer_ids, cfg.prune, cfg.metric, cfg.aggregate, cfg.head_mode,
                       cfg.attn_share, cfg.round_to, cfg.seed, cfg.calib_batch, control, sink, {"calib": cfg.calib},
-                      overrides=overrides)
+                      overrides=overrides, ramp=cfg.ramp, allocation=cfg.allocation)
     return plan, calib_hash
 
 

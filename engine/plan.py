@@ -247,6 +247,23 @@ def params_after(shapes: Sequence[LayerShape], layers: Sequence[LayerPlan], tota
     return after
 
 
+def _apportion(ideal: Sequence[float], total: int, cap: int) -> list[int]:
+    """Integers summing to `total`, each in [0, cap], as close to `ideal` as largest remainders allow."""
+    steps = [min(cap, max(0, int(x))) for x in ideal]
+    order = sorted(range(len(ideal)), key=lambda j: ideal[j] - steps[j], reverse=True)
+    left = total - sum(steps)
+    while left > 0:
+        progressed = False
+        for j in order:
+            if left and steps[j] < cap:
+                steps[j] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            raise AdapruneError("the layers cannot hold this many removed channels: lower the target")
+    return steps
+
+
 def ramp_channels(layer_ids: Sequence[int], channels: int, intermediate: int, ramp: float,
                   round_to: int = 1) -> dict[int, int]:
     """Spread `channels` removed per layer (on average) over the range along a linear depth ramp.
@@ -263,18 +280,43 @@ def ramp_channels(layer_ids: Sequence[int], channels: int, intermediate: int, ra
     steps_total = channels * n // round_to  # work in units of round_to channels
     cap = (intermediate - round_to) // round_to  # keep at least one unit in every layer
     weights = [1 + ramp * (2 * j / (n - 1) - 1) for j in range(n)]
-    ideal = [steps_total * w / sum(weights) for w in weights]
-    steps = [min(cap, int(x)) for x in ideal]
-    # hand out the remainder by largest fractional part, never above the cap
-    order = sorted(range(n), key=lambda j: ideal[j] - steps[j], reverse=True)
-    left = steps_total - sum(steps)
-    while left > 0:
-        progressed = False
-        for j in order:
-            if left and steps[j] < cap:
-                steps[j] += 1
-                left -= 1
-                progressed = True
-        if not progressed:
-            raise AdapruneError("the depth ramp cannot place the channels: lower the ramp or the target")
+    steps = _apportion([steps_total * w / sum(weights) for w in weights], steps_total, cap)
+    return {i: s * round_to for i, s in zip(layer_ids, steps, strict=True)}
+
+
+ALLOCATIONS = ("uniform", "global")
+GLOBAL_MAX_SHARE = 0.9  # a global ranking may take at most this share of one layer's channels
+
+
+def global_channels(scores: Mapping[int, LayerScores], layer_ids: Sequence[int], channels: int,
+                    intermediate: int, round_to: int = 1) -> dict[int, int]:
+    """Spread `channels` removed per layer (on average) by one ranking of every channel in the range.
+
+    Scores are normalised per layer (divided by the layer's mean absolute score) so that layers whose
+    gradients or activations run larger do not keep everything; then the lowest channels over the whole
+    range go, at most GLOBAL_MAX_SHARE of any one layer. The total is that of the uniform cut, so the plan
+    lands on the same parameter count.
+    """
+    n = len(layer_ids)
+    total = channels * n
+    cap = min(int(GLOBAL_MAX_SHARE * intermediate), intermediate - round_to) // round_to * round_to
+    if total > cap * n:
+        raise AdapruneError(f"a global ranking cannot remove {channels} channels per layer on average while "
+                            f"keeping {1 - GLOBAL_MAX_SHARE:.0%} of every layer: use the uniform allocation")
+    flat = []
+    for i in layer_ids:
+        s = scores[i].channels.double()
+        s = s / (s.abs().mean() + 1e-30)
+        # a layer's capped share of channels: everything past the cap ranks as essential
+        order = torch.argsort(s, stable=True)
+        ranked = torch.full_like(s, float("inf"))
+        ranked[order[:cap]] = s[order[:cap]]
+        flat.append(ranked)
+    values = torch.stack(flat)  # layers x channels (the range's layers have equal widths)
+    lowest = torch.argsort(values.flatten(), stable=True)[:total]
+    counts = torch.bincount(lowest // intermediate, minlength=n).tolist()
+    if round_to == 1:
+        return dict(zip(layer_ids, counts, strict=True))
+    steps_total = total // round_to
+    steps = _apportion([c / round_to for c in counts], steps_total, cap // round_to)
     return {i: s * round_to for i, s in zip(layer_ids, steps, strict=True)}

@@ -7,9 +7,19 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from engine.control import Control
+from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.importance import LayerScores, collect_stats, score_layers
-from engine.plan import Plan, params_after, ramp_channels, removal_of, select, solve_uniform
+from engine.plan import (
+    ALLOCATIONS,
+    Plan,
+    global_channels,
+    params_after,
+    ramp_channels,
+    removal_of,
+    select,
+    solve_uniform,
+)
 from engine.prune import apply_plan
 from engine.structure import count_params, layer_shapes
 
@@ -32,12 +42,20 @@ def prune_with(
     scores: dict[int, LayerScores] | None = None,
     overrides: dict[int, tuple[int, int]] | None = None,
     ramp: float = 0.0,
+    allocation: str = "uniform",
 ) -> Plan:
     """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied.
 
     Group scores come from `windows` with the metric, or ready-made in `scores` (a search's cached statistics).
     `overrides` are the user's per-layer (heads, channels) removals; the range's uniform amounts fill the rest.
+    `allocation` spreads the MLP cut over the range: "uniform" (along a depth `ramp`; 0 is LLM-Pruner's
+    equal cut) or "global" (one ranking of normalised channel scores across the range). Both land on the
+    same parameter count.
     """
+    if allocation not in ALLOCATIONS:
+        raise AdapruneError(f"allocation {allocation!r}: choose {' or '.join(ALLOCATIONS)}")
+    if allocation == "global" and ramp:
+        raise AdapruneError("a depth ramp and a global ranking both decide per-layer widths: give one of them")
     control = control or Control()
     shapes = layer_shapes(model)
     total = count_params(model)
@@ -54,14 +72,17 @@ def prune_with(
         stats = collect_stats(model, windows, scored, metric, calib_batch, control, sink)
         scores = score_layers(model, scored, metric, aggregate, stats, seed)
         del stats
-    per_layer = ramp_channels(layer_ids, budget.channels, shapes[layer_ids[0]].intermediate, ramp, round_to)
+    width = shapes[layer_ids[0]].intermediate
+    per_layer = (global_channels(scores, layer_ids, budget.channels, width, round_to) if allocation == "global"
+                 else ramp_channels(layer_ids, budget.channels, width, ramp, round_to))
     counts = {**{i: (budget.heads, per_layer[i]) for i in layer_ids}, **overrides}
     plan_layers = select(shapes, scores, {i: kc for i, kc in counts.items() if kc != (0, 0)}, head_mode)
     after = params_after(shapes, plan_layers, total)
     full_recipe = {"metric": metric, "aggregate": aggregate, "seed": seed,
                    "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": head_mode, "attn_share": attn_share,
                    "heads_removed_per_layer": budget.heads, "channels_removed_per_layer": budget.channels,
-                   "round_to": round_to, "ramp": ramp, "overrides": {str(i): list(kc) for i, kc in overrides.items()},
+                   "round_to": round_to, "ramp": ramp, "allocation": allocation,
+                   "overrides": {str(i): list(kc) for i, kc in overrides.items()},
                    **(recipe or {})}
     plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe)
     control.checkpoint()

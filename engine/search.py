@@ -44,7 +44,7 @@ from engine.importance import (
     scores_from_samples,
 )
 from engine.models import EMBEDDED, Loaded, load
-from engine.plan import check_attn_share, parse_overrides
+from engine.plan import ALLOCATIONS, check_attn_share, parse_overrides
 from engine.recipe import prune_with
 from engine.session import Session, pid_alive
 from engine.structure import count_params, decoder_layers, default_layer_range, layer_shapes
@@ -105,6 +105,7 @@ def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]
         "metric2": MIX_METRICS,
         "mix": MIX_WEIGHTS,
         "attn_share": ATTN_SHARES,
+        "allocation": list(ALLOCATIONS),
         "ramp": RAMPS,
         "first_kept": (0, max(1, 2 * first)),
         "last_kept": (0, max(1, 2 * last)),
@@ -117,7 +118,7 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
     source = "stdlib-docs" if "stdlib-docs" in cfg.sources else cfg.sources[0]
     return {"calib_source": source, "calib_n": 10, "calib_len": 64, "calib_select": "random", "calib_seed": 0,
             "metric": "taylor1", "aggregate": "sum", "metric2": "none", "mix": 0.5, "attn_share": "same",
-            "ramp": 0.0,
+            "allocation": "uniform", "ramp": 0.0,
             "first_kept": first,
             "last_kept": n_layers - end}
 
@@ -153,7 +154,7 @@ def _check_fixed(key: str, value: object) -> None:
     from engine.importance import METRICS
 
     choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS,
-               "metric2": ["none", *SAMPLE_METRICS]}
+               "metric2": ["none", *SAMPLE_METRICS], "allocation": ALLOCATIONS}
     if key == "ramp" and not (isinstance(value, (int, float)) and -1 < value < 1):
         raise AdapruneError(f"--fix ramp={value}: a slope in (-1, 1)")
     if key == "mix" and not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -179,6 +180,8 @@ def canonical(params: dict) -> str:
         p["calib_seed"] = 0  # a deterministic selection ignores the seed
     if p.get("metric2") in ("none", None) or p.get("metric2") == p.get("metric"):
         p["metric2"], p["mix"] = "none", None  # no second metric: its weight cannot matter
+    if p.get("allocation") == "global":
+        p["ramp"] = None  # the ranking decides the per-layer widths
     if p.get("metric") in ("l1", "l2", "random"):
         for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed"):
             p[k] = None  # data-free metrics
@@ -461,6 +464,7 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
     idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
     windows, scores, once = ids[idx, : params["calib_len"]], None, 0.0
     metric2 = params.get("metric2", "none")
+    allocation = params.get("allocation", "uniform")
     mixing = metric2 != "none" and metric2 != params["metric"]
 
     def cached_scores(metric: str) -> dict:
@@ -481,7 +485,8 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
         scores = mix_scores(scores, cached_scores(metric2), float(params["mix"]))
     plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                       _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
-                      scores=scores, overrides=overrides, ramp=float(params.get("ramp", 0.0)),
+                      scores=scores, overrides=overrides, allocation=allocation,
+                      ramp=0.0 if allocation == "global" else float(params.get("ramp", 0.0)),
                       recipe=_recipe(params, mixing))
     sets = data.objective_sets()
     t1 = time.perf_counter()

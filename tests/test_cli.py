@@ -47,6 +47,17 @@ def test_attn_share_zero_takes_everything_from_mlp(tiny_folder, tmp_path):
     assert any(len(lp["keep_channels"]) < 64 for lp in plan["layers"])
 
 
+def test_global_allocation_from_the_command_line(tiny_folder, tmp_path):
+    js = tmp_path / "r.json"
+    r = _run("prune", "--model", tiny_folder, "--calib", "stdlib-docs:2x32", "--eval-windows", "1", "--no-speed",
+             "--allocation", "global", "--json", js)
+    assert r.exit_code == 0, r.output
+    plan = json.loads(js.read_text())["plan"]
+    assert plan["recipe"]["allocation"] == "global" and plan["params_after"] < plan["params_before"]
+    _one_line_error(_run("prune", "--model", tiny_folder, "--allocation", "spread"), "--allocation")
+    _one_line_error(_run("prune", "--model", tiny_folder, "--allocation", "global", "--ramp", "0.2"), "--ramp")
+
+
 @pytest.fixture
 def gpt2_folder(tmp_path, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel

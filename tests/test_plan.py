@@ -133,3 +133,44 @@ def test_ramped_plan_lands_on_the_same_count():
     assert flat.params_after == ramped.params_after == count_params(b)
     widths = [lp.widths()[2] for lp in ramped.layers]
     assert widths[0] > widths[-1]  # deeper layers lose more
+
+
+def _channel_scores(rows):
+    return {i: LayerScores(torch.ones(2), torch.ones(1), torch.tensor(r, dtype=torch.float32))
+            for i, r in enumerate(rows)}
+
+
+def test_global_ranking_compares_normalised_scores_and_keeps_the_total():
+    from engine.plan import global_channels
+
+    # layer 0 has a few essential channels and many weak ones; layer 1 is flat but 1000x larger in raw scale
+    skewed = [10.0, 10.0, 10.0, 10.0] + [0.1] * 12
+    flat = [1000.0 + j for j in range(16)]
+    counts = global_channels(_channel_scores([skewed, flat]), [0, 1], 6, 16)
+    assert sum(counts.values()) == 12
+    assert counts[0] == 12 and counts[1] == 0  # raw scale alone would have emptied layer 0 of nothing
+    # the cap keeps a tenth of every layer even when one layer is all weak
+    capped = global_channels(_channel_scores([skewed, flat]), [0, 1], 8, 16)
+    assert capped[0] <= int(0.9 * 16) and sum(capped.values()) == 16
+    r4 = global_channels(_channel_scores([skewed, flat]), [0, 1], 4, 16, round_to=4)
+    assert all(c % 4 == 0 for c in r4.values()) and sum(r4.values()) == 8
+    with pytest.raises(AdapruneError, match="uniform allocation"):
+        global_channels(_channel_scores([skewed, flat]), [0, 1], 15, 16)
+
+
+def test_global_plan_lands_on_the_same_count_and_drops_the_lowest_channels():
+    from engine.recipe import prune_with
+
+    a, b = make_model("llama", layers=4, intermediate=64), make_model("llama", layers=4, intermediate=64)
+    shapes = layer_shapes(a)
+    scores = _scores(shapes, range(4))
+    scores[2].channels *= 0.01  # layer 2's channels are uniformly weaker: normalisation must not single it out
+    scores[1].channels = torch.cat([torch.full((48,), 0.001), torch.ones(16)])  # 48 weak channels in layer 1
+    uniform = prune_with(a, None, list(range(4)), 0.2, "l2", attn_share="auto", scores=scores)
+    ranked = prune_with(b, None, list(range(4)), 0.2, "l2", attn_share="auto", scores=scores, allocation="global")
+    assert ranked.params_after == uniform.params_after == count_params(b)
+    kept = [len(lp.keep_channels) for lp in ranked.layers]
+    assert kept[1] == min(kept) and set(ranked.layers[1].keep_channels) <= set(range(48, 64))
+    assert ranked.recipe["allocation"] == "global"
+    with pytest.raises(AdapruneError, match="give one of them"):
+        prune_with(make_model("llama", layers=4), None, list(range(4)), 0.2, "l2", allocation="global", ramp=0.3)

@@ -78,7 +78,7 @@ def test_duplicates_are_not_evaluated_again(llama_folder, tmp_path):
     # everything that matters fixed but last_kept (0 or 1): only two distinct configurations exist
     fixed = {"calib_source": "stdlib-docs", "calib_n": 10, "calib_len": 64, "calib_select": "low-loss",
              "calib_seed": 0, "metric": "l2", "aggregate": "sum", "attn_share": "auto", "first_kept": 0,
-             "metric2": "none", "ramp": 0.0}  # mix stays free: without a second metric it cannot matter
+             "metric2": "none", "ramp": 0.0, "allocation": "uniform"}  # mix stays free: without a second metric it cannot matter
     cfg = _cfg(llama_folder, trials=5, fixed=fixed)
     session = create_session(tmp_path / "s", "dups", cfg)
     events = []
@@ -173,6 +173,9 @@ def test_canonical_ignores_what_cannot_matter():
     p = {"calib_select": "low-loss", "calib_seed": 3, "metric": "taylor1"}
     assert canonical(p) == canonical({**p, "calib_seed": 7})
     assert canonical({**p, "calib_select": "random"}) != canonical({**p, "calib_select": "random", "calib_seed": 7})
+    g = {**p, "allocation": "global", "ramp": 0.25}
+    assert canonical(g) == canonical({**g, "ramp": -0.5})  # the ranking, not the ramp, sets the widths
+    assert canonical({**g, "allocation": "uniform"}) != canonical({**g, "allocation": "uniform", "ramp": -0.5})
 
 
 def test_bad_sessions(llama_folder, tmp_path):

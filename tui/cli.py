@@ -68,6 +68,9 @@ def prune_cmd(
     attn_share: str = typer.Option(
         "auto", help="budget from attention: auto (MLP channels first), same (LLM-Pruner's ratio), or 0..1"),
     round_to: int = typer.Option(1, help="keep MLP widths a multiple of this (8, 64 for fast kernels)"),
+    allocation: str = typer.Option("uniform", help="MLP cut per layer: uniform (same in every layer) or global "
+                                                   "(one ranking of normalised channel scores over the range)"),
+    ramp: float = typer.Option(0.0, help="with uniform: -0.9..0.9, > 0 prunes deeper layers more, same total"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"),
@@ -86,7 +89,8 @@ def prune_cmd(
 
     cfg = PruneConfig(model=model, prune=prune, metric=metric, aggregate=aggregate, calib=calib, evals=list(eval_),
                       eval_seq_len=seq_len, eval_windows=eval_windows or None, layers=layers, head_mode=heads,
-                      attn_share=_attn_share(attn_share), round_to=round_to, seed=seed, device=device, dtype=dtype,
+                      attn_share=_attn_share(attn_share), round_to=round_to, allocation=allocation, ramp=ramp,
+                      seed=seed, device=device, dtype=dtype,
                       trust_remote_code=trust_remote_code, measure_speed=speed, measure_memory=memory,
                       out=str(out) if out else None, force=force, overrides=_parse_overrides(override))
     console = Console()
