@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,13 +30,22 @@ from engine.events import (
     TrialFinished,
     TrialStarted,
 )
+from engine.trial_rows import TrialRows
 
 
 class RichSink:
-    """An engine sink drawing one progress bar per stage (count and ETA) and printing logs above them."""
+    """An engine sink drawing one progress bar per stage (count and ETA) and printing logs above them.
 
-    def __init__(self, console: Console) -> None:
+    On a terminal, a search's trials show as a live table above the bars (baseline and best pinned, the
+    latest below); elsewhere (a log file, a pipe) each trial is one printed line.
+    """
+
+    def __init__(self, console: Console, live: bool | None = None, table_rows: int = 12) -> None:
         self.console = console
+        self.board = TrialRows()
+        self.table_rows = table_rows
+        self.live = console.is_terminal if live is None else live
+        self._live: Live | None = None
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}", table_column=Column(width=28, no_wrap=True, overflow="ellipsis")),
@@ -51,13 +62,32 @@ class RichSink:
         self.totals: dict[TaskID, int | None] = {}
 
     def __enter__(self) -> RichSink:
-        self.progress.start()
+        if self.live:
+            # one Live draws the trials table and the bars together; the Progress is only rendered by it
+            self._live = Live(console=self.console, get_renderable=self._render, refresh_per_second=4,
+                              transient=False)
+            self._live.start()
+        else:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        else:
+            self.progress.stop()
+
+    def _render(self) -> RenderableType:
+        if not self.board.rows:
+            return self.progress
+        return Group(trials_table(self.board, self.table_rows), self.progress)
 
     def __call__(self, event: Event) -> None:
+        if self.board.apply(event) and self.live:
+            if isinstance(event, BestChanged):
+                self.console.print(f"[green]best so far: trial {event.number}, objective {event.value:.3f}[/]")
+            return
         if isinstance(event, StageStarted):
             if event.stage in self.finished:  # a stage that repeats (every trial prunes): one row, the latest
                 self.progress.remove_task(self.finished.pop(event.stage))
@@ -90,17 +120,50 @@ class RichSink:
             self.progress.console.print(f"search {event.status}: {event.completed}/{event.total} trials{best}")
 
 
-def describe(params: dict) -> str:
-    """A trial's configuration in one short line."""
-    p = params
-    calib = f"{p.get('calib_source')}:{p.get('calib_n')}x{p.get('calib_len')} {p.get('calib_select')}"
-    if p.get("calib_select") == "random":
-        calib += f" #{p.get('calib_seed')}"
+def _calib(p: dict) -> str:
+    calib = f"{p.get('calib_source')} {p.get('calib_n')}x{p.get('calib_len')} {p.get('calib_select')}"
+    return calib + (f" #{p.get('calib_seed')}" if p.get("calib_select") == "random" else "")
+
+
+def _metric(p: dict) -> str:
     metric = p.get("metric")
     if p.get("metric2") not in (None, "none", metric):
         metric = f"{metric}+{p.get('mix')}*{p.get('metric2')}"
-    return (f"{metric}/{p.get('aggregate')} on {calib}; attn {p.get('attn_share')}; "
-            f"keep first {p.get('first_kept')} last {p.get('last_kept')}")
+    return f"{metric}/{p.get('aggregate')}"
+
+
+def _layout(p: dict) -> str:
+    spread = "global" if p.get("allocation") == "global" else f"ramp {p.get('ramp', 0)}"
+    return f"attn {p.get('attn_share')}, {spread}, keep {p.get('first_kept')}/{p.get('last_kept')}"
+
+
+STATE_STYLE = {"complete": "", "pruned": "dim", "duplicate": "dim", "failed": "red", "running": "cyan"}
+
+
+def trials_table(board: TrialRows, limit: int = 12) -> Table:
+    """The trials so far: trial 0 (LLM-Pruner's recipe) marked, the best in green, objective vs trial 0."""
+    t = Table(title=f"trials ({len(board.rows)} so far)", box=box.SIMPLE_HEAD, pad_edge=False, expand=True)
+    # the numbers never shrink; on a narrow terminal the descriptions are cut short instead
+    t.add_column("#", justify="right", no_wrap=True, min_width=6)
+    for name in ("metric", "calibration", "layout"):
+        t.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1)
+    t.add_column("objective", justify="right", no_wrap=True, min_width=9)
+    t.add_column("vs #0", justify="right", no_wrap=True, min_width=6)
+    t.add_column("state", no_wrap=True, min_width=9)
+    for r in board.shown(limit):
+        gain = board.gain(r)
+        number = f"{r.number}" + (" base" if r.number == 0 else "")
+        value = f"{r.value:.3f}" if r.value is not None else ""
+        state = "best" if r.number == board.best else r.state
+        style = "bold green" if r.number == board.best else STATE_STYLE.get(r.state, "")
+        t.add_row(number, _metric(r.params), _calib(r.params), _layout(r.params), value,
+                  f"{-gain:+.1%}" if gain is not None and r.number else "", state, style=style)
+    return t
+
+
+def describe(params: dict) -> str:
+    """A trial's configuration in one short line."""
+    return f"{_metric(params)} on {_calib(params)}; {_layout(params)}"
 
 
 def sessions_table(rows: list[dict]) -> Table:
