@@ -8,13 +8,16 @@ hopeless trial early. Trial 0 is LLM-Pruner's recipe, enqueued, so every later t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
 import socket
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -353,8 +356,16 @@ def storage_url(session: Session, cfg: SearchConfig) -> str:
     return cfg.storage or f"sqlite:///{(session.path / 'study.db').resolve()}"
 
 
+HEARTBEAT_S = 20  # a running trial's owner records a heartbeat this often (database storages)
+GRACE_S = 120  # a running trial without a heartbeat this long belongs to a dead process, on any host
+
+
 def _storage(url: str):
-    """SQLite or PostgreSQL by URL; a journal file (one machine, many processes) by a *.log path."""
+    """SQLite or PostgreSQL by URL; a journal file (one machine, many processes) by a *.log path.
+
+    Database storages keep Optuna's trial heartbeats, so a trial whose worker died on another machine is
+    failed and queued again by whichever process looks next; the journal file relies on same-host pids.
+    """
     import optuna
 
     if url.endswith((".log", ".journal")) and "://" not in url:
@@ -363,9 +374,64 @@ def _storage(url: str):
         return JournalStorage(JournalFileBackend(url))
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        with _quiet_optuna():
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S, heartbeat_stale_trial_callback=_requeue)
     except Exception as e:
         raise AdapruneError(f"cannot open the study storage {url!r} ({type(e).__name__}): check the URL") from None
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    """Heartbeats are experimental in Optuna and it warns when they are used with ask/tell, as we do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Hh]eartbeat.*")
+        warnings.filterwarnings("ignore", category=optuna_experimental_warning())
+        yield
+
+
+def optuna_experimental_warning() -> type[Warning]:
+    from optuna.exceptions import ExperimentalWarning
+
+    return ExperimentalWarning
+
+
+def _requeue(study, trial) -> None:
+    # a trial stopped before it drew its parameters still holds what the queue gave it (e.g. the baseline)
+    params = trial.params or trial.system_attrs.get("fixed_params")
+    if params and "duplicate_of" not in trial.user_attrs:
+        study.enqueue_trial(params, user_attrs={"rerun_of": trial.number})
+
+
+def _beat_once(study, trial) -> None:
+    storage = study._storage
+    if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval() is not None:
+        storage.record_heartbeat(trial._trial_id)
+
+
+@contextlib.contextmanager
+def heartbeat(study, trial):
+    """Record the trial's heartbeat in the background while this process works on it."""
+    storage = study._storage
+    if not hasattr(storage, "record_heartbeat") or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is retried; the trial must not fail for it
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def open_study(session: Session, cfg: SearchConfig, sampler_seed: int | None = None):
@@ -397,7 +463,11 @@ def completed(study) -> int:
 
 
 def fail_orphans(study, sink: Sink = null_sink) -> int:
-    """Trials left RUNNING by a dead process (same host) are failed and their configuration queued again."""
+    """Trials left RUNNING by a dead process are failed and their configuration queued again.
+
+    Same host: the owner's pid is gone. Any host (database storages): no heartbeat for GRACE_S seconds.
+    """
+    import optuna
     from optuna.trial import TrialState
 
     host = socket.gethostname()
@@ -405,12 +475,15 @@ def fail_orphans(study, sink: Sink = null_sink) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("worker", "")
         pid, _, where = owner.partition("@")
-        if where == host and pid.isdigit() and pid_alive(int(pid)):
-            continue  # a live worker on this machine is running it
+        if where != host or not pid.isdigit() or pid_alive(int(pid)):
+            continue  # a live worker here, or another machine's (its heartbeat speaks for it)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number})
+        _requeue(study, t)
         n += 1
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    with _quiet_optuna():
+        optuna.storages.fail_stale_trials(study)  # requeues through the storage's callback
+    n += running - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     if n:
         sink(Log(f"{n} trial(s) left running by a stopped process were marked failed and will run again"))
     return n
@@ -539,7 +612,10 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
             trials = study.get_trials(deepcopy=False)
             if sum(1 for t in trials if _counts_toward_budget(t)) >= cfg.trials:
                 break
-            current = study.ask()
+            fail_orphans(study, sink)
+            with _quiet_optuna():
+                current = study.ask()
+            _beat_once(study, current)  # a worker killed before its first trial heartbeat is still found
             earlier = [t for t in study.get_trials(deepcopy=False) if t.number < current.number]
             if sum(1 for t in earlier if _counts_toward_budget(t)) >= cfg.trials:
                 # another worker took the last slot between our count and our ask
@@ -581,7 +657,8 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                 return trial.number > 0 and trial.should_prune()
 
             try:
-                out = run_trial(dense, data, cfg, params, report, control, sink)
+                with heartbeat(study, current):
+                    out = run_trial(dense, data, cfg, params, report, control, sink)
             except AdapruneError as e:  # this configuration cannot be built (e.g. an unreachable split)
                 current.set_user_attr("error", str(e))
                 study.tell(current, state=TrialState.FAIL)

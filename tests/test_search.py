@@ -244,3 +244,36 @@ def test_sessions_listing_survives_damaged_sessions(llama_folder, tmp_path):
     assert r.exit_code == 0, r.output
     assert "good" in r.stdout and "broken" in r.stdout and "unreadable" in r.stdout
     assert "line(s) 2 corrupt" in r.stderr and "broken" in r.stderr
+
+
+def test_a_trial_whose_worker_died_on_another_host_is_rerun(llama_folder, tmp_path):
+    import sqlalchemy
+
+    cfg = _cfg(llama_folder, trials=2)
+    session = create_session(tmp_path / "s", "remote", cfg)
+    study = open_study(session, cfg)
+    t = study.ask()  # trial 0, taken by a worker on another machine that lost power before it drew params
+    t.set_user_attr("worker", "4242@another-host")
+    study._storage.record_heartbeat(t._trial_id)
+    engine = sqlalchemy.create_engine(f"sqlite:///{session.path / 'study.db'}")
+    with engine.begin() as c:  # its last heartbeat: an hour ago
+        c.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour')"))
+    with session.lock():
+        run_search(session)
+    trials = _trials(session, cfg)
+    assert trials[0].state.name == "FAIL"
+    assert any(x.user_attrs.get("rerun_of") == 0 and x.state.name == "COMPLETE" for x in trials)
+    assert completed(open_study(session, cfg)) == 2
+
+
+def test_a_live_remote_trial_is_left_alone(llama_folder, tmp_path):
+    from engine.search import fail_orphans
+
+    cfg = _cfg(llama_folder, trials=2)
+    session = create_session(tmp_path / "s", "alive", cfg)
+    study = open_study(session, cfg)
+    t = study.ask()
+    t.set_user_attr("worker", "4242@another-host")
+    study._storage.record_heartbeat(t._trial_id)  # beating now
+    assert fail_orphans(study) == 0
+    assert study.get_trials()[0].state.name == "RUNNING"
