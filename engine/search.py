@@ -76,7 +76,7 @@ class SearchConfig:
     objective: list[str] = field(default_factory=lambda: ["stdlib-docs/valid", SELF])
     objective_windows: int = 16
     objective_len: int = 128
-    pool_size: int = 64
+    pool_size: int = 48  # windows per calibration source to select from (per-sample statistics cost one backward each)
     fixed: dict = field(default_factory=dict)
     head_mode: str = "query"
     round_to: int = 1
