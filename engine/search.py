@@ -522,11 +522,12 @@ def _recipe(params: dict, mixing: bool) -> dict:
     return {"calib": calib, **extra}
 
 
-def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,
-              sink: Sink) -> TrialOutcome:
-    """Prune a copy of the dense model with `params` and measure the objective."""
-    t0 = time.perf_counter()
-    model = copy.deepcopy(dense.model)
+def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, control: Control,
+                sink: Sink) -> tuple[dict, float]:
+    """Prune `model` (a copy of the dense one) in place with a trial's configuration.
+
+    Returns the plan and the seconds spent building per-session caches (not the trial's own work).
+    """
     n_layers = len(decoder_layers(model))
     overrides = parse_overrides(cfg.overrides, n_layers, layer_shapes(model), cfg.head_mode)
     layer_ids = [i for i in range(params["first_kept"], n_layers - params["last_kept"]) if i not in overrides]
@@ -561,6 +562,15 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
                       scores=scores, overrides=overrides, allocation=allocation,
                       ramp=0.0 if allocation == "global" else float(params.get("ramp", 0.0)),
                       recipe=_recipe(params, mixing))
+    return plan.to_dict(), once
+
+
+def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,
+              sink: Sink) -> TrialOutcome:
+    """Prune a copy of the dense model with `params` and measure the objective."""
+    t0 = time.perf_counter()
+    model = copy.deepcopy(dense.model)
+    plan, once = prune_trial(model, data, cfg, params, control, sink)
     sets = data.objective_sets()
     t1 = time.perf_counter()
     try:
@@ -569,7 +579,7 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
     except _Pruned as p:
         value, state = p.value, "pruned"
     t2 = time.perf_counter()
-    return TrialOutcome(value, state, plan.to_dict(), t2 - t0 - once, t2 - t1, count_params(model))
+    return TrialOutcome(value, state, plan, t2 - t0 - once, t2 - t1, count_params(model))
 
 
 def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,

@@ -234,6 +234,61 @@ def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"),
     Console().print(f"saved to {out} ({fmt} widths; loads with {how})")
 
 
+@app.command("bench")
+@clean_errors
+def bench_cmd(
+    name: str,
+    tasks: list[str] = typer.Option([], "--tasks", help="zero-shot task: an lm-eval name (boolq, piqa, hellaswag, "
+                                    "winogrande, arc_easy, arc_challenge, openbookqa; needs the hub) or a local "
+                                    ".jsonl; repeatable"),
+    limit: int = typer.Option(None, help="rows per task, drawn at random with --seed (default: all)"),
+    seed: int = typer.Option(0, help="seed of the task subsets and of lm-eval"),
+    ppl: list[str] = typer.Option([], "--ppl", help="PPL text: wikitext2, ptb, c4 (hub), stdlib-docs, or a file; "
+                                  "repeatable"),
+    seq_len: list[int] = typer.Option([128], "--seq-len", help="PPL window: 128 (LLM-Pruner), 2048 (SliceGPT, "
+                                      "Wanda); repeatable"),
+    ppl_windows: int = typer.Option(40, help="evenly spaced PPL windows per text (0: the whole text)"),
+    speed: bool = typer.Option(False, "--speed", help="prefill, decode, time to first token and peak memory"),
+    batch: list[int] = typer.Option([1, 4], "--batch", help="prefill batch sizes for --speed"),
+    rows: str = typer.Option(None, help="comma-separated rows (default all): dense, best, baseline, magnitude, "
+                             "random, plan:NAME"),
+    markdown: Path = typer.Option(None, help="also write the table as Markdown here"),
+    csv: Path = typer.Option(None, help="also write the table as CSV here"),
+    json_out: Path = typer.Option(None, "--json", help="also write every number and its provenance as JSON here"),
+    plot: Path = typer.Option(None, help="also draw accuracy and PPL vs parameters into this PNG"),
+    sessions_dir: Path = SESSIONS_DIR,
+) -> None:
+    """Benchmark a session's models side by side; with no measure given, show the saved table."""
+    from engine.benchmark import RESULTS, BenchConfig, plot_png, plot_text, run_bench, to_csv, to_markdown
+    from engine.benchmark import validate as validate_bench
+    from engine.session import Session
+    from tui.report import RichSink, bench_table
+
+    session = Session.open(_root(sessions_dir), name)
+    cfg = BenchConfig(tasks=list(tasks), limit=limit, seed=seed, ppl=list(ppl), seq_lens=list(seq_len),
+                      ppl_windows=ppl_windows or None, speed=speed, batches=list(batch),
+                      rows=[r.strip() for r in rows.split(",") if r.strip()] if rows else None)
+    console = Console()
+    if cfg.tasks or cfg.ppl or cfg.speed:
+        validate_bench(cfg)  # bad files and names fail before the model loads
+        with RichSink(console) as sink:
+            results = run_bench(session, cfg, sink)
+    else:
+        results = session.read_json(RESULTS)
+        if not results:
+            raise AdapruneError(f"session {name!r} has no benchmark yet: give --tasks, --ppl or --speed")
+    console.print(bench_table(results))
+    if len(results.get("rows", {})) > 1 and console.is_terminal:
+        console.print(plot_text(results, width=min(console.width, 100)), highlight=False, markup=False)
+    for path, text in ((markdown, to_markdown), (csv, to_csv)):
+        if path:
+            path.write_text(text(results), encoding="utf-8")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if plot:
+        plot_png(results, plot)
+
+
 def main() -> None:
     app(prog_name="adaprune")
 

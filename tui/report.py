@@ -207,3 +207,16 @@ def result_table(r: PruneResult) -> Table:
     if d.peak_mib and p.peak_mib:
         t.add_row("peak memory (MiB)", f"{d.peak_mib:,.0f}", f"{p.peak_mib:,.0f}", _ratio(d.peak_mib, p.peak_mib))
     return t
+
+
+def bench_table(results: dict) -> Table:
+    """A session's comparison table (engine.benchmark.table) with numbers right-aligned."""
+    from engine.benchmark import table
+
+    header, body = table(results)
+    t = Table(title="benchmark")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for line in body:
+        t.add_row(*line)
+    return t

@@ -1,0 +1,159 @@
+"""Benchmarks: lm-eval zero-shot on local task files, the per-session comparison table, its files and errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_model
+from typer.testing import CliRunner
+
+from engine.benchmark import BenchConfig, plot_png, plot_text, run_bench, to_csv, to_markdown
+from engine.errors import AdapruneError
+from engine.search import SearchConfig, create_session, run_search
+from engine.zeroshot import parse_task, sample_indices, zero_shot
+from tui.cli import app
+
+WORDS = ["pruning", "heads", "channels", "tokens", "layers", "model", "data", "text"]
+
+
+def _choice_rows(n: int) -> list[dict]:
+    return [{"query": f"Question: which word {i}?\nAnswer:", "choices": [WORDS[i % 8], WORDS[(i + 3) % 8]],
+             "gold": i % 2} for i in range(n)]
+
+
+def _write(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@torch.inference_mode()
+def _logprob(model, tok, context: str, continuation: str) -> float:
+    """Sum log-probability of `continuation` after `context`, computed here without lm-eval."""
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    ids = torch.tensor([whole])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+def test_zero_shot_is_lm_evals_accuracy_on_local_files(tmp_path, tokenizer):
+    model = make_model("llama")
+    rows = _choice_rows(12)
+    spec = parse_task(_write(tmp_path / "words.jsonl", rows))
+    assert (spec.name, spec.kind, spec.rows) == ("words", "choices", 12)
+    r = zero_shot(model, tokenizer, [spec])["words"]
+    expect = sum(max(range(2), key=lambda c: _logprob(model, tokenizer, row["query"], " " + row["choices"][c]))
+                 == row["gold"] for row in rows) / len(rows)
+    assert r.n == 12 and math.isclose(r.acc, expect) and r.acc_norm is not None
+    assert "sha256:" in r.source and r.lm_eval_version
+
+    # WinoGrande-style: one continuation scored after each context
+    partial = [{"contexts": [f"The {WORDS[i % 8]} is", f"The {WORDS[(i + 1) % 8]} is"], "continuation": "small",
+                "gold": i % 2} for i in range(6)]
+    wspec = parse_task(f"wino={_write(tmp_path / 'w.jsonl', partial)}")
+    w = zero_shot(model, tokenizer, [wspec])["wino"]
+    expect = sum(max(range(2), key=lambda c: _logprob(model, tokenizer, row["contexts"][c], " small"))
+                 == row["gold"] for row in partial) / len(partial)
+    assert wspec.kind == "partial" and math.isclose(w.acc, expect)
+
+    # --limit: a seeded random subset, the same for every model
+    limited = zero_shot(model, tokenizer, [spec], limit=5, seed=3)["words"]
+    assert limited.n == 5 and limited.limit == 5
+    assert sample_indices(12, 5, 3) == sample_indices(12, 5, 3) != sample_indices(12, 5, 4)
+
+
+def test_bad_task_files_name_the_line(tmp_path):
+    good = _choice_rows(3)
+    cases = [
+        ([*good, "not json"], "3" if False else ":4: not JSON"),
+        ([*good, {"query": "q", "choices": ["a", "b"], "gold": 2}], ":4: \"gold\" must be an index 0..1"),
+        ([*good, {"query": "q", "gold": 0}], ":4: \"choices\" must be a list"),
+        ([*good, {"choices": ["a", "b"], "gold": 0}], ":4: missing \"query\""),
+        ([*good, {"contexts": ["a", "b"], "continuation": "c", "gold": 0}], "mixes"),
+    ]
+    for i, (rows, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        with pytest.raises(AdapruneError, match=message.replace("(", r"\(")):
+            parse_task(str(path))
+    with pytest.raises(AdapruneError, match="does not exist"):
+        parse_task(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(AdapruneError, match="boolq, piqa, hellaswag, winogrande"):
+        parse_task("no_such_task_anywhere")
+
+
+@pytest.fixture
+def searched(tmp_path, tokenizer):
+    folder = tmp_path / "tiny"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
+                       sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "b", cfg)
+    run_search(session)
+    return session
+
+
+def test_session_table_rows_files_and_merging(searched, tmp_path, text_file):
+    tasks = _write(tmp_path / "words.jsonl", _choice_rows(6))
+    cfg = BenchConfig(tasks=[tasks], ppl=[str(text_file)], seq_lens=[32, 64], ppl_windows=3)
+    run_bench(searched, cfg)
+    # a second run adds measures to some rows and keeps the first run's numbers
+    res = run_bench(searched, BenchConfig(speed=True, batches=[1, 2], rows=["dense", "best"]))
+    rows = res["rows"]
+    assert set(rows) == {"dense", "best", "magnitude", "random", "baseline"}
+    best = rows["best"]["params"]
+    assert rows["magnitude"]["params"] == rows["random"]["params"] == best < rows["dense"]["params"]
+    assert rows["magnitude"]["recipe"]["metric"] == "l2" and rows["random"]["recipe"]["metric"] == "random"
+    assert rows["baseline"]["recipe"]["metric"] == "taylor1"
+    for r in rows.values():
+        assert set(r["ppl"]) == {f"{text_file}@32", f"{text_file}@64"} and r["ppl"][f"{text_file}@32"]["windows"] == 3
+        assert 0 <= r["zeroshot"]["words"]["acc"] <= 1 and r["env"]["lm_eval"]
+    for r in (rows["dense"], rows["best"]):
+        assert r["speed"]["prefill_tok_s"].keys() == {"1", "2"} and r["memory_mib"] > 0
+    assert "speed" not in rows["random"]
+    md, csv = to_markdown(res), to_csv(res)
+    assert "| retention |" in md.replace("retention |", "retention |") and "| dense | " in md
+    assert "lm-eval" in md and "sha256" in md
+    assert csv.splitlines()[0].startswith("row,params,params %") and len(csv.splitlines()) == 6
+    plot_png(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert "vs parameters" in plot_text(res)
+
+    # derived plans are saved and reused, not re-derived
+    more = run_bench(searched, BenchConfig(ppl=["stdlib-docs"], seq_lens=[32], ppl_windows=2, rows=["dense", "baseline"]))
+    assert "words" in more["rows"]["baseline"]["zeroshot"] and "stdlib-docs@32" in more["rows"]["baseline"]["ppl"]
+    assert more["rows"]["baseline"]["plan_id"] == rows["baseline"]["plan_id"]
+
+    # a new best plan: the best row's old numbers describe another model and are dropped
+    plan = json.loads((searched.path / "plan.json").read_text())
+    plan["plan"]["recipe"]["note"] = "changed"
+    (searched.path / "plan.json").write_text(json.dumps(plan))
+    again = run_bench(searched, BenchConfig(ppl=["stdlib-docs"], seq_lens=[32], ppl_windows=2, rows=["best"]))
+    assert set(again["rows"]["best"]["ppl"]) == {"stdlib-docs@32"} and "zeroshot" not in again["rows"]["best"]
+
+
+def test_bench_cli_table_and_errors_keep_results(searched, tmp_path, text_file):
+    runner = CliRunner()
+    root = str(searched.path.parent)
+    r = runner.invoke(app, ["bench", "b", "--sessions-dir", root])
+    assert r.exit_code == 2 and "no benchmark yet" in r.output
+    md = tmp_path / "t.md"
+    r = runner.invoke(app, ["bench", "b", "--sessions-dir", root, "--ppl", str(text_file), "--seq-len", "32",
+                            "--ppl-windows", "2", "--rows", "dense,best", "--markdown", str(md)])
+    assert r.exit_code == 0, r.output
+    assert "benchmark" in r.output and md.read_text().startswith("| row | params |")
+    before = (searched.path / "bench.json").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "choices": ["a", "b"], "gold": 5}\n')
+    for args, message in ((["--tasks", str(bad)], "bad.jsonl:1"), (["--tasks", "nope_task_xyz"], "unknown task"),
+                          (["--ppl", str(tmp_path / "gone.txt")], "gone.txt"),
+                          (["--ppl", "stdlib-docs", "--rows", "dense,nope"], "no row 'nope'")):
+        r = runner.invoke(app, ["bench", "b", "--sessions-dir", root, *args])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert (searched.path / "bench.json").read_text() == before  # nothing computed was lost
+    r = runner.invoke(app, ["bench", "b", "--sessions-dir", root])
+    assert r.exit_code == 0 and "dense" in r.output
