@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/prune_recipes.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/table.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
