@@ -28,8 +28,7 @@ from engine.evaluate import perplexity  # noqa: E402
 from engine.models import load  # noqa: E402
 from engine.plan import Plan  # noqa: E402
 from engine.prune import apply_plan  # noqa: E402
-from engine.recipe import prune_with  # noqa: E402
-from engine.search import SearchConfig, create_session, open_study, run_search  # noqa: E402
+from engine.search import SearchConfig, SearchData, create_session, open_study, prune_trial, run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,14 +79,12 @@ def main() -> None:
         plan = Plan.from_dict(_plan_of(session, trial, cfg, dense))
         apply_plan(model, plan.layers)
         rows.append((label, f"{trial.value:.2f}" if trial.value else "", heldout(model)))
-    # magnitude and random at the best trial's allocation (same layers, split, parameter count)
-    p = best.params
-    layer_ids = list(range(p["first_kept"], 30 - p["last_kept"]))
-    share = p["attn_share"] if p["attn_share"] in ("auto", "same") else float(p["attn_share"])
+    # magnitude and random with the best trial's configuration otherwise (layers, split, allocation, count)
+    data = SearchData(session, cfg, dense, lambda e: None, Control())
     for metric in ("l2", "random"):
         model = copy.deepcopy(dense.model)
-        prune_with(model, None, layer_ids, cfg.prune, metric, "sum", cfg.head_mode, share, control=Control())
-        rows.append((f"{metric}, best trial's allocation", "", heldout(model)))
+        prune_trial(model, data, cfg, {**best.params, "metric": metric, "metric2": "none"}, Control(), lambda e: None)
+        rows.append((f"{metric}, best trial's configuration", "", heldout(model)))
 
     names = list(sets)
     short = {n: ("WikiText-2 test" if n == str(WIKITEXT) else "stdlib-docs test") for n in names}

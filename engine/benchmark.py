@@ -138,7 +138,7 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
     """Measure the rows and merge the numbers into the session's bench.json; returns its contents."""
     from engine.export import export
     from engine.models import load
-    from engine.search import SearchConfig
+    from engine.search import SearchConfig, objective_task_indices
 
     control = control or Control()
     tasks, texts = validate(cfg)
@@ -146,6 +146,12 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
     scfg = SearchConfig.from_dict(session.config())
     loaded = load(scfg.model, scfg.device, scfg.dtype, scfg.trust_remote_code, sink=sink)
     loaded.model.requires_grad_(False)
+    # task rows the search's objective scored are never benchmark rows (the same file, by its hash)
+    seen: dict[str, set[int]] = {}
+    for t in scfg.objective_tasks:
+        o = parse_task(t)
+        if o.path is not None:
+            seen[o.sha256] = set(objective_task_indices(o, scfg))
     dense_params = count_params(loaded.model)
     plans, derived = row_plans(session, loaded, cfg.rows, sink, control)
     results = session.read_json(RESULTS) or {"rows": {}}
@@ -181,10 +187,11 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
                                               "windows": int(w.shape[0]), "tokens": int(w.numel())}
             save()
         for spec in tasks:
+            skip = seen.get(spec.sha256, set()) if spec.path is not None else set()
             r = zero_shot(model, loaded.tokenizer, [spec], cfg.limit, cfg.seed, cfg.batch_size, control, sink,
-                          label)[spec.name]
+                          label, exclude=skip)[spec.name]
             sink(Metric(f"acc:{spec.name}", r.acc, label))
-            row.setdefault("zeroshot", {})[spec.name] = r.to_dict()
+            row.setdefault("zeroshot", {})[spec.name] = {**r.to_dict(), "objective_rows_left_out": len(skip)}
             save()
         if cfg.speed:
             runs = [speed(model, model.config.vocab_size, batch=b, sink=sink, stage=f"speed b{b} ({label})")

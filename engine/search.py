@@ -52,6 +52,7 @@ from engine.recipe import prune_with
 from engine.session import Session, pid_alive
 from engine.structure import count_params, decoder_layers, default_layer_range, layer_shapes
 from engine.text import SELF, eval_windows, load_text, parse_spec, random_windows, sample_self, tokenize
+from engine.zeroshot import TaskSpec, parse_task, sample_indices, zero_shot
 
 CALIB_NS = [10, 16, 32]
 CALIB_LENS = [64, 128]
@@ -86,6 +87,10 @@ class SearchConfig:
     storage: str | None = None
     early_stop: bool = True
     overrides: dict = field(default_factory=dict)  # user per-layer decisions (engine.plan.parse_overrides)
+    # optional zero-shot part of the objective: PPL x (dense accuracy / pruned accuracy) ** weight
+    objective_tasks: list[str] = field(default_factory=list)  # local task files (JSONL, see engine.zeroshot)
+    objective_task_rows: int = 50  # rows per task, drawn with seed + 2; benchmarks of the same file skip them
+    objective_task_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchConfig:
@@ -140,6 +145,13 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
             raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")
     if cfg.head_mode not in ("query", "kv"):
         raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' or 'kv'")
+    if cfg.objective_tasks:
+        if cfg.objective_task_rows < 1 or cfg.objective_task_weight < 0:
+            raise AdapruneError("the objective's zero-shot part needs --objective-task-rows >= 1 and a weight >= 0")
+        for t in cfg.objective_tasks:
+            if parse_task(t).path is None:
+                raise AdapruneError(f"--objective-task {t}: give a local task file (its objective rows are then "
+                                    f"left out of benchmarks of that file), not a task name")
     sp = space(cfg, n_layers or 32)
     for key, value in cfg.fixed.items():
         if key not in sp:
@@ -258,8 +270,31 @@ class SearchData:
     def prepare(self) -> None:
         """Build every pool and objective text before the first trial, so trial times are trial times."""
         self.objective_sets()
+        self.dense_accuracy()
         for source in self.cfg.sources:
             self.pool(source)
+
+    def objective_accuracy(self, model) -> float | None:
+        """Mean zero-shot accuracy of `model` on the objective's task rows (None without objective tasks)."""
+        if not self.cfg.objective_tasks:
+            return None
+        accs = []
+        for t in self.cfg.objective_tasks:
+            spec = parse_task(t)
+            r = zero_shot(model, self.loaded.tokenizer, [spec], seed=self.cfg.seed, control=self.control,
+                          indices=objective_task_indices(spec, self.cfg))
+            accs.append(r[spec.name].acc)
+        return sum(accs) / len(accs)
+
+    def dense_accuracy(self) -> float | None:
+        if not self.cfg.objective_tasks:
+            return None
+        with Stage(self.sink, "objective tasks (dense)"):
+            data = self._cached(f"objective-acc-{_slug(json.dumps(self.cfg.objective_tasks))}-{self.cfg.seed}",
+                                lambda: {"acc": torch.tensor([self.objective_accuracy(self.loaded.model)])})
+        acc = float(data["acc"][0])
+        self.sink(Log(f"dense model's zero-shot accuracy on the objective's task rows: {acc:.3f}"))
+        return acc
 
     def objective_sets(self) -> dict[str, torch.Tensor]:
         if not self.objective:
@@ -310,6 +345,11 @@ def pick_indices(loss: torch.Tensor, n: int, select: str, seed: int) -> torch.Te
     else:
         raise AdapruneError(f"unknown calibration selection {select!r}: {', '.join(SELECTIONS)}")
     return idx
+
+
+def objective_task_indices(spec: TaskSpec, cfg: SearchConfig) -> list[int]:
+    """The task rows the objective scores: a seeded draw that benchmarks of the same file leave out."""
+    return sample_indices(spec.rows, cfg.objective_task_rows, cfg.seed + 2) or list(range(spec.rows))
 
 
 # --- the objective --------------------------------------------------------------------------------------
@@ -513,6 +553,7 @@ class TrialOutcome:
     seconds: float
     objective_seconds: float
     params_after: int
+    accuracy: float | None = None  # the objective's zero-shot accuracy, when it has tasks
 
 
 def _recipe(params: dict, mixing: bool) -> dict:
@@ -573,13 +614,17 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
     plan, once = prune_trial(model, data, cfg, params, control, sink)
     sets = data.objective_sets()
     t1 = time.perf_counter()
+    accuracy = None
     try:
         value = progressive_objective(model, sets, control, report)
         state = "complete"
+        if cfg.objective_tasks:  # only for trials that survive the PPL steps: the costlier part
+            accuracy = data.objective_accuracy(model)
+            value *= (data.dense_accuracy() / max(accuracy, 1e-3)) ** cfg.objective_task_weight
     except _Pruned as p:
         value, state = p.value, "pruned"
     t2 = time.perf_counter()
-    return TrialOutcome(value, state, plan, t2 - t0 - once, t2 - t1, count_params(model))
+    return TrialOutcome(value, state, plan, t2 - t0 - once, t2 - t1, count_params(model), accuracy)
 
 
 def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,
@@ -678,10 +723,13 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
             current.set_user_attr("seconds", out.seconds)
             current.set_user_attr("objective_seconds", out.objective_seconds)
             current.set_user_attr("params_after", out.params_after)
+            if out.accuracy is not None:
+                current.set_user_attr("objective_accuracy", out.accuracy)
             state = TrialState.PRUNED if out.state == "pruned" else TrialState.COMPLETE
             study.tell(current, out.value if state == TrialState.COMPLETE else None, state=state)
             sink(TrialFinished(current.number, out.state, out.value, params, out.seconds, out.objective_seconds,
-                               out.params_after))
+                               out.params_after,
+                               f"zero-shot accuracy {out.accuracy:.3f}" if out.accuracy is not None else ""))
             if state == TrialState.COMPLETE and _best(study) == (current.number, out.value):
                 session.write_json("plan.json", {"trial": current.number, "value": out.value, "params": params,
                                                  "plan": out.plan})

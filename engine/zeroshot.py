@@ -151,11 +151,14 @@ def task_config(spec: TaskSpec) -> dict | str:
     return config
 
 
-def sample_indices(n_rows: int, limit: int | None, seed: int) -> list[int] | None:
-    """A fixed-seed random subset (lm-eval's own --limit takes the first rows, which are often not typical)."""
-    if limit is None or limit >= n_rows:
-        return None
-    return sorted(random.Random(seed).sample(range(n_rows), limit))
+def sample_indices(n_rows: int, limit: int | None, seed: int, exclude: set[int] | frozenset = frozenset()
+                   ) -> list[int] | None:
+    """A fixed-seed random subset, never touching `exclude` (None: every row). lm-eval's own --limit takes the
+    first rows, which are often not typical."""
+    allowed = [i for i in range(n_rows) if i not in exclude]
+    if limit is None or limit >= len(allowed):
+        return allowed if exclude else None
+    return sorted(random.Random(seed).sample(allowed, limit))
 
 
 def _progress_lm(model, tokenizer, batch_size: int, control: Control, stage: Stage):
@@ -179,8 +182,10 @@ def _progress_lm(model, tokenizer, batch_size: int, control: Control, stage: Sta
 
 def zero_shot(model, tokenizer, tasks: list[TaskSpec], limit: int | None = None, seed: int = 0,
               batch_size: int = 8, control: Control | None = None, sink: Sink = null_sink,
-              label: str = "") -> dict[str, TaskResult]:
-    """Accuracy per task; `limit` rows per task drawn with `seed` (None: every row)."""
+              label: str = "", indices: list[int] | None = None,
+              exclude: set[int] | frozenset = frozenset()) -> dict[str, TaskResult]:
+    """Accuracy per task: `limit` rows drawn with `seed` (None: every row), never the `exclude` rows (e.g. those
+    a search's objective saw); or exactly the rows in `indices`."""
     import lm_eval
     from lm_eval.evaluator import simple_evaluate
 
@@ -200,7 +205,7 @@ def zero_shot(model, tokenizer, tasks: list[TaskSpec], limit: int | None = None,
                 try:
                     # lm-eval's `samples` picks rows by index; the seeded subset is the same for every model
                     n_rows = spec.rows or _rows_of(manager, cfg)
-                    picked = sample_indices(n_rows, limit, seed)
+                    picked = indices if indices is not None else sample_indices(n_rows, limit, seed, exclude)
                     with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's and datasets' tqdm bars
                         out = simple_evaluate(model=lm, tasks=[cfg], task_manager=manager,
                                               samples={key: picked} if picked is not None else None,

@@ -157,3 +157,23 @@ def test_bench_cli_table_and_errors_keep_results(searched, tmp_path, text_file):
     assert (searched.path / "bench.json").read_text() == before  # nothing computed was lost
     r = runner.invoke(app, ["bench", "b", "--sessions-dir", root])
     assert r.exit_code == 0 and "dense" in r.output
+
+
+def test_objective_with_zero_shot_rows_that_benchmarks_leave_out(tmp_path, tokenizer):
+    folder = tmp_path / "tiny"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tasks = _write(tmp_path / "val.jsonl", _choice_rows(10))
+    cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
+                       sources=["stdlib-docs"], objective=["stdlib-docs/valid"], objective_tasks=[tasks],
+                       objective_task_rows=4, objective_task_weight=2.0)
+    session = create_session(tmp_path / "s", "zs", cfg)
+    events = []
+    run_search(session, events.append)
+    done = [e for e in events if e.kind == "trial_finished" and e.state == "complete"]
+    assert done and all("zero-shot accuracy" in e.message for e in done)
+    res = run_bench(session, BenchConfig(tasks=[tasks], rows=["dense"]))
+    z = res["rows"]["dense"]["zeroshot"]["val"]
+    assert z["n"] == 6 and z["objective_rows_left_out"] == 4
+    with pytest.raises(AdapruneError, match="local task file"):
+        create_session(tmp_path / "s", "named", SearchConfig(model=str(folder), objective_tasks=["piqa"]))

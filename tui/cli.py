@@ -165,6 +165,10 @@ def search_cmd(
     source: list[str] = typer.Option(["stdlib-docs", "self"], help="calibration sources to search over"),
     objective: list[str] = typer.Option(["stdlib-docs/valid", "self"], help="validation texts of the objective"),
     objective_windows: int = typer.Option(16, help="128-token windows per objective text"),
+    objective_task: list[str] = typer.Option([], help="zero-shot task file in the objective: PPL x (dense acc / "
+                                             "acc) ** weight; repeatable"),
+    objective_task_rows: int = typer.Option(50, help="rows per objective task (benchmarks leave them out)"),
+    objective_task_weight: float = typer.Option(1.0, help="weight of the zero-shot part of the objective"),
     fix: list[str] = typer.Option([], help="hold a dimension fixed: NAME=VALUE (e.g. metric=taylor2)"),
     heads: str = typer.Option("query", help="query: heads inside every KV group; kv: whole KV groups"),
     round_to: int = typer.Option(1, help="keep MLP widths a multiple of this"),
@@ -181,7 +185,9 @@ def search_cmd(
     cfg = SearchConfig(model=model, prune=prune, trials=trials, seed=seed, sources=list(source),
                        objective=list(objective), objective_windows=objective_windows, fixed=_parse_fixed(fix),
                        head_mode=heads, round_to=round_to, device=device, dtype=dtype, storage=storage,
-                       early_stop=early_stop, overrides=_parse_overrides(override))
+                       early_stop=early_stop, overrides=_parse_overrides(override),
+                       objective_tasks=list(objective_task), objective_task_rows=objective_task_rows,
+                       objective_task_weight=objective_task_weight)
     _drive(create_session(_root(sessions_dir), session, cfg))
 
 
