@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaprune-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo prune test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/adaprune app --new
+
+prune: $(STAMP)
 	$(BIN)/adaprune prune --model smollm2-135m --prune 0.20 --metric taylor1 --calib stdlib-docs:10x64 --out out/smol-80 --force
 
 test: $(STAMP)

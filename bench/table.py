@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--limit", type=int, default=100, help="rows per task (seeded random subset)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--report-only", action="store_true", help="re-render the session's saved table, measure nothing")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -54,16 +55,24 @@ def main() -> None:
     tasks = [str(p) for p in sorted(TASKS.glob("*.jsonl"))]
     texts = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
     t1 = time.perf_counter()
-    run_bench(session, BenchConfig(tasks=tasks, limit=args.limit, ppl=texts, seq_lens=[128], ppl_windows=40,
-                                   speed=True), sink)
-    results = run_bench(session, BenchConfig(ppl=texts, seq_lens=[2048], ppl_windows=4), sink)
+    if args.report_only:
+        results = session.read_json("bench.json")
+    else:
+        run_bench(session, BenchConfig(tasks=tasks, limit=args.limit, ppl=texts, seq_lens=[128], ppl_windows=40,
+                                       speed=True), sink)
+        results = run_bench(session, BenchConfig(ppl=texts, seq_lens=[2048], ppl_windows=4), sink)
     measured = time.perf_counter() - t1
 
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
     best = session.read_json("plan.json") or {}
     body = (f"## table.py — {datetime.date.today()}\n\nMachine: {machine}. `adaprune bench` on the embedded model "
-            f"at 20%: session with {SearchConfig.from_dict(session.config()).trials} search trials "
-            f"({searched / 60:.1f} min; best trial {best.get('trial')}), then the table ({measured / 60:.1f} min). "
+            f"at 20%: a session with {SearchConfig.from_dict(session.config()).trials} search trials "
+            + (f"(the search.py session above; best trial {best.get('trial')})" if args.session else
+               f"({searched / 60:.1f} min; best trial {best.get('trial')})")
+            + (f", then the table ({measured / 60:.1f} min). " if not args.report_only else
+               " (the table of an earlier run, re-rendered). ") +
+            f"Rows: see `adaprune bench`; magnitude and random take the best's configuration with the metric "
+            f"replaced. "
             f"Zero-shot: {args.limit} rows per task drawn with seed 0 from ../shared/data/tasks (sampling error "
             f"about ±{100 * 0.5 / args.limit ** 0.5:.0f} points per task), scored by lm-eval. PPL: 40 windows of "
             f"128 tokens and 4 of 2048, evenly spaced over each held-out text. Speed: median of 3 after a warm-up, "

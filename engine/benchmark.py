@@ -240,7 +240,7 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
     has_speed = any("speed" in r for r in rows.values())
     has_mem = any(r.get("memory_mib") for r in rows.values())
     dense = rows.get("dense", {})
-    header = ["row", "params", "params %"] + [f"PPL {k}" for k in ppl_keys] + [f"acc {k}" for k in task_keys]
+    header = ["row", "params", "params %"] + [f"PPL {_label(k)}" for k in ppl_keys] + [f"acc {k}" for k in task_keys]
     if task_keys:
         header += ["acc avg", "retention"]
     if has_speed:
@@ -285,17 +285,29 @@ def _f(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def _label(key: str) -> str:
+    """A PPL column's short name: a file's name rather than its whole path (the provenance has the path)."""
+    text, _, n = key.rpartition("@")
+    return f"{Path(text).name if '/' in text else text}@{n}"
+
+
 def provenance(results: dict) -> list[str]:
-    """How the numbers were made, one line per row and source: versions, seeds, limits, hashes."""
-    lines = []
-    for name, r in results.get("rows", {}).items():
-        env = r.get("env", {})
-        lines.append(f"{name}: plan {r.get('plan_id')}; " + ", ".join(f"{k} {v}" for k, v in env.items() if v))
+    """How the numbers were made, each fact once: environments, text and task sources, and each row's plan."""
+    rows = results.get("rows", {})
+    envs, sources = {}, {}
+    for name, r in rows.items():
+        env = ", ".join(f"{k} {v}" for k, v in r.get("env", {}).items() if v)
+        envs.setdefault(env, []).append(name)
         for key, p in r.get("ppl", {}).items():
-            lines.append(f"  PPL {key}: {p['windows']} windows x {p['seq_len']} tokens, text sha256 {p['sha256']}")
+            sources[f"PPL {key}: {p['windows']} windows x {p['seq_len']} tokens, text sha256 {p['sha256']}"] = 1
         for key, z in r.get("zeroshot", {}).items():
             limit = f"{z['n']} rows (seed {z['seed']})" if z.get("limit") else f"all {z['n']} rows"
-            lines.append(f"  {key}: lm-eval {z['lm_eval_version']}, {limit}, {z['source']}")
+            left = z.get("objective_rows_left_out")
+            extra = f", {left} rows the search objective used left out" if left else ""
+            sources[f"{key}: lm-eval {z['lm_eval_version']}, {limit}{extra}, {z['source']}"] = 1
+    lines = [f"{', '.join(names) if len(envs) > 1 else 'all rows'}: {env}" for env, names in envs.items()]
+    lines += list(sources)
+    lines.append("plans: " + ", ".join(f"{n} {r.get('plan_id')}" for n, r in rows.items()))
     return lines
 
 

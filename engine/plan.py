@@ -39,6 +39,8 @@ class Plan:
     params_after: int
     target_removed: int
     recipe: dict = field(default_factory=dict)
+    shapes: list[dict] = field(default_factory=list)  # the dense layers' LayerShape, for review without a model
+    importance: list[float] = field(default_factory=list)  # per layer, mean channel score / the largest (0..1)
 
     @property
     def removed(self) -> int:

@@ -24,6 +24,13 @@ from engine.prune import apply_plan
 from engine.structure import count_params, layer_shapes
 
 
+def layer_importance(scores: dict[int, LayerScores], n_layers: int) -> list[float]:
+    """A layer's mean MLP-channel score relative to the largest layer's (0 where a layer was not scored)."""
+    means = [float(scores[i].channels.double().abs().mean()) if i in scores else 0.0 for i in range(n_layers)]
+    top = max(means) or 1.0
+    return [m / top for m in means]
+
+
 def prune_with(
     model: nn.Module,
     windows: Tensor | None,
@@ -84,7 +91,8 @@ def prune_with(
                    "round_to": round_to, "ramp": ramp, "allocation": allocation,
                    "overrides": {str(i): list(kc) for i, kc in overrides.items()},
                    **(recipe or {})}
-    plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe)
+    plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe,
+                [s.to_dict() for s in shapes], layer_importance(scores, len(shapes)))
     control.checkpoint()
     with Stage(sink, "prune"):
         apply_plan(model, plan_layers)

@@ -77,6 +77,7 @@ class SearchConfig:
     objective: list[str] = field(default_factory=lambda: ["stdlib-docs/valid", SELF])
     objective_windows: int = 16
     objective_len: int = 128
+    metrics: list[str] | None = None  # the metrics to search (None: SEARCH_METRICS)
     pool_size: int = 48  # windows per calibration source to select from (per-sample statistics cost one backward each)
     fixed: dict = field(default_factory=dict)
     head_mode: str = "query"
@@ -108,7 +109,7 @@ def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]
         "calib_len": CALIB_LENS,
         "calib_select": SELECTIONS,
         "calib_seed": (0, SEEDS - 1),
-        "metric": SEARCH_METRICS,
+        "metric": list(cfg.metrics or SEARCH_METRICS),
         "aggregate": AGGREGATES,
         "metric2": MIX_METRICS,
         "mix": MIX_WEIGHTS,
@@ -145,6 +146,12 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
             raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")
     if cfg.head_mode not in ("query", "kv"):
         raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' or 'kv'")
+    if cfg.metrics is not None:
+        from engine.importance import METRICS
+
+        unknown = [m for m in cfg.metrics if m not in METRICS]
+        if unknown or not cfg.metrics:
+            raise AdapruneError(f"metrics to search {cfg.metrics}: choose among {', '.join(METRICS)}")
     if cfg.objective_tasks:
         if cfg.objective_task_rows < 1 or cfg.objective_task_weight < 0:
             raise AdapruneError("the objective's zero-shot part needs --objective-task-rows >= 1 and a weight >= 0")
@@ -484,7 +491,7 @@ def open_study(session: Session, cfg: SearchConfig, sampler_seed: int | None = N
     # the first step (one batch per text) is too noisy to judge on: stop trials from the second step on
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if cfg.early_stop
               else optuna.pruners.NopPruner())
-    return optuna.create_study(study_name=session.name, storage=storage, sampler=sampler, pruner=pruner,
+    return optuna.create_study(study_name=session.study_name, storage=storage, sampler=sampler, pruner=pruner,
                                direction="minimize", load_if_exists=True)
 
 
@@ -808,7 +815,7 @@ def summary(session: Session) -> dict:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        study = optuna.load_study(study_name=session.name, storage=_storage(storage_url(session, cfg)))
+        study = optuna.load_study(study_name=session.study_name, storage=_storage(storage_url(session, cfg)))
         row["done"] = completed(study)
         b = _best(study)
         row["best"] = b[1] if b else None

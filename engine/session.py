@@ -28,6 +28,11 @@ SCHEMA_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise AdapruneError(f"session name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)")
+
+
 def default_dir() -> Path:
     return Path(os.environ.get("ADAPRUNE_SESSIONS", "sessions"))
 
@@ -72,8 +77,7 @@ class Session:
 
     @classmethod
     def create(cls, root: Path, name: str, config: dict) -> Session:
-        if not _NAME.match(name):
-            raise AdapruneError(f"session name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)")
+        check_name(name)
         path = root / name
         if path.exists():
             raise AdapruneError(f"session {name!r} exists in {root}: `adaprune resume {name}` continues it")
@@ -141,6 +145,64 @@ class Session:
             except ValueError:
                 bad.append(i)
         return events, bad
+
+    @property
+    def study_name(self) -> str:
+        """The Optuna study's name: the session's first name (a renamed session keeps its study)."""
+        try:
+            return self.manifest().get("study_name") or self.name
+        except AdapruneError:
+            return self.name
+
+    def follow_events(self, offset: int = 0) -> tuple[list[dict], int]:
+        """Events appended since byte `offset` (whole lines only), and the new offset: how a viewer attaches to
+        a session another process is driving, without taking it over."""
+        if not self.events_path.exists():
+            return [], offset
+        with self.events_path.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        events = []
+        for line in chunk[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # corrupt lines are reported by read_events; a follower skips them
+            if isinstance(row, dict) and "kind" in row:
+                events.append(row)
+        return events, offset + end
+
+    def holder(self) -> dict | None:
+        """The live process driving this session ({"pid", "host"}), or None."""
+        try:
+            data = json.loads((self.path / "lock").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        pid, host = data.get("pid"), data.get("host")
+        if not isinstance(pid, int) or (host == socket.gethostname() and not pid_alive(pid)):
+            return None
+        return data
+
+    def rename(self, new_name: str) -> Session:
+        check_name(new_name)
+        if self.holder():
+            raise AdapruneError(f"session {self.name!r} is running: stop it before renaming")
+        target = self.path.parent / new_name
+        if target.exists():
+            raise AdapruneError(f"a session named {new_name!r} exists already: choose another name")
+        study = self.study_name
+        os.replace(self.path, target)
+        moved = Session(target)
+        moved.update(study_name=study)  # the Optuna study keeps its name; the manifest says which it is
+        return moved
+
+    def delete(self) -> None:
+        if self.holder():
+            raise AdapruneError(f"session {self.name!r} is running: stop it before deleting")
+        import shutil
+
+        shutil.rmtree(self.path)
 
     # --- the driver's lock ----------------------------------------------------------------------------------
 

@@ -39,8 +39,22 @@ def clean_errors(fn: Callable) -> Callable:
 
 @app.callback(invoke_without_command=True)
 def root(ctx: typer.Context) -> None:
+    """With no subcommand: the app on a terminal, this help elsewhere (a pipe, a script)."""
     if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            _run_app(None, new=False, no_color=False)
+        else:
+            typer.echo(ctx.get_help())
+
+
+def _run_app(sessions_dir: Path | None, new: bool, no_color: bool) -> None:
+    import os
+
+    if no_color:
+        os.environ["NO_COLOR"] = "1"  # Textual renders without colour when this is set
+    from tui.app import AdapruneApp
+
+    AdapruneApp(sessions_dir=sessions_dir, new=new).run()
 
 
 def _attn_share(value: str) -> float | str:
@@ -293,6 +307,17 @@ def bench_cmd(
         json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if plot:
         plot_png(results, plot)
+
+
+@app.command("app")
+@clean_errors
+def app_cmd(
+    new: bool = typer.Option(False, "--new", help="open the new-session form, filled with the embedded defaults"),
+    no_color: bool = typer.Option(False, "--no-color", help="render without colours (poor terminals, logs)"),
+    sessions_dir: Path = SESSIONS_DIR,
+) -> None:
+    """Open the app (also what `adaprune` alone does on a terminal)."""
+    _run_app(sessions_dir, new, no_color)
 
 
 def main() -> None:

@@ -120,19 +120,19 @@ class RichSink:
             self.progress.console.print(f"search {event.status}: {event.completed}/{event.total} trials{best}")
 
 
-def _calib(p: dict) -> str:
+def calib_text(p: dict) -> str:
     calib = f"{p.get('calib_source')} {p.get('calib_n')}x{p.get('calib_len')} {p.get('calib_select')}"
     return calib + (f" #{p.get('calib_seed')}" if p.get("calib_select") == "random" else "")
 
 
-def _metric(p: dict) -> str:
+def metric_text(p: dict) -> str:
     metric = p.get("metric")
     if p.get("metric2") not in (None, "none", metric):
         metric = f"{metric}+{p.get('mix')}*{p.get('metric2')}"
     return f"{metric}/{p.get('aggregate')}"
 
 
-def _layout(p: dict) -> str:
+def layout_text(p: dict) -> str:
     spread = "global" if p.get("allocation") == "global" else f"ramp {p.get('ramp', 0)}"
     return f"attn {p.get('attn_share')}, {spread}, keep {p.get('first_kept')}/{p.get('last_kept')}"
 
@@ -156,14 +156,14 @@ def trials_table(board: TrialRows, limit: int = 12) -> Table:
         value = f"{r.value:.3f}" if r.value is not None else ""
         state = "best" if r.number == board.best else r.state
         style = "bold green" if r.number == board.best else STATE_STYLE.get(r.state, "")
-        t.add_row(number, _metric(r.params), _calib(r.params), _layout(r.params), value,
+        t.add_row(number, metric_text(r.params), calib_text(r.params), layout_text(r.params), value,
                   f"{-gain:+.1%}" if gain is not None and r.number else "", state, style=style)
     return t
 
 
 def describe(params: dict) -> str:
     """A trial's configuration in one short line."""
-    return f"{_metric(params)} on {_calib(params)}; {_layout(params)}"
+    return f"{metric_text(params)} on {calib_text(params)}; {layout_text(params)}"
 
 
 def sessions_table(rows: list[dict]) -> Table:

@@ -1,0 +1,134 @@
+"""Reviewing a plan layer by layer and overriding it: what the app's Layers screen shows and edits.
+
+Everything here is arithmetic on the plan (which records the dense layer shapes), so the parameter count of an
+edited plan is known at once, without a model. `reevaluate` then prunes the dense model with the session's
+best configuration under the user's overrides (the rest of the range re-shares the target), measures the
+objective, and records both in the session.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from engine.control import Control
+from engine.errors import AdapruneError
+from engine.events import Log, Sink, Stage, null_sink
+from engine.plan import Plan, parse_overrides
+from engine.session import Session
+from engine.structure import LayerShape
+
+OVERRIDES_PLAN = "overrides"  # plans/overrides.json: the last re-evaluated override plan (a benchmark row)
+
+
+@dataclass
+class LayerRow:
+    index: int
+    heads_per_group: int  # query heads per KV group in the dense layer
+    heads_kept: int  # query heads kept per KV group (the same in every group)
+    kv_total: int
+    kv_kept: int
+    channels: int
+    channels_kept: int
+    removed: int  # parameters removed from this layer
+    importance: float  # 0..1, the layer's mean channel score against the largest layer's
+    override: str = ""  # "lock", "K/C" (removed per group / channels), or ""
+
+
+def shapes_of(plan: Plan) -> list[LayerShape]:
+    if not plan.shapes:
+        raise AdapruneError("this plan was made by an older adaprune without layer shapes: re-run its search")
+    return [LayerShape(**s) for s in plan.shapes]
+
+
+def removal(shape: LayerShape, heads_removed: int, channels_removed: int, head_mode: str) -> int:
+    """Parameters a layer loses: `heads_removed` query heads per KV group (or KV groups), channels."""
+    if head_mode == "kv":
+        attn = heads_removed * shape.kv_group_params()
+    else:
+        attn = heads_removed * shape.n_kv_heads * shape.query_head_params
+    return attn + channels_removed * shape.channel_params
+
+
+def counts_of(plan: Plan) -> dict[int, tuple[int, int]]:
+    """Each layer's (heads removed per KV group or KV groups removed, channels removed) in the plan."""
+    out = {}
+    for i, (s, lp) in enumerate(zip(shapes_of(plan), plan.layers, strict=True)):
+        nh, nkv, ni = lp.widths()
+        k = s.n_kv_heads - nkv if plan.head_mode == "kv" else s.heads_per_group - nh // max(nkv, 1)
+        out[i] = (k, s.intermediate - ni)
+    return out
+
+
+def layer_rows(plan: Plan, edits: dict[int, tuple[int, int]] | None = None) -> list[LayerRow]:
+    """One row per layer, with `edits` ({layer: (heads, channels) removed}; (0, 0) = locked) applied."""
+    edits = edits or {}
+    shapes = shapes_of(plan)
+    counts = {**counts_of(plan), **edits}
+    rows = []
+    for i, s in enumerate(shapes):
+        k, c = counts[i]
+        kv_kept = s.n_kv_heads - k if plan.head_mode == "kv" else s.n_kv_heads
+        heads_kept = s.heads_per_group if plan.head_mode == "kv" else s.heads_per_group - k
+        mark = ""
+        if i in edits:
+            mark = "lock" if edits[i] == (0, 0) else f"{k}/{c}"
+        rows.append(LayerRow(i, s.heads_per_group, heads_kept, s.n_kv_heads, kv_kept, s.intermediate,
+                             s.intermediate - c, removal(s, k, c, plan.head_mode),
+                             plan.importance[i] if i < len(plan.importance) else 0.0, mark))
+    return rows
+
+
+def params_with(plan: Plan, edits: dict[int, tuple[int, int]]) -> int:
+    """The parameter count if the edited layers had their edits and every other layer kept its plan."""
+    return plan.params_before - sum(r.removed for r in layer_rows(plan, edits))
+
+
+def check_edit(plan: Plan, layer: int, heads_removed: int, channels_removed: int) -> tuple[int, int]:
+    """Refuse an edit the structure cannot take, saying why (GQA: every KV group keeps a query head)."""
+    shapes = shapes_of(plan)
+    parsed = parse_overrides({str(layer): {"heads": heads_removed, "channels": channels_removed}}, len(shapes),
+                             shapes, plan.head_mode)
+    return parsed[layer]
+
+
+def edits_to_overrides(edits: dict[int, tuple[int, int]]) -> dict:
+    return {str(i): "lock" if kc == (0, 0) else {"heads": kc[0], "channels": kc[1]} for i, kc in edits.items()}
+
+
+def overrides_to_edits(overrides: dict, plan: Plan) -> dict[int, tuple[int, int]]:
+    shapes = shapes_of(plan)
+    return parse_overrides(overrides, len(shapes), shapes, plan.head_mode)
+
+
+def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink = null_sink,
+               control: Control | None = None, dense=None) -> dict:
+    """Prune with the best trial's configuration under `edits`, measure the objective, record both.
+
+    The overrides become the session's (later trials respect them) and the plan is saved as
+    plans/overrides.json, a row of `adaprune bench`. Returns {"value", "params_after", "plan"}.
+    """
+    from engine.models import load
+    from engine.search import SearchConfig, SearchData, progressive_objective, prune_trial
+
+    control = control or Control()
+    best = session.read_json("plan.json")
+    if best is None:
+        raise AdapruneError(f"session {session.name!r} has no completed trial to start from")
+    overrides = edits_to_overrides(edits)
+    cfg = SearchConfig.from_dict({**session.config(), "overrides": overrides})
+    if dense is None:
+        dense = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+        dense.model.requires_grad_(False)
+    data = SearchData(session, cfg, dense, sink, control)
+    model = copy.deepcopy(dense.model)
+    plan, _ = prune_trial(model, data, cfg, best["params"], control, sink)
+    with Stage(sink, "objective (overrides)"):
+        value = progressive_objective(model, data.objective_sets(), control)
+    (session.path / "plans").mkdir(exist_ok=True)
+    session.write_json(f"plans/{OVERRIDES_PLAN}.json", plan)
+    manifest_cfg = session.config()
+    session.update(config={**manifest_cfg, "overrides": overrides}, overrides_value=value)
+    sink(Log(f"overrides {overrides or '(none)'}: objective {value:.3f} (best trial {best['trial']}: "
+             f"{best['value']:.3f}); later trials respect them"))
+    return {"value": value, "params_after": plan["params_after"], "plan": plan}

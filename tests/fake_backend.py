@@ -1,0 +1,108 @@
+"""A stand-in for tui.backend.Backend that replays recorded engine output (tests/data, made by record.py).
+
+Same methods, no model: the app's flows are tested against it quickly; one test drives the real engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from engine.control import Control
+from engine.errors import AdapruneError
+from engine.events import Event, Sink, event_from_dict
+from engine.plan import Plan
+from tui.backend import Backend, NewSession
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def recorded_events() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "search_events.jsonl").read_text().splitlines() if line.strip()]
+
+
+class FakeBackend(Backend):
+    def __init__(self, root: Path, names: tuple[str, ...] = ("alpha", "beta")) -> None:
+        super().__init__(root)
+        self.events = recorded_events()
+        self.store = {n: {"config": {"model": "tiny", "prune": 0.2, "trials": 6, "overrides": {}},
+                          "done": 6, "best": 40.5, "status": "done", "log": list(self.events),
+                          "plan": json.loads((DATA / "plan.json").read_text()),
+                          "bench": json.loads((DATA / "bench.json").read_text())} for n in names}
+        self.calls: list[tuple] = []
+        self.running: set[str] = set()
+        self.delay = 0.0
+
+    def sessions(self) -> list[dict]:
+        return [{"name": n, "model": s["config"]["model"], "prune": s["config"]["prune"],
+                 "trials": s["config"]["trials"], "done": s["done"], "best": s["best"], "status": s["status"],
+                 "updated": 1_790_000_000.0} for n, s in sorted(self.store.items())]
+
+    def _get(self, name: str) -> dict:
+        if name not in self.store:
+            raise AdapruneError(f"no session {name!r}")
+        return self.store[name]
+
+    def rename(self, name: str, new: str) -> None:
+        if new in self.store:
+            raise AdapruneError(f"a session named {new!r} exists already: choose another name")
+        self.store[new] = self.store.pop(name)
+
+    def delete(self, name: str) -> None:
+        self._get(name)
+        del self.store[name]
+
+    def config(self, name: str) -> dict:
+        return self._get(name)["config"]
+
+    def is_running(self, name: str) -> bool:
+        return name in self.running
+
+    def create(self, form: NewSession, sink: Sink) -> str:
+        self.calls.append(("create", form))
+        self.store[form.name] = {"config": {"model": form.model, "prune": float(form.prune),
+                                            "trials": int(form.trials), "overrides": {}},
+                                 "done": 0, "best": None, "status": "created", "log": [], "plan": None,
+                                 "bench": None}
+        return form.name
+
+    def run_search(self, name: str, sink: Sink, control: Control) -> dict:
+        s = self._get(name)
+        self.calls.append(("search", name))
+        for row in self.events:
+            control.checkpoint()
+            event = event_from_dict(dict(row))
+            s["log"].append(row)
+            sink(event)
+            time.sleep(self.delay)
+        s["plan"] = json.loads((DATA / "plan.json").read_text())
+        s["status"] = "done"
+        return {"completed": 6}
+
+    def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
+        log = self._get(name)["log"]
+        return [event_from_dict(dict(r)) for r in log[offset:]], len(log)
+
+    def best_plan(self, name: str):
+        best = self._get(name)["plan"]
+        return (Plan.from_dict(best["plan"]), best) if best else (None, None)
+
+    def reevaluate(self, name: str, edits, sink: Sink, control: Control) -> dict:
+        self.calls.append(("reevaluate", name, dict(edits)))
+        from engine.review import edits_to_overrides
+
+        self._get(name)["config"]["overrides"] = edits_to_overrides(edits)
+        plan = self._get(name)["plan"]["plan"]
+        return {"value": 41.25, "params_after": plan["params_after"], "plan": plan}
+
+    def bench_results(self, name: str) -> dict | None:
+        return self._get(name)["bench"]
+
+    def run_bench(self, name: str, cfg, sink: Sink, control: Control) -> dict:
+        self.calls.append(("bench", name, cfg))
+        return self._get(name)["bench"]
+
+    def export(self, name: str, out: str, force: bool, sink: Sink) -> str:
+        self.calls.append(("export", name, out, force))
+        return "uniform"

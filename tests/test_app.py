@@ -1,0 +1,297 @@
+"""The Textual app: every flow through Pilot against a fake engine replaying recorded events, one flow against
+the real engine on a tiny model, and snapshots of the main screens at 80x24."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fake_backend import FakeBackend, recorded_events
+from textual.widgets import DataTable, Input, Static
+
+from engine.errors import AdapruneError
+from tui.app import AdapruneApp
+from tui.backend import Backend, NewSession
+from tui.screens.bench import BenchForm, BenchScreen
+from tui.screens.dialogs import Ask, Confirm, Help
+from tui.screens.export import ExportScreen
+from tui.screens.layers import LayersScreen
+from tui.screens.new_session import NewSessionScreen
+from tui.screens.search import SearchScreen
+from tui.screens.sessions import SessionsScreen
+
+SIZE = (80, 24)
+N_TRIALS = len({e["number"] for e in recorded_events() if e["kind"] == "trial_started"})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def text_of(app, selector: str) -> str:
+    return str(app.screen.query_one(selector, Static).content)
+
+
+async def settle(app, pilot) -> None:
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    await pilot.pause()
+
+
+def test_sessions_table_rename_and_delete(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            assert isinstance(app.screen, SessionsScreen)
+            assert app.screen.query_one(DataTable).row_count == 2
+            await pilot.press("e")
+            assert isinstance(app.screen, Ask)
+            app.screen.query_one(Input).value = "beta"  # taken: the error shows, nothing changes
+            await pilot.press("enter")
+            await pilot.pause()
+            assert set(backend.store) == {"alpha", "beta"}
+            await pilot.press("e")
+            app.screen.query_one(Input).value = "gamma"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert set(backend.store) == {"beta", "gamma"}
+            await pilot.press("d")
+            assert isinstance(app.screen, Confirm)
+            await pilot.press("n")
+            assert set(backend.store) == {"beta", "gamma"}
+            await pilot.press("d", "y")
+            await pilot.pause()
+            assert len(backend.store) == 1 and app.screen.query_one(DataTable).row_count == 1
+
+    run(go())
+
+
+def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("n")
+            screen = app.screen
+            assert isinstance(screen, NewSessionScreen)
+            assert screen.query_one("#model", Input).value == "smollm2-135m"  # the embedded default
+            screen.query_one("#prune", Input).value = "2"
+            screen.query_one("#name", Input).value = "bad name"
+            await pilot.pause()
+            assert "(0, 0.9]" in text_of(app, "#prune-problem") and "letters, digits" in text_of(app, "#name-problem")
+            assert screen.query_one("#prune", Input).has_class("invalid")
+            await pilot.press("ctrl+s")
+            assert not any(c[0] == "create" for c in backend.calls)  # nothing starts with problems flagged
+            screen.query_one("#prune", Input).value = "0.25"
+            screen.query_one("#name", Input).value = "fresh"
+            await pilot.pause()
+            assert text_of(app, "#prune-problem") == ""
+            await pilot.press("ctrl+s")
+            await settle(app, pilot)
+            assert ("create", backend.calls[0][1]) == backend.calls[0] and backend.calls[0][1].prune == "0.25"
+            assert isinstance(app.screen, SearchScreen)
+            await settle(app, pilot)
+            table = app.screen.query_one(DataTable)
+            assert table.row_count == N_TRIALS
+            assert str(table.get_row_at(0)[0]) == "0 base"
+            assert "best" in {str(table.get_row_at(i)[3]) for i in range(table.row_count)}
+
+    run(go())
+
+
+def test_pause_resume_and_cancel_a_running_search(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        backend.delay = 0.05
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("r")
+            await pilot.pause(0.1)
+            control = app.jobs["search"]
+            await pilot.press("p")
+            assert control.paused and "paused" in text_of(app, "#title")
+            rows = app.screen.query_one(DataTable).row_count
+            await pilot.pause(0.3)
+            assert app.screen.query_one(DataTable).row_count == rows  # paused means paused
+            await pilot.press("p")
+            assert not control.paused
+            await pilot.press("c")
+            await settle(app, pilot)
+            assert control.cancelled and not app.jobs and app.screen.view_mode == "view"
+
+    run(go())
+
+
+def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        backend.store["beta"]["log"] = []
+        backend.running.add("beta")
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("down", "r")  # resume a session another process drives: the app attaches
+            screen = app.screen
+            assert isinstance(screen, SearchScreen) and screen.view_mode == "attach" and not app.jobs
+            assert screen.query_one(DataTable).row_count == 0
+            backend.store["beta"]["log"].extend(recorded_events())  # the headless process writes its log
+            await pilot.pause(0.8)
+            assert screen.query_one(DataTable).row_count == N_TRIALS
+            await pilot.press("c")  # nothing of ours to cancel
+            assert not any(c[0] == "search" for c in backend.calls)
+
+    run(go())
+
+
+def test_layers_review_override_and_reevaluate(tmp_path):
+    from engine.plan import Plan
+    from engine.review import layer_rows
+
+    async def go():
+        backend = FakeBackend(tmp_path)
+        plan = Plan.from_dict(backend.store["alpha"]["plan"]["plan"])
+        pruned = next(r.index for r in layer_rows(plan) if r.removed)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("l")
+            screen = app.screen
+            assert isinstance(screen, LayersScreen)
+            assert screen.query_one(DataTable).row_count == len(plan.layers)
+            assert "on target" in text_of(app, "#summary")
+            for _ in range(pruned):
+                await pilot.press("down")
+            await pilot.press("k")  # lock: the layer keeps everything, the total moves off target at once
+            assert "from the target" in text_of(app, "#summary")
+            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == "lock"
+            await pilot.press("h")
+            ask = app.screen
+            r = plan.shapes[pruned]["n_heads"] // plan.shapes[pruned]["n_kv_heads"]
+            ask.query_one(Input).value = str(r)  # every query head of each KV group: GQA forbids it
+            await pilot.press("enter")
+            await pilot.pause()
+            assert "at least one query head" in text_of(app, "#problem")
+            ask.query_one(Input).value = "1"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == "1/0"
+            await pilot.press("v")
+            await settle(app, pilot)
+            assert backend.calls[-1] == ("reevaluate", "alpha", {pruned: (1, 0)})
+            assert "objective 41.250" in text_of(app, "#status")
+            await pilot.press("r")
+            assert "on target" in text_of(app, "#summary")
+
+    run(go())
+
+
+def test_bench_table_and_run(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("b")
+            assert isinstance(app.screen, BenchScreen)
+            table = app.screen.query_one(DataTable)
+            assert table.row_count == len(backend.store["alpha"]["bench"]["rows"])
+            assert "row" in [str(c.label) for c in table.columns.values()]
+            await pilot.press("r")
+            assert isinstance(app.screen, BenchForm)
+            app.screen.query_one("#ppl", Input).value = "no-such-file.txt"
+            await pilot.press("ctrl+s")
+            assert "no-such-file" in text_of(app, "#problem")  # refused in the form, before any work
+            app.screen.query_one("#ppl", Input).value = "stdlib-docs"
+            await pilot.press("ctrl+s")
+            await settle(app, pilot)
+            assert backend.calls[-1][0] == "bench" and backend.calls[-1][2].ppl == ["stdlib-docs"]
+
+    run(go())
+
+
+def test_export_writes_the_chosen_folder(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("x")
+            assert isinstance(app.screen, ExportScreen)
+            assert "uniform widths" in text_of(app, "#format") or "per-layer" in text_of(app, "#format")
+            app.screen.query_one("#out", Input).value = str(tmp_path / "out")
+            await pilot.press("enter")
+            await settle(app, pilot)
+            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False)
+            assert "saved to" in text_of(app, "#status")
+
+    run(go())
+
+
+def test_quit_asks_while_work_runs_and_engine_errors_do_not_crash(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        backend.delay = 0.2
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("r")
+            await pilot.pause(0.1)
+            control = app.jobs["search"]
+            await pilot.press("ctrl+q")
+            assert isinstance(app.screen, Confirm)
+            await pilot.press("n")
+            assert app.is_running and not control.cancelled
+            await pilot.press("f1")
+            assert isinstance(app.screen, Help)
+            await pilot.press("escape", "ctrl+q")
+            assert isinstance(app.screen, Confirm)
+            await pilot.press("y")
+        return control
+
+    assert run(go()).cancelled  # quitting stopped the engine at a safe point
+
+    class Broken(FakeBackend):
+        def run_search(self, name, sink, control):
+            raise AdapruneError("the model folder vanished: restore it or start a new session")
+
+    async def broken():
+        app = AdapruneApp(Broken(tmp_path))
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("r")
+            await settle(app, pilot)
+            assert "model folder vanished" in text_of(app, "#log") and app.is_running
+            await pilot.press("ctrl+p")
+            await pilot.pause()
+            assert type(app.screen).__name__ == "CommandPalette"
+
+    run(broken())
+
+
+def test_real_engine_from_the_form_to_a_finished_search(tmp_path, tokenizer):
+    from conftest import make_model
+
+    folder = tmp_path / "tiny"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    backend = Backend(tmp_path / "sessions")
+
+    async def go():
+        defaults = NewSession(name="real", model=str(folder), trials="2", sources="stdlib-docs",
+                              objective="stdlib-docs/valid", device="cpu", metrics=["taylor1", "vector"])
+        app = AdapruneApp(backend, new=True, defaults=defaults)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert isinstance(app.screen, NewSessionScreen)
+            await pilot.press("ctrl+s")  # one key from the pre-filled form to a running search
+            for _ in range(600):
+                await pilot.pause(0.1)
+                if isinstance(app.screen, SearchScreen) and app.screen.view_mode == "view" and not app.jobs:
+                    break
+            table = app.screen.query_one(DataTable)
+            assert table.row_count == 2 and str(table.get_row_at(0)[0]) == "0 base"
+            assert (tmp_path / "sessions" / "real" / "plan.json").exists()
+
+    run(go())
+    assert backend.sessions()[0]["done"] == 2
+
+
+@pytest.mark.parametrize("keys", [[], ["enter"], ["l"], ["b"]], ids=["sessions", "search", "layers", "bench"])
+def test_snapshots_of_the_main_screens(snap_compare, tmp_path, keys):
+    app = AdapruneApp(FakeBackend(tmp_path))
+    assert snap_compare(app, press=keys, terminal_size=SIZE)

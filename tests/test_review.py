@@ -1,0 +1,96 @@
+"""Reviewing and overriding a plan (the app's Layers screen), and session rename/delete/follow."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_model
+
+from engine.errors import AdapruneError
+from engine.importance import LayerScores
+from engine.plan import Plan, select
+from engine.prune import apply_plan
+from engine.recipe import prune_with
+from engine.review import check_edit, counts_of, layer_rows, params_with, reevaluate
+from engine.search import SearchConfig, create_session, open_study, run_search
+from engine.session import Session
+from engine.structure import count_params, layer_shapes
+
+
+def _plan() -> Plan:
+    model = make_model("llama", layers=4, heads=6, kv_heads=2, intermediate=64)
+    return prune_with(model, None, [1, 2], 0.2, "l2", attn_share="same")
+
+
+def test_rows_and_edit_arithmetic_match_real_pruning():
+    plan = _plan()
+    rows = layer_rows(plan)
+    assert [r.removed > 0 for r in rows] == [False, True, True, False]
+    assert params_with(plan, {}) == plan.params_after
+    assert rows[1].heads_per_group == 3 and rows[1].kv_kept == 2 and rows[1].channels == 64
+    assert 0 < max(r.importance for r in rows) <= 1
+    # lock layer 1 and cut layer 3 by hand: the arithmetic equals pruning the model with those counts
+    edits = {1: (0, 0), 3: check_edit(plan, 3, 1, 10)}
+    model = make_model("llama", layers=4, heads=6, kv_heads=2, intermediate=64)
+    shapes = layer_shapes(model)
+    counts = {**counts_of(plan), **edits}
+    scores = {i: LayerScores(torch.rand(6), torch.rand(2), torch.rand(64)) for i in range(4)}
+    apply_plan(model, select(shapes, scores, {i: kc for i, kc in counts.items() if kc != (0, 0)}, "query"))
+    assert params_with(plan, edits) == count_params(model)
+    assert [r.override for r in layer_rows(plan, edits)] == ["", "lock", "", "1/10"]
+    with pytest.raises(AdapruneError, match="at least one query head"):
+        check_edit(plan, 2, 3, 0)
+    with pytest.raises(AdapruneError, match="channels"):
+        check_edit(plan, 2, 0, 64)
+
+
+@pytest.fixture
+def searched(tmp_path, tokenizer):
+    folder = tmp_path / "tiny"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
+                       sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "rev", cfg)
+    run_search(session)
+    return session
+
+
+def test_reevaluate_records_overrides_that_later_trials_respect(searched):
+    best = searched.read_json("plan.json")
+    plan = Plan.from_dict(best["plan"])
+    pruned = next(r.index for r in layer_rows(plan) if r.removed)
+    out = reevaluate(searched, {pruned: (0, 0)})
+    saved = json.loads((searched.path / "plans" / "overrides.json").read_text())
+    assert saved["layers"][pruned]["keep_channels"] == list(range(64))  # locked layer kept whole
+    assert abs(out["params_after"] - best["plan"]["params_after"]) < 0.01 * plan.params_before  # still on target
+    assert searched.config()["overrides"] == {str(pruned): "lock"} and out["value"] > 0
+    searched.update(config={**searched.config(), "trials": 3})
+    run_search(searched)  # the next trial respects the lock
+    newest = max(open_study(searched, SearchConfig.from_dict(searched.config())).get_trials(),
+                 key=lambda t: t.number)
+    assert newest.state.name in ("COMPLETE", "PRUNED")
+
+
+def test_rename_delete_and_follow(searched, tmp_path):
+    root = searched.path.parent
+    events, offset = searched.follow_events(0)
+    assert events and offset == searched.events_path.stat().st_size
+    with searched.events_path.open("a") as f:
+        f.write('{"kind": "log", "message": "half')  # a line still being written is not read yet
+    more, offset2 = searched.follow_events(offset)
+    assert more == [] and offset2 == offset
+    moved = searched.rename("renamed")
+    assert not (root / "rev").exists() and Session.open(root, "renamed").study_name == "rev"
+    from engine.search import summary
+
+    assert summary(moved)["done"] == 2  # the study is still found under its first name
+    with pytest.raises(AdapruneError, match="exists already"):
+        create_session(root, "other", SearchConfig.from_dict(moved.config())).rename("renamed")
+    (moved.path / "lock").write_text(json.dumps({"pid": __import__("os").getpid(),
+                                                  "host": __import__("socket").gethostname()}))
+    with pytest.raises(AdapruneError, match="running"):
+        moved.delete()
+    (moved.path / "lock").unlink()
+    moved.delete()
+    assert not moved.path.exists()

@@ -1,0 +1,196 @@
+"""What the app asks of the engine, in one place: the engine's public API behind plain methods.
+
+Long calls (search, re-evaluate, bench, export) block and report through a sink and obey a Control; the app
+runs them in worker threads. Tests swap this class for a fake that replays recorded events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.control import Control
+from engine.errors import AdapruneError
+from engine.events import Event, Sink, event_from_dict
+from engine.models import EMBEDDED
+
+
+@dataclass
+class NewSession:
+    """The new-session form, as text fields (validated by `Backend.check_new`)."""
+
+    name: str = "smol20"
+    model: str = EMBEDDED
+    prune: str = "0.20"
+    layers: str = "search"  # "search" (first/last kept layers are searched) or "A-B"
+    sources: str = "stdlib-docs, self"
+    metrics: list[str] = field(default_factory=lambda: ["taylor1", "taylor2", "taylor-mix", "vector", "wanda"])
+    trials: str = "20"
+    objective: str = "stdlib-docs/valid, self"
+    device: str = "auto"
+
+
+def _items(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class Backend:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # --- sessions -------------------------------------------------------------------------------------------
+
+    def sessions(self) -> list[dict]:
+        from engine.search import summary
+        from engine.session import list_sessions
+
+        return [summary(s) for s in list_sessions(self.root)]
+
+    def session(self, name: str):
+        from engine.session import Session
+
+        return Session.open(self.root, name)
+
+    def rename(self, name: str, new: str) -> None:
+        self.session(name).rename(new.strip())
+
+    def delete(self, name: str) -> None:
+        self.session(name).delete()
+
+    def config(self, name: str) -> dict:
+        return self.session(name).config()
+
+    def is_running(self, name: str) -> bool:
+        return self.session(name).holder() is not None
+
+    # --- a new session --------------------------------------------------------------------------------------
+
+    def check_new(self, form: NewSession) -> dict[str, str]:
+        """Field -> problem, for everything checkable without loading a model (the form flags them in place)."""
+        from engine.search import validate
+        from engine.session import check_name
+        from engine.text import parse_spec
+
+        problems: dict[str, str] = {}
+
+        def check(field_name: str, fn) -> None:
+            try:
+                fn()
+            except (AdapruneError, ValueError) as e:
+                problems[field_name] = str(e) if isinstance(e, AdapruneError) else "not a number"
+
+        check("name", lambda: check_name(form.name))
+        if form.name and (self.root / form.name).exists():
+            problems["name"] = f"a session named {form.name!r} exists already"
+        if not form.model.strip():
+            problems["model"] = "give the embedded model, a hub id, a folder or a .gguf file"
+        elif not (form.model == EMBEDDED or "/" in form.model or Path(form.model).expanduser().exists()):
+            problems["model"] = f"no folder or file {form.model!r}; a hub id looks like org/name"
+        check("prune", lambda: _fraction(form.prune))
+        check("trials", lambda: _positive(form.trials, "trials"))
+        check("layers", lambda: _layers(form.layers))
+        check("sources", lambda: [parse_spec(s) for s in _items(form.sources)] or _empty("calibration sources"))
+        check("objective", lambda: [parse_spec(s) for s in _items(form.objective)] or _empty("objective texts"))
+        if not form.metrics:
+            problems["metrics"] = "choose at least one metric to search"
+        if form.device not in ("auto", "cpu") and not form.device.startswith("cuda"):
+            problems["device"] = "auto, cpu, cuda or cuda:N"
+        if not problems:
+            check("form", lambda: validate(self.search_config(form)))
+        return problems
+
+    def search_config(self, form: NewSession, n_layers: int | None = None):
+        from engine.search import SearchConfig
+
+        fixed = {}
+        span = _layers(form.layers)
+        if span is not None and n_layers is not None:
+            if span[1] >= n_layers:
+                raise AdapruneError(f"layers {form.layers}: the model has layers 0..{n_layers - 1}")
+            fixed = {"first_kept": span[0], "last_kept": n_layers - 1 - span[1]}
+        return SearchConfig(model=form.model.strip(), prune=_fraction(form.prune),
+                            trials=_positive(form.trials, "trials"), sources=_items(form.sources),
+                            objective=_items(form.objective), metrics=list(form.metrics), device=form.device,
+                            fixed=fixed)
+
+    def create(self, form: NewSession, sink: Sink) -> str:
+        from engine.models import num_layers
+        from engine.search import create_session
+
+        cfg = self.search_config(form)
+        n = num_layers(cfg.model, cfg.trust_remote_code, sink) if _layers(form.layers) else None
+        create_session(self.root, form.name, self.search_config(form, n), sink)
+        return form.name
+
+    # --- long work (called from worker threads) -------------------------------------------------------------
+
+    def run_search(self, name: str, sink: Sink, control: Control) -> dict:
+        from engine.search import run_search
+
+        session = self.session(name)
+        with session.lock():
+            return run_search(session, sink, control)
+
+    def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
+        rows, offset = self.session(name).follow_events(offset)
+        events = []
+        for row in rows:
+            try:
+                events.append(event_from_dict(row))
+            except (KeyError, TypeError):
+                continue  # an event kind from a newer adaprune: skip it
+        return events, offset
+
+    def best_plan(self, name: str):
+        from engine.plan import Plan
+
+        best = self.session(name).read_json("plan.json")
+        return (Plan.from_dict(best["plan"]), best) if best else (None, None)
+
+    def reevaluate(self, name: str, edits: dict[int, tuple[int, int]], sink: Sink, control: Control) -> dict:
+        from engine.review import reevaluate
+
+        return reevaluate(self.session(name), edits, sink, control)
+
+    def bench_results(self, name: str) -> dict | None:
+        from engine.benchmark import RESULTS
+
+        return self.session(name).read_json(RESULTS)
+
+    def run_bench(self, name: str, cfg, sink: Sink, control: Control) -> dict:
+        from engine.benchmark import run_bench
+
+        return run_bench(self.session(name), cfg, sink, control)
+
+    def export(self, name: str, out: str, force: bool, sink: Sink) -> str:
+        from engine.api import export_session
+
+        return export_session(self.root, name, Path(out).expanduser(), force, sink)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 0.9:
+        raise AdapruneError("a fraction of all parameters in (0, 0.9], e.g. 0.20")
+    return value
+
+
+def _positive(text: str, what: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise AdapruneError(f"{what}: at least 1")
+    return value
+
+
+def _layers(text: str) -> tuple[int, int] | None:
+    text = text.strip().lower()
+    if text in ("", "search"):
+        return None
+    a, sep, b = text.partition("-")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit() or int(a) > int(b):
+        raise AdapruneError("'search' (the search picks them) or a range A-B, e.g. 4-27")
+    return int(a), int(b)
+
+
+def _empty(what: str):
+    raise AdapruneError(f"give at least one of the {what}")

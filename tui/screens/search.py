@@ -1,0 +1,218 @@
+"""The search, live: trials streaming into a table, best-so-far, the current stage with its progress.
+
+Three modes: `drive` runs the session's search here (pause, resume, cancel); `attach` follows a session that a
+headless `adaprune search` or `worker` is driving, from its events file, without taking it over; `view` shows
+a finished or stopped session's trials.
+"""
+
+from __future__ import annotations
+
+import time
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Sparkline, Static
+
+from engine.errors import AdapruneError
+from engine.events import (
+    BestChanged,
+    Event,
+    Log,
+    SearchFinished,
+    StageFinished,
+    StageProgress,
+    StageStarted,
+    event_from_dict,
+)
+from engine.trial_rows import TrialRow, TrialRows
+from tui.jobs import EngineEvent, JobDone, start_job
+from tui.report import calib_text, layout_text, metric_text
+
+# what matters first on 80 columns; the configuration follows (scroll right for all of it)
+COLUMNS = ("trial", "objective", "vs #0", "state", "metric", "calibration", "layout")
+
+
+class SearchScreen(Screen):
+    BINDINGS = [
+        Binding("p", "pause", "Pause/resume"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("l", "layers", "Layers"),
+        Binding("b", "bench", "Bench"),
+        Binding("x", "export", "Export"),
+        Binding("escape", "back", "Back"),
+    ]
+
+    def __init__(self, name: str, mode: str = "view") -> None:
+        super().__init__()
+        self.session_name, self.view_mode = name, mode
+        self.board = TrialRows()
+        self.control = None
+        self.log_offset = 0
+        self.stage_started = 0.0
+        self.trials_total = 0
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="search"):
+            yield Static("", markup=False, id="title")
+            with Horizontal(classes="bars"):
+                yield Static("trials", markup=False, classes="barlabel")
+                yield ProgressBar(id="trials-bar", show_eta=True)
+            with Horizontal(classes="bars"):
+                yield Static("", markup=False, id="stage", classes="barlabel")
+                yield ProgressBar(id="stage-bar", show_eta=True)
+            yield DataTable(id="trials", cursor_type="row", zebra_stripes=True)
+            with Horizontal(id="best-row"):
+                yield Static("best so far", markup=False, id="best", classes="barlabel")
+                yield Sparkline([], id="best-line")
+            yield Static("", markup=False, id="log", classes="dim")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        for col in COLUMNS:
+            table.add_column(col, key=col)
+        try:
+            cfg = self.app.backend.config(self.session_name)
+        except AdapruneError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.trials_total = int(cfg.get("trials", 0))
+        self.query_one("#trials-bar", ProgressBar).update(total=self.trials_total, progress=0)
+        self.replay_history()
+        self.update_title()
+        if self.view_mode == "drive":
+            self.start()
+        elif self.view_mode == "attach":
+            self.set_interval(0.5, self.poll)
+
+    def update_title(self) -> None:
+        what = {"drive": "running here", "attach": "following (read-only)", "view": "saved"}[self.view_mode]
+        paused = " — paused" if self.control is not None and self.control.paused else ""
+        self.query_one("#title", Static).update(f"session {self.session_name}: {what}{paused}")
+
+    # --- sources of events ----------------------------------------------------------------------------------
+
+    def replay_history(self) -> None:
+        """What the session's log already holds: trials run before, by this app or another process."""
+        events, self.log_offset = self.app.backend.follow(self.session_name, 0)
+        for e in events:
+            self.apply(e, live=False)
+
+    def start(self) -> None:
+        name = self.session_name
+        self.control = start_job(self, "search", lambda sink, control: self.app.backend.run_search(name, sink, control))
+        self.update_title()
+
+    def poll(self) -> None:
+        try:
+            events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
+        except AdapruneError as e:
+            self.notify(str(e), severity="error")
+            return
+        for e in events:
+            self.apply(e)
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        if message.job == "search":
+            self.apply(message.event)
+
+    def on_job_done(self, message: JobDone) -> None:
+        if message.job != "search":
+            return
+        self.control = None
+        if message.error:
+            self.query_one("#log", Static).update(f"error: {message.error}")
+            self.notify(message.error, severity="error", timeout=10)
+        elif message.cancelled:
+            self.notify("search cancelled: the session is resumable (r on the sessions screen)")
+        self.view_mode = "view"
+        self.update_title()
+
+    # --- rendering ------------------------------------------------------------------------------------------
+
+    def apply(self, event: Event | dict, live: bool = True) -> None:
+        if isinstance(event, dict):
+            event = event_from_dict(event)
+        if self.board.apply(event):
+            number = getattr(event, "number", None)
+            if number is not None and number in self.board.rows:
+                self.show_row(self.board.rows[number])
+            if isinstance(event, BestChanged):
+                for n in (r.number for r in self.board.rows.values()):
+                    self.show_row(self.board.rows[n])  # the best marker and gains move
+                self.query_one("#best-line", Sparkline).data = [v for _, v in self.board.best_history]
+                self.query_one("#best", Static).update(f"best: trial {event.number}, {event.value:.3f}")
+            done = sum(1 for r in self.board.rows.values() if r.state in ("complete", "pruned"))
+            self.query_one("#trials-bar", ProgressBar).update(progress=done)
+        elif isinstance(event, StageStarted) and event.stage != "trials":
+            self.stage_started = time.monotonic()
+            self.query_one("#stage", Static).update(_short(event.stage))
+            self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=0)
+        elif isinstance(event, StageProgress) and event.stage != "trials":
+            self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=event.done)
+        elif isinstance(event, StageFinished) and event.stage != "trials":
+            bar = self.query_one("#stage-bar", ProgressBar)
+            bar.update(total=bar.total or 1, progress=bar.total or 1)
+        elif isinstance(event, Log):
+            self.query_one("#log", Static).update(_short(event.message, 200))
+        elif isinstance(event, SearchFinished) and live:
+            best = f", best trial {event.best_number} ({event.best_value:.3f})" if event.best_value else ""
+            self.notify(f"search {event.status}: {event.completed}/{event.total} trials{best}")
+
+    def show_row(self, r: TrialRow) -> None:
+        table = self.query_one(DataTable)
+        gain = self.board.gain(r)
+        state = "best" if r.number == self.board.best else r.state
+        cells = (f"{r.number}" + (" base" if r.number == 0 else ""), f"{r.value:.3f}" if r.value is not None else "",
+                 f"{-gain:+.1%}" if gain is not None and r.number else "", state, metric_text(r.params),
+                 calib_text(r.params), layout_text(r.params))
+        key = str(r.number)
+        if key in table.rows:
+            for col, value in zip(COLUMNS, cells, strict=True):
+                table.update_cell(key, col, value)
+        else:
+            table.add_row(*cells, key=key)
+
+    # --- actions --------------------------------------------------------------------------------------------
+
+    def action_pause(self) -> None:
+        if self.control is None:
+            self.notify("nothing running here to pause" + (" (attached: read-only)" if self.view_mode == "attach" else ""),
+                        severity="warning")
+            return
+        if self.control.paused:
+            self.control.resume()
+            self.notify("resumed")
+        else:
+            self.control.pause()
+            self.notify("pausing at the next safe point (between batches or trials)")
+        self.update_title()
+
+    def action_cancel(self) -> None:
+        if self.control is None:
+            self.notify("nothing running here to cancel", severity="warning")
+            return
+        self.control.cancel()
+        self.notify("cancelling at the next safe point…")
+
+    def action_back(self) -> None:
+        if self.control is not None:
+            self.notify("the search keeps running in the background; ctrl+q asks before quitting")
+        self.app.pop_screen()
+
+    def action_layers(self) -> None:
+        self.app.open_layers(self.session_name)
+
+    def action_bench(self) -> None:
+        self.app.open_bench(self.session_name)
+
+    def action_export(self) -> None:
+        self.app.open_export(self.session_name)
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+

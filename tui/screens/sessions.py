@@ -1,0 +1,151 @@
+"""Start screen: the saved sessions, and what can be done with one."""
+
+from __future__ import annotations
+
+import datetime
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from engine.errors import AdapruneError
+from tui.screens.dialogs import Ask, Confirm
+
+COLUMNS = ("name", "model", "target", "trials", "best", "status", "last change")
+
+
+class SessionsScreen(Screen):
+    BINDINGS = [
+        Binding("enter", "open", "Open"),
+        Binding("n", "new", "New"),
+        Binding("r", "resume", "Resume"),
+        Binding("a", "attach", "Attach"),
+        Binding("e", "rename", "Rename", show=False),  # in the help and the palette; the footer is 80 wide
+        Binding("d", "delete", "Delete", show=False),
+        Binding("l", "layers", "Layers"),
+        Binding("b", "bench", "Bench"),
+        Binding("x", "export", "Export"),
+        Binding("f5", "refresh", "Refresh", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield DataTable(id="sessions", cursor_type="row", zebra_stripes=True)
+        yield Static("", markup=False, id="hint", classes="dim")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        for col in COLUMNS:
+            table.add_column(col, key=col)
+        self.refresh_rows()
+        self.set_interval(3.0, self.refresh_rows)  # headless runs and workers change sessions underneath
+
+    def on_screen_resume(self) -> None:
+        self.refresh_rows()
+
+    def refresh_rows(self) -> None:
+        table = self.query_one(DataTable)
+        try:
+            rows = self.app.backend.sessions()
+        except AdapruneError as e:
+            self.notify(str(e), severity="error")
+            return
+        selected = self.selected()
+        table.clear()
+        for r in rows:
+            when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%m-%d %H:%M") if r.get("updated") else ""
+            best = f"{r['best']:.2f}" if r.get("best") is not None else ""
+            status = r["status"] + (" !" if r.get("problem") else "")
+            table.add_row(r["name"], _short(r["model"]), f"{r['prune']:.0%}" if r.get("prune") else "",
+                          f"{r['done']}/{r['trials']}", best, status, when, key=r["name"])
+        if selected is not None and selected in {r["name"] for r in rows}:
+            table.move_cursor(row=table.get_row_index(selected))
+        hint = "no sessions yet: n starts one" if not rows else ""
+        problems = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
+        self.query_one("#hint", Static).update("\n".join([hint, *problems]).strip())
+
+    def selected(self) -> str | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
+        return key.value
+
+    def _need(self) -> str | None:
+        name = self.selected()
+        if name is None:
+            self.notify("no session selected: n starts one", severity="warning")
+        return name
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_refresh(self) -> None:
+        self.refresh_rows()
+
+    def action_new(self) -> None:
+        self.app.open_new_session()
+
+    def action_open(self) -> None:
+        if name := self._need():
+            self.app.open_search(name, mode="view")
+
+    def action_resume(self) -> None:
+        if name := self._need():
+            self.app.open_search(name, mode="drive")
+
+    def action_attach(self) -> None:
+        if name := self._need():
+            self.app.open_search(name, mode="attach")
+
+    def action_layers(self) -> None:
+        if name := self._need():
+            self.app.open_layers(name)
+
+    def action_bench(self) -> None:
+        if name := self._need():
+            self.app.open_bench(name)
+
+    def action_export(self) -> None:
+        if name := self._need():
+            self.app.open_export(name)
+
+    def action_rename(self) -> None:
+        name = self._need()
+        if name is None:
+            return
+
+        def done(new: str | None) -> None:
+            if not new or new == name:
+                return
+            try:
+                self.app.backend.rename(name, new)
+                self.notify(f"renamed {name} to {new}")
+            except AdapruneError as e:
+                self.notify(str(e), severity="error")
+            self.refresh_rows()
+
+        self.app.push_screen(Ask(f"New name for {name}:", name), done)
+
+    def action_delete(self) -> None:
+        name = self._need()
+        if name is None:
+            return
+
+        def done(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                self.app.backend.delete(name)
+                self.notify(f"deleted {name}")
+            except AdapruneError as e:
+                self.notify(str(e), severity="error")
+            self.refresh_rows()
+
+        self.app.push_screen(Confirm(f"Delete session {name} and everything in it (study, plans, results)?"), done)
+
+
+def _short(model: str, width: int = 22) -> str:
+    return model if len(model) <= width else "…" + model[-(width - 1):]
