@@ -450,6 +450,23 @@ def _requeue(study, trial) -> None:
         study.enqueue_trial(params, user_attrs={"rerun_of": trial.number})
 
 
+@contextlib.contextmanager
+def _ask_lock(session: Session):
+    """Workers on one machine take trials one at a time: SQLite has no row locks, so two processes asking at
+    once can both claim the same queued trial (e.g. the baseline) and run it twice."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: a database server's row locks (PostgreSQL) are the safe storage there
+        yield
+        return
+    with open(session.path / ".ask.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _beat_once(study, trial) -> None:
     storage = study._storage
     if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval() is not None:
@@ -527,10 +544,10 @@ def fail_orphans(study, sink: Sink = null_sink) -> int:
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         _requeue(study, t)
         n += 1
-    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    running = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     with _quiet_optuna():
         optuna.storages.fail_stale_trials(study)  # requeues through the storage's callback
-    n += running - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    n += sum(1 for tid in running if study._storage.get_trial(tid).state == TrialState.FAIL)
     if n:
         sink(Log(f"{n} trial(s) left running by a stopped process were marked failed and will run again"))
     return n
@@ -675,9 +692,9 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
             if sum(1 for t in trials if _counts_toward_budget(t)) >= cfg.trials:
                 break
             fail_orphans(study, sink)
-            with _quiet_optuna():
+            with _ask_lock(session), _quiet_optuna():
                 current = study.ask()
-            _beat_once(study, current)  # a worker killed before its first trial heartbeat is still found
+                _beat_once(study, current)  # a worker killed before its first trial heartbeat is still found
             earlier = [t for t in study.get_trials(deepcopy=False) if t.number < current.number]
             if sum(1 for t in earlier if _counts_toward_budget(t)) >= cfg.trials:
                 # another worker took the last slot between our count and our ask
@@ -725,6 +742,12 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                 current.set_user_attr("error", str(e))
                 study.tell(current, state=TrialState.FAIL)
                 sink(TrialFinished(current.number, "failed", None, params, message=str(e)))
+                current = None
+                continue
+            if study._storage.get_trial(current._trial_id).state != TrialState.RUNNING:
+                # another process judged this trial dead and failed it (its configuration is queued again)
+                sink(Log(f"trial {current.number} was closed by another process while it ran here; its result "
+                         f"is dropped", "warning"))
                 current = None
                 continue
             current.set_user_attr("seconds", out.seconds)
