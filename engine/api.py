@@ -221,13 +221,25 @@ def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = No
     return PruneResult(cfg, plan, dense, pruned, fmt, cfg.out, prune_seconds, hashes)
 
 
-def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink) -> str:
-    """Apply a session's best plan to its dense model and export it."""
+WIDTHS = ("plan", "uniform")
+
+
+def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink,
+                   widths: str = "plan", control: Control | None = None) -> str:
+    """Export a session's best model as a Hugging Face folder.
+
+    widths="plan": the best plan as searched (per-layer widths unless every layer came out equal);
+    "uniform": re-planned from the best configuration with the same cut in every layer (no protected layers,
+    no ramp or global ranking, no overrides), so a standard config describes it and plain `transformers`
+    loads it — a different, usually slightly worse, model, whose objective is reported in the card.
+    """
     from engine.plan import Plan
     from engine.prune import apply_plan
-    from engine.search import SearchConfig
+    from engine.search import SearchConfig, SearchData, progressive_objective, prune_trial
     from engine.session import Session
 
+    if widths not in WIDTHS:
+        raise AdapruneError(f"--widths {widths!r}: choose plan or uniform")
     session = Session.open(root, name)
     check_out_dir(out, force)
     best = session.read_json("plan.json")
@@ -238,10 +250,27 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     plan = Plan.from_dict(best["plan"])
     if plan.params_before != count_params(loaded.model):
         raise AdapruneError(f"session {name!r}: its model {cfg.model!r} no longer matches the plan (parameter count)")
-    apply_plan(loaded.model, plan.layers)
+    recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
+              "objective": f"{best['value']:.4f}"}
+    if widths == "uniform":
+        control = control or Control()
+        if cfg.overrides:
+            sink(Log("uniform widths ignore the session's per-layer overrides", "warning"))
+        cfg.overrides = {}
+        loaded.model.requires_grad_(False)
+        params = {**best["params"], "first_kept": 0, "last_kept": 0, "allocation": "uniform", "ramp": 0.0}
+        data = SearchData(session, cfg, loaded, sink, control)
+        uniform, _ = prune_trial(loaded.model, data, cfg, params, control, sink)
+        plan = Plan.from_dict(uniform)
+        with Stage(sink, "objective (uniform widths)"):
+            value = progressive_objective(loaded.model, data.objective_sets(), control)
+        sink(Log(f"uniform widths: objective {value:.3f} (the searched plan: {best['value']:.3f})"))
+        recipe.update(objective=f"{value:.4f} (uniform re-plan; searched plan {best['value']:.4f})")
+        best = {**best, "plan": uniform, "value": value, "widths": "uniform"}
+    else:
+        apply_plan(loaded.model, plan.layers)
     card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%} (adaprune search)",
-            "recipe": {"base model": cfg.model, "session": name, "trial": best["trial"],
-                       "objective": f"{best['value']:.4f}", **plan.recipe}}
+            "recipe": {**recipe, **plan.recipe}}
     fmt = export(loaded.model, loaded.tokenizer, out, force, card, sink)
     (out / "adaprune_plan.json").write_text(json.dumps(best) + "\n", encoding="utf-8")
     return fmt

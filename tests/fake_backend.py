@@ -103,6 +103,6 @@ class FakeBackend(Backend):
         self.calls.append(("bench", name, cfg))
         return self._get(name)["bench"]
 
-    def export(self, name: str, out: str, force: bool, sink: Sink) -> str:
-        self.calls.append(("export", name, out, force))
-        return "uniform"
+    def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control) -> str:
+        self.calls.append(("export", name, out, force, widths))
+        return "uniform" if widths == "uniform" else "per-layer"

@@ -166,11 +166,11 @@ def test_layers_review_override_and_reevaluate(tmp_path):
             await pilot.press("h")
             ask = app.screen
             r = plan.shapes[pruned]["n_heads"] // plan.shapes[pruned]["n_kv_heads"]
-            ask.query_one(Input).value = str(r)  # every query head of each KV group: GQA forbids it
+            ask.query_one(Input).value = "0"  # no query head left in a KV group: GQA forbids it
             await pilot.press("enter")
             await pilot.pause()
             assert "at least one query head" in text_of(app, "#problem")
-            ask.query_one(Input).value = "1"
+            ask.query_one(Input).value = str(r - 1)  # keep all but one per group
             await pilot.press("enter")
             await pilot.pause()
             assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == "1/0"
@@ -214,12 +214,16 @@ def test_export_writes_the_chosen_folder(tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("x")
             assert isinstance(app.screen, ExportScreen)
-            assert "uniform widths" in text_of(app, "#format") or "per-layer" in text_of(app, "#format")
+            assert "widths" in text_of(app, "#format")
             app.screen.query_one("#out", Input).value = str(tmp_path / "out")
             await pilot.press("enter")
             await settle(app, pilot)
-            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False)
-            assert "saved to" in text_of(app, "#status")
+            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan")
+            assert "saved to" in text_of(app, "#status") and "trust_remote_code" in text_of(app, "#status")
+            app.screen.query_one("#uniform").value = True
+            await pilot.press("enter")
+            await settle(app, pilot)
+            assert backend.calls[-1][-1] == "uniform" and "plain transformers" in text_of(app, "#status")
 
     run(go())
 

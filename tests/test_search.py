@@ -72,6 +72,17 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
 
     export_session(tmp_path / "s", "run1", tmp_path / "best")
     assert load(str(tmp_path / "best"), device="cpu").model is not None
+    # uniform widths: re-planned with the same cut everywhere, a standard config plain transformers loads
+    # (MLP channels only: transformers 5 refuses a standard config whose heads do not divide the hidden size)
+    session.write_json("plan.json", {**best, "params": {**best["params"], "attn_share": "auto"}})
+    plan = best["plan"]
+    assert export_session(tmp_path / "s", "run1", tmp_path / "uniform", widths="uniform") == "uniform"
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform")
+    widths = {layer.mlp.gate_proj.out_features for layer in plain.model.layers}
+    assert len(widths) == 1 and abs(sum(p.numel() for p in plain.parameters()) - plan["params_after"]) < \
+        0.01 * plan["params_before"]
 
 
 def test_duplicates_are_not_evaluated_again(llama_folder, tmp_path):

@@ -162,10 +162,10 @@ class Backend:
 
         return run_bench(self.session(name), cfg, sink, control)
 
-    def export(self, name: str, out: str, force: bool, sink: Sink) -> str:
+    def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control) -> str:
         from engine.api import export_session
 
-        return export_session(self.root, name, Path(out).expanduser(), force, sink)
+        return export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control)
 
 
 def _fraction(text: str) -> float:

@@ -244,14 +244,20 @@ def sessions_cmd(sessions_dir: Path = SESSIONS_DIR) -> None:
 @app.command("export")
 @clean_errors
 def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"), force: bool = False,
+               widths: str = typer.Option("plan", help="plan: the searched plan (per-layer widths, "
+                                          "trust_remote_code); uniform: re-planned with the same cut in every "
+                                          "layer, loads in plain transformers"),
                sessions_dir: Path = SESSIONS_DIR) -> None:
     """Export the best plan of a session as a Hugging Face folder."""
     from engine.api import export_session
+    from tui.report import RichSink
 
     session_root = _root(sessions_dir)
-    fmt = export_session(session_root, name, out, force)
+    console = Console()
+    with RichSink(console) as sink:
+        fmt = export_session(session_root, name, out, force, sink, widths)
     how = "plain transformers" if fmt == "uniform" else "trust_remote_code=True"
-    Console().print(f"saved to {out} ({fmt} widths; loads with {how})")
+    console.print(f"saved to {out} ({fmt} widths; loads with {how})")
 
 
 @app.command("bench")

@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Static
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, RadioButton, RadioSet, Static
 
 from engine.errors import AdapruneError
 from tui.jobs import EngineEvent, JobDone, start_job
@@ -26,6 +26,9 @@ class ExportScreen(Screen):
             yield Static("", markup=False, id="format")
             yield Label("Folder to write")
             yield Input(f"out/{self.session_name}-best", id="out")
+            with RadioSet(id="widths"):
+                yield RadioButton("the searched plan (per-layer widths: trust_remote_code)", value=True, id="plan")
+                yield RadioButton("uniform widths, re-planned (plain transformers)", id="uniform")
             yield Checkbox("replace the folder if it exists", id="force")
             yield Checkbox("recovery fine-tuning (LoRA) first — not available yet", id="lora", disabled=True)
             yield Button("Export (enter)", variant="primary", id="go")
@@ -42,9 +45,9 @@ class ExportScreen(Screen):
             self.query_one("#format", Static).update("no completed trial yet: nothing to export")
             self.query_one("#go", Button).disabled = True
             return
-        fmt = ("uniform widths: a standard config, loads in plain transformers" if plan.uniform else
-               "per-layer widths: loads with trust_remote_code=True (modeling_adaprune.py in the folder), or "
-               "with adaprune; the search chose different widths per layer")
+        fmt = ("its widths are uniform: a standard config, loads in plain transformers" if plan.uniform else
+               "its widths differ per layer: it loads with trust_remote_code=True (modeling_adaprune.py in the "
+               "folder) or with adaprune; 'uniform' re-plans the same cut in every layer instead")
         self.query_one("#format", Static).update(
             f"best trial {best['trial']} (objective {best['value']:.3f}), {plan.params_after:,} parameters — {fmt}")
         self.query_one("#out", Input).focus()
@@ -65,8 +68,10 @@ class ExportScreen(Screen):
             return
         self.running = True
         force, name = self.query_one("#force", Checkbox).value, self.session_name
+        widths = "uniform" if self.query_one("#uniform", RadioButton).value else "plan"
         self.query_one("#status", Static).update(f"writing {out}…")
-        start_job(self, "export", lambda sink, control: self.app.backend.export(name, out, force, sink))
+        start_job(self, "export",
+                  lambda sink, control: self.app.backend.export(name, out, force, widths, sink, control))
 
     def on_engine_event(self, message: EngineEvent) -> None:
         stage = getattr(message.event, "stage", None)

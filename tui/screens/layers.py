@@ -109,38 +109,42 @@ class LayersScreen(Screen):
         self.render_rows()
 
     def _ask(self, what: str) -> None:
+        """Ask for the KEPT width (as the table shows it); the plan stores what is removed."""
         i = self.cursor_layer()
         if i is None:
             return
         s = self.plan.shapes[i]
         k, c = self.counts_for(i)
-        if what == "heads":
-            if self.plan.head_mode == "kv":
-                limit = f"KV groups to remove, 0..{s['n_kv_heads'] - 1}"
-            else:
-                r = s["n_heads"] // s["n_kv_heads"]
-                limit = (f"query heads to remove from each of the {s['n_kv_heads']} KV groups, 0..{r - 1} "
-                         f"(GQA: every group keeps at least one query head, and all groups lose the same number)")
-            question, value = f"Layer {i}: {limit}", str(k)
+        if what == "heads" and self.plan.head_mode == "kv":
+            total = s["n_kv_heads"]
+            question = f"Layer {i}: KV groups to keep, 1..{total}"
+        elif what == "heads":
+            total = s["n_heads"] // s["n_kv_heads"]
+            question = (f"Layer {i}: query heads to keep in each of its {s['n_kv_heads']} KV groups, 1..{total} "
+                        f"(GQA: every group keeps at least one, and all groups keep the same number)")
         else:
-            question, value = f"Layer {i}: MLP channels to remove, 0..{s['intermediate'] - 1}", str(c)
+            total = s["intermediate"]
+            question = f"Layer {i}: MLP channels to keep, 1..{total}"
+        kept = total - (k if what == "heads" else c)
+
+        def removal(text: str) -> tuple[int, int]:
+            gone = total - int(text)
+            return (gone, c) if what == "heads" else (k, gone)
 
         def check(text: str) -> str | None:
             if not text.strip().isdigit():
                 return "a whole number"
-            n = int(text)
             try:
-                check_edit(self.plan, i, n if what == "heads" else k, n if what == "channels" else c)
+                check_edit(self.plan, i, *removal(text))
             except AdapruneError as e:
                 return str(e)
             return None
 
         def done(text: str | None) -> None:
             if text is not None:
-                n = int(text)
-                self.apply_edit(i, n if what == "heads" else k, n if what == "channels" else c)
+                self.apply_edit(i, *removal(text))
 
-        self.app.push_screen(Ask(question, value, check), done)
+        self.app.push_screen(Ask(question, str(kept), check), done)
 
     def action_heads(self) -> None:
         self._ask("heads")
