@@ -177,3 +177,11 @@ def test_objective_with_zero_shot_rows_that_benchmarks_leave_out(tmp_path, token
     assert z["n"] == 6 and z["objective_rows_left_out"] == 4
     with pytest.raises(AdapruneError, match="local task file"):
         create_session(tmp_path / "s", "named", SearchConfig(model=str(folder), objective_tasks=["piqa"]))
+
+
+def test_a_standard_task_without_the_hub_fails_in_one_line(tokenizer):
+    # piqa by name is lm-eval's own task; here the hub is unreachable (HF_HUB_OFFLINE), so it must say so
+    spec = parse_task("piqa")
+    assert spec.path is None
+    with pytest.raises(AdapruneError, match="needs the Hugging Face hub.*local .jsonl"):
+        zero_shot(make_model("llama"), tokenizer, [spec], limit=2)
