@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +289,57 @@ def test_a_live_remote_trial_is_left_alone(llama_folder, tmp_path):
     study._storage.record_heartbeat(t._trial_id)  # beating now
     assert fail_orphans(study) == 0
     assert study.get_trials()[0].state.name == "RUNNING"
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL server on a unix socket (skipped where PostgreSQL or root is missing)."""
+    import shutil
+    import socket
+
+    bindir = next((d for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None) \
+        if Path("/usr/lib/postgresql").is_dir() else None
+    if bindir is None or os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs PostgreSQL's binaries and root (to run the server as the postgres user)")
+    pytest.importorskip("psycopg2")
+    import tempfile
+
+    data = Path(tempfile.mkdtemp(prefix="adaprune-pg-"))  # pytest's own tmp is root-only; postgres must enter
+    shutil.chown(data, "postgres", "postgres")
+    data.chmod(0o700)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def as_postgres(*cmd):
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, text=True)
+
+    as_postgres(str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust")
+    as_postgres(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
+                f"-p {port} -k {data} -c listen_addresses=''", "start")
+    try:
+        as_postgres(str(bindir / "createdb"), "-h", str(data), "-p", str(port), "adaprune")
+        yield f"postgresql+psycopg2://postgres@/adaprune?host={data}&port={port}"
+    finally:
+        as_postgres(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_workers_share_a_postgresql_study(llama_folder, tmp_path, postgres):
+    """The across-machines storage: a PostgreSQL URL; two workers, exact count, nothing run twice."""
+    cfg = _cfg(llama_folder, trials=5, sources=["stdlib-docs"], objective=["stdlib-docs/valid"], storage=postgres)
+    root = tmp_path / "s"
+    session = create_session(root, "pg", cfg)
+    assert not (session.path / "study.db").exists()
+    env = {**os.environ, "ADAPRUNE_SESSIONS": str(root)}
+    cmd = [sys.executable, "-c", "from tui.cli import main; main()", "worker", "pg"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    counted = [t for t in _trials(session, cfg)
+               if t.state.name in ("COMPLETE", "PRUNED") and "duplicate_of" not in t.user_attrs]
+    keys = [t.user_attrs["key"] for t in counted]
+    assert len(counted) == 5 and len(keys) == len(set(keys))
+    assert summary(session)["done"] == 5
