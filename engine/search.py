@@ -63,6 +63,7 @@ ATTN_SHARES = ["auto", "same", "0.1", "0.25"]
 MIX_METRICS = ["none", "vector", "taylor2", "wanda"]  # second metrics: decomposable, so mixing costs no backward
 MIX_WEIGHTS = [0.25, 0.5, 0.75]
 RAMPS = [-0.5, -0.25, 0.0, 0.25, 0.5]  # depth ramp of the MLP cut: > 0 prunes deeper layers more
+CALIB_BATCH = 4  # windows per calibration forward/backward (the same as prune_with's default)
 SEEDS = 10  # random draws per (source, n, len) the search may pick from
 MAX_DUPLICATES_IN_A_ROW = 25
 
@@ -617,7 +618,7 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
         scores = cached_scores(params["metric"])
     elif mixing:
-        stats = collect_stats(model, windows, scored, params["metric"], control=control, sink=sink)
+        stats = collect_stats(model, windows, scored, params["metric"], CALIB_BATCH, control, sink)
         scores = score_layers(model, scored, params["metric"], params["aggregate"], stats, cfg.seed)
         del stats
     if mixing:
