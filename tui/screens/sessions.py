@@ -40,18 +40,30 @@ class SessionsScreen(Screen):
         for col in COLUMNS:
             table.add_column(col, key=col)
         self.refresh_rows()
-        self.set_interval(3.0, self.refresh_rows)  # headless runs and workers change sessions underneath
+        # headless runs and workers change sessions underneath; reading every study is I/O: off the UI thread
+        self.set_interval(3.0, lambda: self.run_worker(self._read_rows, thread=True, group="sessions",
+                                                       exclusive=True, exit_on_error=False))
 
     def on_screen_resume(self) -> None:
         self.refresh_rows()
 
+    def _read_rows(self) -> None:
+        try:
+            rows = self.app.backend.sessions()
+        except AdapruneError:
+            return  # the next explicit refresh (F5) shows the error
+        self.app.call_from_thread(self.show_rows, rows)
+
     def refresh_rows(self) -> None:
-        table = self.query_one(DataTable)
         try:
             rows = self.app.backend.sessions()
         except AdapruneError as e:
             self.notify(str(e), severity="error")
             return
+        self.show_rows(rows)
+
+    def show_rows(self, rows: list[dict]) -> None:
+        table = self.query_one(DataTable)
         selected = self.selected()
         table.clear()
         for r in rows:
