@@ -66,6 +66,7 @@ class TrialStarted(Event):
     number: int
     params: dict
     worker: str = ""
+    baseline: bool = False  # LLM-Pruner's recipe, the row every other trial is read against
 
 
 @dataclass(frozen=True)

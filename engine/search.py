@@ -444,11 +444,16 @@ def optuna_experimental_warning() -> type[Warning]:
     return ExperimentalWarning
 
 
+def _rerun_attrs(trial) -> dict:
+    """A re-queued trial remembers what it reruns, and stays the baseline if it was (trial 0 may be rerun)."""
+    return {"rerun_of": trial.number, **({"baseline": True} if trial.user_attrs.get("baseline") else {})}
+
+
 def _requeue(study, trial) -> None:
     # a trial stopped before it drew its parameters still holds what the queue gave it (e.g. the baseline)
     params = trial.params or trial.system_attrs.get("fixed_params")
     if params and "duplicate_of" not in trial.user_attrs:
-        study.enqueue_trial(params, user_attrs={"rerun_of": trial.number})
+        study.enqueue_trial(params, user_attrs=_rerun_attrs(trial))
 
 
 @contextlib.contextmanager
@@ -729,7 +734,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                     break
                 continue
             duplicates_in_a_row = 0
-            sink(TrialStarted(current.number, params, me))
+            sink(TrialStarted(current.number, params, me, bool(current.user_attrs.get("baseline"))))
             trial = current
 
             def report(step: int, value: float, trial=trial) -> bool:
@@ -777,7 +782,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         if current is not None:  # interrupted mid-trial: fail it so a resume runs it again
             try:
                 study.tell(current, state=TrialState.FAIL)
-                study.enqueue_trial(current.params, user_attrs={"rerun_of": current.number})
+                study.enqueue_trial(current.params, user_attrs=_rerun_attrs(current))
             except Exception:
                 pass
         done = completed(study)

@@ -21,6 +21,7 @@ class TrialRow:
     params_after: int = 0
     worker: str = ""
     message: str = ""
+    baseline: bool = False
 
 
 @dataclass
@@ -32,7 +33,8 @@ class TrialRows:
     def apply(self, event: Event) -> bool:
         """Fold one event in; True when it changed a row."""
         if isinstance(event, TrialStarted):
-            self.rows[event.number] = TrialRow(event.number, event.params, worker=event.worker)
+            self.rows[event.number] = TrialRow(event.number, event.params, worker=event.worker,
+                                               baseline=event.baseline)
         elif isinstance(event, TrialFinished):
             row = self.rows.setdefault(event.number, TrialRow(event.number, event.params))
             row.state, row.value, row.seconds = event.state, event.value, event.seconds
@@ -46,8 +48,13 @@ class TrialRows:
 
     @property
     def baseline(self) -> TrialRow | None:
-        """Trial 0 is LLM-Pruner's recipe: every other trial is read against it."""
-        return self.rows.get(0)
+        """LLM-Pruner's recipe, every other trial read against it: trial 0, or its rerun if trial 0 failed
+        (logs from before the flag existed: trial 0)."""
+        flagged = [r for r in self.rows.values() if r.baseline and r.state != "failed"]
+        return flagged[-1] if flagged else self.rows.get(0)
+
+    def is_baseline(self, row: TrialRow) -> bool:
+        return row is self.baseline
 
     def gain(self, row: TrialRow) -> float | None:
         """How much lower the row's objective is than the baseline's (0.25: 25% lower)."""
@@ -58,7 +65,8 @@ class TrialRows:
 
     def shown(self, limit: int) -> list[TrialRow]:
         """At most `limit` rows for a small screen: the baseline and the best always, then the latest."""
-        pinned = [n for n in (0, self.best) if n is not None and n in self.rows]
+        base = self.baseline
+        pinned = [n for n in (base.number if base else None, self.best) if n is not None and n in self.rows]
         latest = [n for n in sorted(self.rows, reverse=True) if n not in pinned]
         keep = set(pinned) | set(latest[: max(0, limit - len(set(pinned)))])
         return [self.rows[n] for n in sorted(keep)]

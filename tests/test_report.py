@@ -57,3 +57,14 @@ def test_live_table_on_a_terminal_and_lines_elsewhere():
             sink(e)
     out = _plain(buf)
     assert "trial 2 complete: objective 60.000" in out and "best so far: trial 2" in out and "┃" not in out
+
+
+def test_a_rerun_baseline_stays_the_baseline():
+    board = TrialRows()
+    for e in [TrialStarted(0, P, baseline=True), TrialFinished(0, "failed", None, P),
+              TrialStarted(1, P), TrialFinished(1, "complete", 90.0, P),
+              TrialStarted(2, P, baseline=True), TrialFinished(2, "complete", 100.0, P)]:
+        board.apply(e)
+    assert board.baseline.number == 2 and board.is_baseline(board.rows[2]) and not board.is_baseline(board.rows[0])
+    assert abs(board.gain(board.rows[1]) - 0.10) < 1e-9
+    assert [r.number for r in board.shown(1)] == [2]  # pinned before the latest

@@ -115,7 +115,8 @@ def test_resume_after_kill_reruns_the_interrupted_trial(llama_folder, tmp_path):
     trials = _trials(session, cfg)
     assert trials[0].state.name == "FAIL"
     assert completed(open_study(session, cfg)) == 3
-    assert any(t.user_attrs.get("rerun_of") == 0 and t.params == orphan and t.state.name == "COMPLETE" for t in trials)
+    assert any(t.user_attrs.get("rerun_of") == 0 and t.params == orphan and t.state.name == "COMPLETE"
+               and t.user_attrs.get("baseline") for t in trials)  # the rerun baseline is still the baseline
 
 
 def test_a_second_driver_is_refused(llama_folder, tmp_path):

@@ -141,23 +141,23 @@ STATE_STYLE = {"complete": "", "pruned": "dim", "duplicate": "dim", "failed": "r
 
 
 def trials_table(board: TrialRows, limit: int = 12) -> Table:
-    """The trials so far: trial 0 (LLM-Pruner's recipe) marked, the best in green, objective vs trial 0."""
+    """The trials so far: the baseline (LLM-Pruner's recipe) marked, the best in green, objective vs baseline."""
     t = Table(title=f"trials ({len(board.rows)} so far)", box=box.SIMPLE_HEAD, pad_edge=False, expand=True)
     # the numbers never shrink; on a narrow terminal the descriptions are cut short instead
     t.add_column("#", justify="right", no_wrap=True, min_width=6)
     for name in ("metric", "calibration", "layout"):
         t.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1)
     t.add_column("objective", justify="right", no_wrap=True, min_width=9)
-    t.add_column("vs #0", justify="right", no_wrap=True, min_width=6)
+    t.add_column("vs base", justify="right", no_wrap=True, min_width=7)
     t.add_column("state", no_wrap=True, min_width=9)
     for r in board.shown(limit):
         gain = board.gain(r)
-        number = f"{r.number}" + (" base" if r.number == 0 else "")
+        number = f"{r.number}" + (" base" if board.is_baseline(r) else "")
         value = f"{r.value:.3f}" if r.value is not None else ""
         state = "best" if r.number == board.best else r.state
         style = "bold green" if r.number == board.best else STATE_STYLE.get(r.state, "")
         t.add_row(number, metric_text(r.params), calib_text(r.params), layout_text(r.params), value,
-                  f"{-gain:+.1%}" if gain is not None and r.number else "", state, style=style)
+                  f"{-gain:+.1%}" if gain is not None and not board.is_baseline(r) else "", state, style=style)
     return t
 
 

@@ -31,7 +31,7 @@ from tui.jobs import EngineEvent, JobDone, start_job
 from tui.report import calib_text, layout_text, metric_text
 
 # what matters first on 80 columns; the configuration follows (scroll right for all of it)
-COLUMNS = ("trial", "objective", "vs #0", "state", "metric", "calibration", "layout")
+COLUMNS = ("trial", "objective", "vs base", "state", "metric", "calibration", "layout")
 
 
 class SearchScreen(Screen):
@@ -166,8 +166,9 @@ class SearchScreen(Screen):
         table = self.query_one(DataTable)
         gain = self.board.gain(r)
         state = "best" if r.number == self.board.best else r.state
-        cells = (f"{r.number}" + (" base" if r.number == 0 else ""), f"{r.value:.3f}" if r.value is not None else "",
-                 f"{-gain:+.1%}" if gain is not None and r.number else "", state, metric_text(r.params),
+        base = self.board.is_baseline(r)
+        cells = (f"{r.number}" + (" base" if base else ""), f"{r.value:.3f}" if r.value is not None else "",
+                 f"{-gain:+.1%}" if gain is not None and not base else "", state, metric_text(r.params),
                  calib_text(r.params), layout_text(r.params))
         key = str(r.number)
         if key in table.rows:
