@@ -700,6 +700,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
             fail_orphans(study, sink)
             with _ask_lock(session), _quiet_optuna():
                 current = study.ask()
+                current.set_user_attr("worker", me)  # owned from the first moment: orphans are found by owner
                 _beat_once(study, current)  # a worker killed before its first trial heartbeat is still found
             earlier = [t for t in study.get_trials(deepcopy=False) if t.number < current.number]
             if sum(1 for t in earlier if _counts_toward_budget(t)) >= cfg.trials:
@@ -713,7 +714,6 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
             twin = next((t for t in earlier if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                          and t.user_attrs.get("key") == key), None)
             current.set_user_attr("key", key)
-            current.set_user_attr("worker", me)
             if twin is None and any(t.state == TrialState.RUNNING and t.user_attrs.get("key") == key for t in earlier):
                 # another worker is evaluating this very configuration right now
                 current.set_user_attr("duplicate_of", "running")
