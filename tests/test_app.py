@@ -123,6 +123,31 @@ def test_pause_resume_and_cancel_a_running_search(tmp_path):
     run(go())
 
 
+def test_leaving_and_reopening_a_running_search_keeps_control_of_it(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        backend.delay = 0.1
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("r")
+            await pilot.pause(0.2)
+            control = app.jobs["search"]
+            await pilot.press("escape")
+            assert isinstance(app.screen, SessionsScreen) and app.jobs  # still running behind
+            await pilot.press("enter")
+            screen = app.screen
+            assert isinstance(screen, SearchScreen) and screen.view_mode == "attach"
+            assert "running in this app" in text_of(app, "#title")
+            await pilot.press("p")
+            assert control.paused
+            await pilot.press("c")
+            await settle(app, pilot)
+            await pilot.pause(0.7)
+            assert control.cancelled and not app.jobs and screen.control is None
+
+    run(go())
+
+
 def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
     async def go():
         backend = FakeBackend(tmp_path)

@@ -40,6 +40,7 @@ class AdapruneApp(App):
 
         self.backend = backend or Backend(sessions_dir or default_dir())
         self.jobs: dict[str, Control] = {}  # engine work in flight, by job name
+        self.searching: str | None = None  # the session whose search this app runs, if any
         self.start_new, self.defaults = new, defaults
 
     def on_mount(self) -> None:
@@ -58,14 +59,18 @@ class AdapruneApp(App):
         return next(n for n in [base, *(f"{base}-{i}" for i in range(2, 1000))] if n not in taken)
 
     def open_search(self, name: str, mode: str = "view") -> None:
-        if mode == "drive" and "search" in self.jobs:
-            self.notify("a search is already running in this app: one at a time (they share the CPU/GPU)",
-                        severity="warning")
+        control = None
+        if "search" in self.jobs and self.searching == name:
+            mode, control = "attach", self.jobs["search"]  # ours, started from a screen since left
+        elif mode == "drive" and "search" in self.jobs:
+            self.notify(f"a search is already running in this app ({self.searching}): one at a time, they share "
+                        f"the CPU/GPU", severity="warning")
             mode = "view"
-        if mode == "drive" and self.backend.is_running(name):
-            self.notify(f"{name} is driven by another process: attaching to follow it", severity="warning")
+        elif mode in ("drive", "view") and self.backend.is_running(name):
+            if mode == "drive":
+                self.notify(f"{name} is driven by another process: following it", severity="warning")
             mode = "attach"
-        self.push_screen(SearchScreen(name, mode))
+        self.push_screen(SearchScreen(name, mode, control))
 
     def open_layers(self, name: str) -> None:
         self.push_screen(LayersScreen(name))

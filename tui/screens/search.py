@@ -44,11 +44,13 @@ class SearchScreen(Screen):
         Binding("escape", "back", "Back"),
     ]
 
-    def __init__(self, name: str, mode: str = "view") -> None:
+    def __init__(self, name: str, mode: str = "view", control=None) -> None:
+        """`control`: when this app already runs the session's search (the screen that started it was left),
+        the new screen follows the events file and still pauses and cancels it."""
         super().__init__()
         self.session_name, self.view_mode = name, mode
         self.board = TrialRows()
-        self.control = None
+        self.control = control
         self.log_offset = 0
         self.stage_started = 0.0
         self.trials_total = 0
@@ -90,6 +92,8 @@ class SearchScreen(Screen):
 
     def update_title(self) -> None:
         what = {"drive": "running here", "attach": "following (read-only)", "view": "saved"}[self.view_mode]
+        if self.view_mode == "attach" and self.control is not None:
+            what = "running in this app"
         paused = " — paused" if self.control is not None and self.control.paused else ""
         self.query_one("#title", Static).update(f"session {self.session_name}: {what}{paused}")
 
@@ -104,9 +108,13 @@ class SearchScreen(Screen):
     def start(self) -> None:
         name = self.session_name
         self.control = start_job(self, "search", lambda sink, control: self.app.backend.run_search(name, sink, control))
+        self.app.searching = name
         self.update_title()
 
     def poll(self) -> None:
+        if self.control is not None and "search" not in self.app.jobs:
+            self.control = None  # the run this screen followed has ended
+            self.update_title()
         try:
             events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
         except AdapruneError as e:
