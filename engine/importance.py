@@ -10,7 +10,7 @@ the sum over its slice; matrices are combined by the aggregation (sum, mean, max
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -88,6 +88,46 @@ def _removed_after(hooks: list) -> Iterator[None]:
             h.remove()
 
 
+def gradient_sums(
+    model: nn.Module,
+    windows: Tensor,
+    keys: Sequence[str],
+    squares: bool = False,
+    batch_size: int = 4,
+    control: Control | None = None,
+    on_batch=None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Sums over `windows` of every window's loss gradient for the weights `keys` ('LAYER.PROJ'), in fp32,
+    and with `squares` the sums of the squared per-window gradients (the Fisher diagonal, one backward per
+    window). The windows have one length, so a batch's mean loss is the mean of its windows' losses and B
+    times its gradient is the sum of their gradients: the sums do not depend on the batch size.
+    """
+    control = control or Control()
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    weights = {k: _proj(layers[int(k.split(".")[0])], k.split(".")[1]).weight for k in keys}
+    bs = 1 if squares else max(1, batch_size)
+    grad: dict[str, Tensor] = {}
+    sq: dict[str, Tensor] = {}
+    with _gradients_only_for(model, weights.values()):
+        for b in range(0, windows.shape[0], bs):
+            control.checkpoint()
+            batch = windows[b : b + bs].to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise AdapruneError("the calibration loss is not finite: the model or data is broken")
+            (loss * batch.shape[0]).backward()
+            for key, w in weights.items():
+                g = w.grad.float()
+                grad[key] = grad[key] + g if key in grad else g.clone()
+                if squares:
+                    sq[key] = sq[key] + g.pow(2) if key in sq else g.pow(2)
+                w.grad = None
+            if on_batch is not None:
+                on_batch(min(b + bs, windows.shape[0]))
+    return grad, sq
+
+
 def collect_stats(
     model: nn.Module,
     windows: Tensor,
@@ -101,50 +141,37 @@ def collect_stats(
     need_grad, need_fisher, need_act = metric in GRAD_METRICS, metric in FISHER_METRICS, metric in ACT_METRICS
     if not (need_grad or need_act):
         return CalibStats()  # l1, l2 and random read no data
-    stats = CalibStats(n_samples=windows.shape[0], n_tokens=windows.numel())
+    n = windows.shape[0]
+    stats = CalibStats(n_samples=n, n_tokens=windows.numel())
     control = control or Control()
+    if need_grad:
+        keys = [f"{i}.{p}" for i in layer_ids for p in PROJ]
+        with Stage(sink, "calibration statistics", n, "windows") as stage:
+            grad, sq = gradient_sums(model, windows, keys, need_fisher, batch_size, control, stage.advance)
+        stats.grad = {k: v / n for k, v in grad.items()}
+        stats.fisher = {k: v / n for k, v in sq.items()}
+        return stats
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    # the Fisher diagonal needs one gradient per sample
-    bs = 1 if need_fisher else max(1, batch_size)
-    weights = {f"{i}.{p}": _proj(layers[i], p).weight for i in layer_ids for p in PROJ}
-    hooks = []
-    if need_act:
-        def hook(key: str):
-            def fn(_mod: nn.Module, args: tuple) -> None:
-                x = args[0].detach().float()
-                sq = x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
-                stats.act[key] = stats.act.get(key, 0) + sq
-            return fn
-        for i in layer_ids:
-            for p in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-                hooks.append(_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}")))
-    with _gradients_only_for(model, weights.values() if need_grad else ()), _removed_after(hooks):
-        n_batches = (windows.shape[0] + bs - 1) // bs
-        with Stage(sink, "calibration statistics", n_batches, "batches") as stage:
-            for b in range(n_batches):
-                control.checkpoint()
-                batch = windows[b * bs : (b + 1) * bs].to(device)
-                if need_grad:
-                    loss = model(input_ids=batch, labels=batch).loss
-                    if not torch.isfinite(loss):
-                        raise AdapruneError("the calibration loss is not finite: the model or data is broken")
-                    loss.backward()
-                    for key, w in weights.items():
-                        g = w.grad.float()
-                        stats.grad[key] = stats.grad.get(key, 0) + g
-                        if need_fisher:
-                            stats.fisher[key] = stats.fisher.get(key, 0) + g.pow(2)
-                        w.grad = None
-                else:
-                    with torch.no_grad():
-                        model(input_ids=batch)
-                stage.advance(b + 1)
-        for d in (stats.grad, stats.fisher):
-            for key in d:
-                d[key] /= n_batches
-        for key in stats.act:
-            stats.act[key] /= stats.n_tokens
+
+    def hook(key: str):
+        def fn(_mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            sq = x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
+            stats.act[key] = stats.act.get(key, 0) + sq
+        return fn
+
+    hooks = [_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}"))
+             for i in layer_ids for p in ("q_proj", "o_proj", "gate_proj", "down_proj")]
+    bs = max(1, batch_size)
+    with (_gradients_only_for(model, ()), _removed_after(hooks), torch.no_grad(),
+          Stage(sink, "calibration statistics", n, "windows") as stage):
+        for b in range(0, n, bs):
+            control.checkpoint()
+            model(input_ids=windows[b : b + bs].to(device))
+            stage.advance(min(b + bs, n))
+    for key in stats.act:
+        stats.act[key] /= stats.n_tokens
     return stats
 
 
@@ -238,12 +265,14 @@ def _parts(layer: nn.Module, e: dict[str, Tensor], hd: int, r: int) -> dict[str,
 
 
 def collect_sample_stats(
-    model: nn.Module, windows: Tensor, control: Control | None = None, sink: Sink = null_sink
+    model: nn.Module, windows: Tensor, control: Control | None = None, sink: Sink = null_sink,
+    on_window: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> dict[str, Tensor]:
     """Per calibration window, every layer's per-group sums of w*g and 1/2 w^2 g^2, and input sq-norms.
 
     Keys: 'L.KIND.vector' and 'L.KIND.taylor2' -> [samples, matrices, groups] (KIND: heads, kv, channels);
     'L.PROJ.act' -> [samples, in_features] (sum over the window's tokens of x^2).
+    `on_window` sees each window's fp32 weight gradients, keyed 'L.PROJ' (e.g. to sum them at no extra pass).
     """
     control = control or Control()
     layers = decoder_layers(model)
@@ -280,6 +309,8 @@ def collect_sample_stats(
                         rows.setdefault(f"{i}.{kind}.taylor2", []).append(torch.stack(second[kind]).cpu())
             for key, value in acts.items():
                 rows.setdefault(key, []).append(value.cpu())
+            if on_window is not None:
+                on_window({f"{i}.{p}": w.grad.float() for (i, p), w in weights.items()})
             for w in weights.values():
                 w.grad = None
             stage.advance(s + 1)

@@ -38,10 +38,12 @@ from engine.events import (
     TrialStarted,
     null_sink,
 )
+from engine.gradsums import GradientCache
 from engine.importance import (
+    FISHER_METRICS,
     SAMPLE_METRICS,
+    CalibStats,
     collect_sample_stats,
-    collect_stats,
     mix_scores,
     score_layers,
     scores_from_samples,
@@ -80,6 +82,7 @@ class SearchConfig:
     objective_len: int = 128
     metrics: list[str] | None = None  # the metrics to search (None: SEARCH_METRICS)
     pool_size: int = 48  # windows per calibration source to select from (per-sample statistics cost one backward each)
+    grad_cache_gb: float = 2.0  # memory for gradient sums that taylor1/taylor-mix trials share (0: none)
     fixed: dict = field(default_factory=dict)
     head_mode: str = "query"
     round_to: int = 1
@@ -226,6 +229,7 @@ class SearchData:
         self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.objective: dict[str, torch.Tensor] = {}
         self.samples: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.grads = GradientCache(int(cfg.grad_cache_gb * 2**30))
 
     def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
@@ -269,11 +273,23 @@ class SearchData:
         key = (source, length)
         if key not in self.samples:
             ids, _ = self.pool(source)
+            model = self.loaded.model
+
+            def build() -> dict[str, torch.Tensor]:
+                # the pass computes every window's gradient anyway: their sum serves later taylor1 trials
+                pool_sum = self.grads.pool_accumulator(key, ids.shape[0], model)
+                return collect_sample_stats(model, ids[:, :length], self.control, self.sink, pool_sum)
+
             with Stage(self.sink, f"per-sample statistics {source} x{length}"):
-                self.samples[key] = self._cached(
-                    f"samples-{_slug(source)}-{length}-{self.cfg.seed}",
-                    lambda: collect_sample_stats(self.loaded.model, ids[:, :length], self.control, self.sink))
+                self.samples[key] = self._cached(f"samples-{_slug(source)}-{length}-{self.cfg.seed}", build)
         return self.samples[key]
+
+    def gradient_stats(self, model, source: str, length: int, subset: torch.Tensor, layer_ids: list[int],
+                       squares: bool) -> CalibStats:
+        """Mean gradient (and Fisher diagonal) of a subset of a pool, from the nearest gradient sum kept."""
+        ids, _ = self.pool(source)
+        return self.grads.stats(model, (source, length), ids[:, :length], subset.tolist(), layer_ids, squares,
+                                CALIB_BATCH, self.control, self.sink)
 
     def prepare(self) -> None:
         """Build every pool and objective text before the first trial, so trial times are trial times."""
@@ -605,9 +621,9 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     if not layer_ids:
         raise AdapruneError("the protected first and last layers and the overrides leave nothing to prune")
     scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
-    ids, loss = data.pool(params["calib_source"])
+    _, loss = data.pool(params["calib_source"])
     idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
-    windows, scores, once = ids[idx, : params["calib_len"]], None, 0.0
+    once = 0.0
     metric2 = params.get("metric2", "none")
     allocation = params.get("allocation", "uniform")
     mixing = metric2 != "none" and metric2 != params["metric"]
@@ -620,15 +636,18 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
         return scores_from_samples(model, cache, idx, scored, metric, params["aggregate"], params["calib_len"],
                                    cfg.seed)
 
+    # the second metric first: its per-sample pass also sums the pool's gradients for a taylor1 first metric
+    second = cached_scores(metric2) if mixing else None
     if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
         scores = cached_scores(params["metric"])
-    elif mixing:
-        stats = collect_stats(model, windows, scored, params["metric"], CALIB_BATCH, control, sink)
+    else:  # taylor1 / taylor-mix: from gradient sums shared between trials
+        stats = data.gradient_stats(model, params["calib_source"], params["calib_len"], idx, scored,
+                                    params["metric"] in FISHER_METRICS)
         scores = score_layers(model, scored, params["metric"], params["aggregate"], stats, cfg.seed)
         del stats
-    if mixing:
-        scores = mix_scores(scores, cached_scores(metric2), float(params["mix"]))
-    plan = prune_with(model, windows, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
+    if second is not None:
+        scores = mix_scores(scores, second, float(params["mix"]))
+    plan = prune_with(model, None, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                       _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
                       scores=scores, overrides=overrides, allocation=allocation,
                       ramp=0.0 if allocation == "global" else float(params.get("ramp", 0.0)),

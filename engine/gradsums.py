@@ -1,0 +1,157 @@
+"""Gradient sums over subsets of a calibration pool, shared between a search's trials.
+
+First-order Taylor importance |w * mean gradient| does not split over windows once the absolute value is
+taken, so it cannot come from per-window group statistics the way the decomposable metrics do. The gradient
+itself does split: its sum over a subset of windows is a cached sum over another subset, plus the windows
+that one lacks, minus the windows it has in excess. A search's trials draw their windows from one pool per
+source, so much of a new subset's gradient is usually summed already: the whole pool's (gathered for free
+during the per-sample statistics pass) or an earlier trial's. A sum is the size of the model's weights in
+fp32, so sums stay in memory under a byte budget instead of going into the session folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from engine.control import Control
+from engine.events import Sink, Stage, null_sink
+from engine.importance import PROJ, CalibStats, gradient_sums
+from engine.structure import ATTN, decoder_layers
+
+
+@dataclass
+class GradSum:
+    pool: Hashable  # which pool (e.g. source and window length) the window indices refer to
+    windows: frozenset[int]
+    grad: dict[str, Tensor]  # 'LAYER.PROJ' -> sum over the windows of each window's gradient (fp32, CPU)
+    sq: dict[str, Tensor] | None  # sums of squared per-window gradients; None where batches were summed
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.grad, *([self.sq] if self.sq is not None else [])]
+        return sum(t.numel() * t.element_size() for d in parts for t in d.values())
+
+
+def weight_keys(model: nn.Module) -> list[str]:
+    """Every decoder layer's projection weights: sums over all layers serve any layer range a trial picks."""
+    return [f"{i}.{p}" for i in range(len(decoder_layers(model))) for p in PROJ]
+
+
+def sum_bytes(model: nn.Module, squares: bool) -> int:
+    layers = decoder_layers(model)
+    n = sum(getattr(layer.self_attn if p in ATTN else layer.mlp, p).weight.numel() for layer in layers for p in PROJ)
+    return n * 4 * (2 if squares else 1)
+
+
+class GradientCache:
+    """Least-recently-used gradient sums under a byte budget (0: keep none, every subset is summed afresh)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.entries: list[GradSum] = []  # oldest use first
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.budget
+
+    def put(self, entry: GradSum) -> None:
+        if not self.fits(entry.nbytes):
+            return
+        same = next((e for e in self.entries if (e.pool, e.windows) == (entry.pool, entry.windows)), None)
+        if same is not None:
+            self.entries.remove(same)
+            if same.sq is not None or entry.sq is None:
+                entry = same  # what is kept already serves every request the new sum could
+        while self.entries and sum(e.nbytes for e in self.entries) + entry.nbytes > self.budget:
+            self.entries.pop(0)
+        self.entries.append(entry)
+
+    def pool_accumulator(self, pool: Hashable, n_windows: int, model: nn.Module) -> Callable | None:
+        """An `on_window` callback for a pass that computes every window's gradient anyway (the per-sample
+        statistics): it sums them into the pool's entry. None when that entry would not fit the budget."""
+        if not self.fits(sum_bytes(model, squares=True)):
+            return None
+        grad: dict[str, Tensor] = {}
+        sq: dict[str, Tensor] = {}
+        seen = [0]
+
+        def on_window(grads: dict[str, Tensor]) -> None:
+            for k, g in grads.items():
+                g = g.detach().float().cpu()
+                if k in grad:
+                    grad[k].add_(g)
+                    sq[k].add_(g.pow(2))
+                else:
+                    grad[k], sq[k] = g.clone(), g.pow(2)
+            seen[0] += 1
+            if seen[0] == n_windows:
+                self.put(GradSum(pool, frozenset(range(n_windows)), grad, sq))
+
+        return on_window
+
+    def nearest(self, pool: Hashable, target: frozenset[int], squares: bool) -> GradSum | None:
+        """The cached sum that the fewest window passes turn into the target's (None: start from zero)."""
+        usable = [e for e in self.entries if e.pool == pool and (e.sq is not None or not squares)]
+        best = min(usable, key=lambda e: len(e.windows ^ target), default=None)
+        if best is None or len(best.windows ^ target) >= len(target):
+            return None
+        return best
+
+    def stats(
+        self,
+        model: nn.Module,
+        pool: Hashable,
+        windows: Tensor,
+        subset: Sequence[int],
+        layer_ids: Sequence[int],
+        squares: bool,
+        batch_size: int = 4,
+        control: Control | None = None,
+        sink: Sink = null_sink,
+    ) -> CalibStats:
+        """Mean gradient (and with `squares` the Fisher diagonal) of the windows `subset` of a pool, for
+        `layer_ids`; `windows` is the whole pool at the trial's length. Equal to collect_stats on
+        windows[subset], computed from the nearest cached sum."""
+        target = frozenset(int(i) for i in subset)
+        wanted = [f"{i}.{p}" for i in layer_ids for p in PROJ]
+        caching = self.fits(sum_bytes(model, squares))
+        base = self.nearest(pool, target, squares) if caching else None
+        add = sorted(target - base.windows) if base else sorted(target)
+        sub = sorted(base.windows - target) if base else []
+        # a sum worth keeping covers every layer; one that cannot be kept covers only what is scored now
+        keys = weight_keys(model) if caching else wanted
+        grad = {k: v.clone() for k, v in base.grad.items()} if base else {}
+        sq = None
+        if squares:
+            sq = {k: v.clone() for k, v in base.sq.items()} if base else {}
+        if base is not None:  # used: the least recently used sums are the first to go
+            self.entries.remove(base)
+            self.entries.append(base)
+        with Stage(sink, "calibration statistics", len(add) + len(sub), "windows") as stage:
+            for sign, part, done in ((1.0, add, 0), (-1.0, sub, len(add))):
+                if not part:
+                    continue
+                g, s = gradient_sums(model, windows[part], keys, squares, batch_size, control,
+                                     lambda k, done=done: stage.advance(done + k))
+                for k in keys:
+                    _accumulate(grad, k, g[k], sign, caching)
+                    if sq is not None:
+                        _accumulate(sq, k, s[k], sign, caching)
+                del g, s
+        if caching:
+            self.put(GradSum(pool, target, grad, sq))
+        n = len(target)
+        return CalibStats(grad={k: v / n for k, v in grad.items() if k in wanted},
+                          fisher={k: v / n for k, v in (sq or {}).items() if k in wanted},
+                          n_samples=n, n_tokens=n * windows.shape[1])
+
+
+def _accumulate(into: dict[str, Tensor], key: str, value: Tensor, sign: float, to_cpu: bool) -> None:
+    value = value.cpu() if to_cpu else value
+    if key in into:
+        into[key].add_(value, alpha=sign)
+    else:
+        into[key] = value * sign if sign != 1.0 else value
+
