@@ -25,6 +25,7 @@ from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
 from engine.api import PruneConfig, evaluation_sets  # noqa: E402
 from engine.control import Control  # noqa: E402
 from engine.evaluate import perplexity  # noqa: E402
+from engine.importance import SAMPLE_METRICS  # noqa: E402
 from engine.models import load  # noqa: E402
 from engine.plan import Plan  # noqa: E402
 from engine.prune import apply_plan  # noqa: E402
@@ -46,9 +47,15 @@ def main() -> None:
     session = create_session(root, "bench", cfg)
     prepared = {}
 
+    computed: dict[int, int] = {}  # gradient windows each trial computed (stage "calibration statistics")
+    current = [None]
+
     def sink(event) -> None:
-        if event.kind == "trial_started" and "first_trial" not in prepared:
-            prepared["first_trial"] = time.perf_counter() - t0
+        if event.kind == "trial_started":
+            current[0] = event.number
+            prepared.setdefault("first_trial", time.perf_counter() - t0)
+        if event.kind == "stage_started" and event.stage == "calibration statistics" and current[0] is not None:
+            computed[current[0]] = computed.get(current[0], 0) + (event.total or 0)
         if event.kind in ("trial_finished", "best_changed", "log"):
             print({k: v for k, v in event.to_dict().items() if k != "t"}, flush=True)
 
@@ -61,6 +68,21 @@ def main() -> None:
     trial_s = [t.user_attrs["seconds"] for t in trials if "seconds" in t.user_attrs]
     obj_s = [t.user_attrs["objective_seconds"] for t in trials if t.state.name == "COMPLETE"]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
+    split = []
+    for label, grad in (("decomposable metrics (vector, taylor2, wanda: cached per-sample statistics)", False),
+                        ("taylor1 / taylor-mix (gradient sums shared between trials)", True)):
+        group = [t for t in complete if (t.params["metric"] not in SAMPLE_METRICS) == grad
+                 and t.user_attrs.get("objective_seconds")]
+        if not group:
+            continue
+        r = sorted(t.user_attrs["seconds"] / t.user_attrs["objective_seconds"] for t in group)
+        line = f"  - {label}: {len(group)} complete trials, ratio median {statistics.median(r):.2f}x " \
+               f"(range {r[0]:.2f}-{r[-1]:.2f}x)"
+        if grad:
+            asked = sum(t.params["calib_n"] for t in group)
+            done = sum(computed.get(t.number, 0) for t in group)
+            line += f"; they asked for {asked} calibration windows and computed {done} gradient windows"
+        split.append(line)
     best = min(complete, key=lambda t: t.value)
     base = next(t for t in trials if t.number == 0 or t.user_attrs.get("baseline"))
 
@@ -104,7 +126,7 @@ def main() -> None:
             f"- trials evaluated: {len(trials)} ({len(complete)} complete, {len(trials) - len(complete)} stopped "
             f"early); median trial {statistics.median(trial_s):.1f} s against a median objective evaluation of "
             f"{statistics.median(obj_s):.1f} s; median ratio {statistics.median(ratios):.2f}x (per-session caches of "
-            f"per-sample statistics excluded, they are built once)\n"
+            f"per-sample statistics excluded, they are built once)\n" + "\n".join(split) + "\n"
             f"- best trial {best.number}: {best.params}\n"
             f"- best vs trial 0 on held-out text: " + ", ".join(f"{short[n]} {gains[n]:+.0%}" for n in names) +
             " lower PPL\n\n" + "\n".join(lines) + "\n")

@@ -38,7 +38,7 @@ from engine.events import (
     TrialStarted,
     null_sink,
 )
-from engine.gradsums import GradientCache
+from engine.gradsums import GradientCache, sum_bytes
 from engine.importance import (
     FISHER_METRICS,
     SAMPLE_METRICS,
@@ -628,16 +628,22 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     allocation = params.get("allocation", "uniform")
     mixing = metric2 != "none" and metric2 != params["metric"]
 
-    def cached_scores(metric: str) -> dict:
+    def sample_stats() -> dict:
         nonlocal once
         tc = time.perf_counter()
         cache = data.sample_stats(params["calib_source"], params["calib_len"])
         once += time.perf_counter() - tc  # built once per session: not this trial's own work
-        return scores_from_samples(model, cache, idx, scored, metric, params["aggregate"], params["calib_len"],
-                                   cfg.seed)
+        return cache
 
-    # the second metric first: its per-sample pass also sums the pool's gradients for a taylor1 first metric
+    def cached_scores(metric: str) -> dict:
+        return scores_from_samples(model, sample_stats(), idx, scored, metric, params["aggregate"],
+                                   params["calib_len"], cfg.seed)
+
     second = cached_scores(metric2) if mixing else None
+    if params["metric"] not in SAMPLE_METRICS and data.grads.fits(sum_bytes(model, squares=True)):
+        # the per-sample pass, which most trials need sooner or later, also sums the whole pool's gradients:
+        # from that sum a large subset's gradient costs only the windows it leaves out
+        sample_stats()
     if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
         scores = cached_scores(params["metric"])
     else:  # taylor1 / taylor-mix: from gradient sums shared between trials
