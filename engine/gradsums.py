@@ -28,6 +28,7 @@ class GradSum:
     windows: frozenset[int]
     grad: dict[str, Tensor]  # 'LAYER.PROJ' -> sum over the windows of each window's gradient (fp32, CPU)
     sq: dict[str, Tensor] | None  # sums of squared per-window gradients; None where batches were summed
+    whole: bool = False  # the sum over the whole pool
 
     @property
     def nbytes(self) -> int:
@@ -47,7 +48,8 @@ def sum_bytes(model: nn.Module, squares: bool) -> int:
 
 
 class GradientCache:
-    """Least-recently-used gradient sums under a byte budget (0: keep none, every subset is summed afresh)."""
+    """Gradient sums under a byte budget, least recently used out first but whole pools last (0: keep none,
+    every subset is summed afresh)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
@@ -64,8 +66,12 @@ class GradientCache:
             self.entries.remove(same)
             if same.sq is not None or entry.sq is None:
                 entry = same  # what is kept already serves every request the new sum could
-        while self.entries and sum(e.nbytes for e in self.entries) + entry.nbytes > self.budget:
-            self.entries.pop(0)
+        # a whole pool's sum serves every subset of it: trials' sums go first, and never push one out
+        while sum(e.nbytes for e in self.entries) + entry.nbytes > self.budget:
+            victims = [e for e in self.entries if not e.whole] or (list(self.entries) if entry.whole else [])
+            if not victims:
+                return
+            self.entries.remove(victims[0])
         self.entries.append(entry)
 
     def pool_accumulator(self, pool: Hashable, n_windows: int, model: nn.Module) -> Callable | None:
@@ -87,7 +93,7 @@ class GradientCache:
                     grad[k], sq[k] = g.clone(), g.pow(2)
             seen[0] += 1
             if seen[0] == n_windows:
-                self.put(GradSum(pool, frozenset(range(n_windows)), grad, sq))
+                self.put(GradSum(pool, frozenset(range(n_windows)), grad, sq, whole=True))
 
         return on_window
 

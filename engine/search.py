@@ -145,6 +145,8 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
         raise AdapruneError("no calibration sources to search: give at least one --source")
     if not cfg.objective:
         raise AdapruneError("no objective text: give at least one --objective")
+    if not cfg.grad_cache_gb >= 0:
+        raise AdapruneError(f"--grad-cache-gb {cfg.grad_cache_gb}: give zero or more GiB")
     for s in [*cfg.sources, *cfg.objective]:
         if parse_spec(s).n is not None:
             raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")

@@ -84,3 +84,15 @@ def test_budget_keeps_the_most_recently_used_sums():
                                                       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj")}
     assert none.pool_accumulator(POOL, 8, model) is None
+
+
+def test_a_whole_pool_sum_is_never_pushed_out_by_a_trials_sum():
+    model = make_model("llama")
+    pool = _pool()
+    cache = GradientCache(sum_bytes(model, squares=True))  # room for the pool's sum and nothing else
+    collect_sample_stats(model, pool, on_window=cache.pool_accumulator(POOL, pool.shape[0], model))
+    events = []
+    for subset in ([0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]):
+        cache.stats(model, POOL, pool, subset, [0], squares=False, sink=events.append)
+    assert [e.whole for e in cache.entries] == [True]
+    assert _passes(events) == [2, 2]  # each from the pool's sum
