@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/prune_recipes.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/recover.py
 	$(BIN)/python bench/table.py
 
 clean:

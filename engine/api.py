@@ -225,7 +225,7 @@ WIDTHS = ("plan", "uniform")
 
 
 def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink,
-                   widths: str = "plan", control: Control | None = None) -> str:
+                   widths: str = "plan", control: Control | None = None, recovered: bool = False) -> str:
     """Export a session's best model as a Hugging Face folder.
 
     widths="plan": the best plan as searched (per-layer widths unless every layer came out equal);
@@ -246,13 +246,26 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     if best is None:
         raise AdapruneError(f"session {name!r} has no completed trial yet: run or resume its search first")
     cfg = SearchConfig.from_dict(session.config())
+    if recovered and widths != "plan":
+        raise AdapruneError("--recovered exports the plan its adapter was trained on: leave --widths at plan")
     loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
     plan = Plan.from_dict(best["plan"])
     if plan.params_before != count_params(loaded.model):
         raise AdapruneError(f"session {name!r}: its model {cfg.model!r} no longer matches the plan (parameter count)")
     recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
               "objective": f"{best['value']:.4f}"}
-    if widths == "uniform":
+    if recovered:
+        from engine.recover import recovered_model, session_plan
+
+        loaded.model, state = recovered_model(session, loaded.model)
+        plan = Plan.from_dict(session_plan(session, state["plan"]))
+        c = state["config"]
+        recipe["recovery"] = (f"LoRA r={c['rank']} alpha={c['alpha']} on {', '.join(c['targets'])}, {state['step']} "
+                              f"steps of {c['batch_size']}x{c['seq_len']} tokens at lr {c['lr']:g} on "
+                              f"{', '.join(c['data'])}; merged; validation PPL {state['valid_ppl_before']:.2f} -> "
+                              f"{state['valid_ppl_after']:.2f}")
+        best = {**best, "plan": plan.to_dict(), "recovery": {k: v for k, v in state.items() if k != "history"}}
+    elif widths == "uniform":
         control = control or Control()
         if cfg.overrides:
             sink(Log("uniform widths ignore the session's per-layer overrides", "warning"))
@@ -269,7 +282,8 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
         best = {**best, "plan": uniform, "value": value, "widths": "uniform"}
     else:
         apply_plan(loaded.model, plan.layers)
-    card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%} (adaprune search)",
+    how = " and LoRA-recovered" if recovered else ""
+    card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%}{how} (adaprune search)",
             "recipe": {**recipe, **plan.recipe}}
     fmt = export(loaded.model, loaded.tokenizer, out, force, card, sink)
     (out / "adaprune_plan.json").write_text(json.dumps(best) + "\n", encoding="utf-8")

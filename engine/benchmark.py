@@ -23,12 +23,13 @@ from engine.evaluate import peak_memory, perplexity, speed
 from engine.events import Log, Metric, Sink, null_sink
 from engine.plan import Plan
 from engine.prune import apply_plan
+from engine.recover import adapter_id, recovered_model, recovery_state, session_plan
 from engine.session import Session
 from engine.structure import count_params
 from engine.text import SELF, eval_windows, load_text, parse_spec, text_hash, tokenize
 from engine.zeroshot import TaskSpec, parse_task, zero_shot
 
-ROWS = ["dense", "best", "baseline", "magnitude", "random"]
+ROWS = ["dense", "best", "recovered", "baseline", "magnitude", "random"]
 RESULTS = "bench.json"
 PLANS = "plans"  # user plans (the app's overrides) as <name>.json Plan dicts; rows named plan:<name>
 
@@ -89,8 +90,9 @@ def check_rows(session: Session, wanted: list[str] | None) -> list[str]:
     """The rows asked for (default: every row the session can make), refused by name before any work."""
     best = session.read_json("plan.json")
     user = sorted((session.path / PLANS).glob("*.json")) if (session.path / PLANS).is_dir() else []
+    recovered = (recovery_state(session) or {}).get("status") == "done"
     available = ["dense", *(["best", "magnitude", "random"] if best else []), "baseline",
-                 *[f"plan:{p.stem}" for p in user]]
+                 *[f"plan:{p.stem}" for p in user], *(["recovered"] if recovered else [])]
     for n in wanted or []:
         if n not in available:
             hint = "" if best else " (the search has no completed trial yet)"
@@ -122,6 +124,8 @@ def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
             plans[name] = best["plan"]
         elif name.startswith("plan:"):
             plans[name] = json.loads((session.path / PLANS / f"{name[5:]}.json").read_text(encoding="utf-8"))
+        elif name == "recovered":
+            plans[name] = session_plan(session, recovery_state(session)["plan"])
         else:
             params = derived[name]
             old = saved.get("rows", {}).get(name, {})
@@ -168,13 +172,16 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
     dense_model = loaded.model
     for name, plan in plans.items():
         row = results["rows"].get(name, {})
-        if row.get("plan_id") != plan_id(plan):
+        ident = plan_id(plan) + (f"+lora-{adapter_id(session)}" if name == "recovered" else "")
+        if row.get("plan_id") != ident:
             row = {}  # a different plan now (e.g. a new best): its old numbers describe another model
         model = dense_model
-        if plan is not None:
+        if name == "recovered":
+            model, _ = recovered_model(session, copy.deepcopy(dense_model))
+        elif plan is not None:
             model = copy.deepcopy(dense_model)
             apply_plan(model, Plan.from_dict(plan).layers)
-        row.update(plan_id=plan_id(plan), params=count_params(model), env=env,
+        row.update(plan_id=ident, params=count_params(model), env=env,
                    recipe=(plan or {}).get("recipe", {}), plan=plan if name in derived else None,
                    params_config=derived.get(name))
         results["rows"][name] = row

@@ -102,6 +102,18 @@ class SearchFinished(Event):
     best_value: float | None = None
 
 
+@dataclass(frozen=True)
+class RecoveryStep(Event):
+    """One optimiser step of LoRA recovery; valid_ppl is set on the steps that measure it."""
+
+    kind: ClassVar[str] = "recovery_step"
+    step: int
+    total: int
+    loss: float
+    lr: float
+    valid_ppl: float | None = None
+
+
 Sink = Callable[[Event], None]
 
 
@@ -112,7 +124,7 @@ def null_sink(event: Event) -> None:
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (StageStarted, StageProgress, StageFinished, Log, Metric, TrialStarted, TrialFinished, BestChanged,
-                SearchFinished)
+                SearchFinished, RecoveryStep)
 }
 
 

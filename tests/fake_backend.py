@@ -103,6 +103,20 @@ class FakeBackend(Backend):
         self.calls.append(("bench", name, cfg))
         return self._get(name)["bench"]
 
-    def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control) -> str:
-        self.calls.append(("export", name, out, force, widths))
+    def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control,
+               recovered: bool = False) -> str:
+        self.calls.append(("export", name, out, force, widths, recovered))
         return "uniform" if widths == "uniform" else "per-layer"
+
+    def recovery_state(self, name: str) -> dict | None:
+        return self._get(name).get("recovery")
+
+    def recover(self, name: str, cfg, resume: bool, restart: bool, sink: Sink, control: Control) -> dict:
+        s = self._get(name)
+        self.calls.append(("recover", name, cfg, resume, restart))
+        for row in (DATA / "recovery_events.jsonl").read_text().splitlines():
+            control.checkpoint()
+            sink(event_from_dict(json.loads(row)))
+            time.sleep(self.delay)
+        s["recovery"] = json.loads((DATA / "recovery_state.json").read_text())
+        return s["recovery"]

@@ -243,12 +243,53 @@ def test_export_writes_the_chosen_folder(tmp_path):
             app.screen.query_one("#out", Input).value = str(tmp_path / "out")
             await pilot.press("enter")
             await settle(app, pilot)
-            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan")
+            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", False)
             assert "saved to" in text_of(app, "#status") and "trust_remote_code" in text_of(app, "#status")
+            assert app.screen.query_one("#lora").disabled  # no recovery yet
             app.screen.query_one("#uniform").value = True
             await pilot.press("enter")
             await settle(app, pilot)
-            assert backend.calls[-1][-1] == "uniform" and "plain transformers" in text_of(app, "#status")
+            assert backend.calls[-1][4] == "uniform" and "plain transformers" in text_of(app, "#status")
+
+    run(go())
+
+
+def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
+    from tui.screens.recover import RecoverForm, RecoverScreen
+
+    async def go():
+        backend = FakeBackend(tmp_path)
+        backend.delay = 0.05
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f")
+            assert isinstance(app.screen, RecoverScreen) and "no recovery yet" in text_of(app, "#summary")
+            await pilot.press("r")
+            assert isinstance(app.screen, RecoverForm)
+            app.screen.query_one("#steps", Input).value = "0"
+            await pilot.press("ctrl+s")
+            assert "--steps 0" in text_of(app, "#problem")  # refused in the form, before any work
+            app.screen.query_one("#steps", Input).value = "8"
+            app.screen.query_one("#shape", Input).value = "2x32"
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.2)
+            control = app.jobs["recover"]
+            await pilot.press("p")
+            assert control.paused and "paused" in text_of(app, "#status")
+            await pilot.press("p")
+            await settle(app, pilot)
+            _, name, cfg, resume, restart = backend.calls[-1]
+            assert (name, cfg.steps, cfg.batch_size, cfg.seq_len, resume, restart) == ("alpha", 8, 2, 32, False, False)
+            assert "done" in text_of(app, "#summary") and "->" in text_of(app, "#summary")
+            assert app.screen.query_one(DataTable).row_count == 2  # the validation steps (4 and 8)
+            assert len(app.screen.query_one("#loss").data) == 8
+            await pilot.press("x")
+            lora = app.screen.query_one("#lora")
+            assert not lora.disabled and lora.value
+            app.screen.query_one("#out", Input).value = str(tmp_path / "out")
+            await pilot.press("enter")
+            await settle(app, pilot)
+            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", True)
 
     run(go())
 

@@ -1,4 +1,4 @@
-"""The adaprune app: sessions, a new search, the live search, layers, benchmarks, export — keyboard first.
+"""The adaprune app: sessions, a new search, the live search, layers, benchmarks, recovery, export.
 
 It talks to the engine only through `tui.backend.Backend` (the engine's public API) and the engine's event
 stream; engine work runs in worker threads (`tui.jobs`), so the app answers keys while the engine works.
@@ -20,6 +20,7 @@ from tui.screens.dialogs import Confirm, Help
 from tui.screens.export import ExportScreen
 from tui.screens.layers import LayersScreen
 from tui.screens.new_session import NewSessionScreen
+from tui.screens.recover import RecoverScreen
 from tui.screens.search import SearchScreen
 from tui.screens.sessions import SessionsScreen
 
@@ -81,16 +82,21 @@ class AdapruneApp(App):
     def open_export(self, name: str) -> None:
         self.push_screen(ExportScreen(name))
 
+    def open_recover(self, name: str) -> None:
+        self.push_screen(RecoverScreen(name))
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("New session", "Open the new-session form", self.open_new_session)
         yield SystemCommand("Help", "Keys and screens", self.action_help)
         for action, title in (("open", "Open session"), ("resume", "Resume session"),
                               ("attach", "Attach to session"), ("layers", "Review layers"),
-                              ("bench", "Benchmarks"), ("export", "Export"), ("rename", "Rename session"),
+                              ("bench", "Benchmarks"), ("recover", "Recover with LoRA"), ("export", "Export"),
+                              ("rename", "Rename session"),
                               ("delete", "Delete session"), ("pause", "Pause / resume search"),
                               ("cancel", "Cancel search"), ("reevaluate", "Re-evaluate overrides"),
-                              ("restore", "Restore proposed plan"), ("run", "Run benchmark")):
+                              ("restore", "Restore proposed plan"), ("run", "Run benchmark"),
+                              ("train", "Start or continue recovery")):
             if hasattr(screen, f"action_{action}"):
                 yield SystemCommand(title, f"{title} ({type(screen).__name__.removesuffix('Screen')})",
                                     getattr(screen, f"action_{action}"))

@@ -1,6 +1,6 @@
 """What the app asks of the engine, in one place: the engine's public API behind plain methods.
 
-Long calls (search, re-evaluate, bench, export) block and report through a sink and obey a Control; the app
+Long calls (search, re-evaluate, bench, recovery, export) block and report through a sink and obey a Control; the app
 runs them in worker threads. Tests swap this class for a fake that replays recorded events.
 """
 
@@ -162,10 +162,21 @@ class Backend:
 
         return run_bench(self.session(name), cfg, sink, control)
 
-    def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control) -> str:
+    def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control,
+               recovered: bool = False) -> str:
         from engine.api import export_session
 
-        return export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control)
+        return export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control, recovered)
+
+    def recovery_state(self, name: str) -> dict | None:
+        from engine.recover import recovery_state
+
+        return recovery_state(self.session(name))
+
+    def recover(self, name: str, cfg, resume: bool, restart: bool, sink: Sink, control: Control) -> dict:
+        from engine.recover import run_recovery
+
+        return run_recovery(self.root, name, cfg, sink, control, resume=resume, restart=restart)
 
 
 def _fraction(text: str) -> float:

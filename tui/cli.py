@@ -191,6 +191,8 @@ def search_cmd(
     storage: str = typer.Option(None, help="Optuna storage URL (default: SQLite in the session)"),
     early_stop: bool = typer.Option(True, help="stop hopeless trials early (Optuna median pruner)"),
     override: list[str] = typer.Option([], help="per-layer decision the search respects: L=lock or L=K/C"),
+    grad_cache_gb: float = typer.Option(2.0, help="memory for gradient sums that taylor1/taylor-mix trials share "
+                                        "(0: none; each is the size of the model's weights in fp32)"),
     sessions_dir: Path = SESSIONS_DIR,
 ) -> None:
     """Search calibration data x importance metric x allocation with TPE, in a resumable session."""
@@ -201,7 +203,7 @@ def search_cmd(
                        head_mode=heads, round_to=round_to, device=device, dtype=dtype, storage=storage,
                        early_stop=early_stop, overrides=_parse_overrides(override),
                        objective_tasks=list(objective_task), objective_task_rows=objective_task_rows,
-                       objective_task_weight=objective_task_weight)
+                       objective_task_weight=objective_task_weight, grad_cache_gb=grad_cache_gb)
     _drive(create_session(_root(sessions_dir), session, cfg))
 
 
@@ -247,6 +249,8 @@ def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"),
                widths: str = typer.Option("plan", help="plan: the searched plan (per-layer widths, "
                                           "trust_remote_code); uniform: re-planned with the same cut in every "
                                           "layer, loads in plain transformers"),
+               recovered: bool = typer.Option(False, "--recovered", help="the plan with the session's finished "
+                                              "LoRA recovery merged in (adaprune recover)"),
                sessions_dir: Path = SESSIONS_DIR) -> None:
     """Export the best plan of a session as a Hugging Face folder."""
     from engine.api import export_session
@@ -255,9 +259,56 @@ def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"),
     session_root = _root(sessions_dir)
     console = Console()
     with RichSink(console) as sink:
-        fmt = export_session(session_root, name, out, force, sink, widths)
+        fmt = export_session(session_root, name, out, force, sink, widths, recovered=recovered)
     how = "plain transformers" if fmt == "uniform" else "trust_remote_code=True"
     console.print(f"saved to {out} ({fmt} widths; loads with {how})")
+
+
+@app.command("recover")
+@clean_errors
+def recover_cmd(
+    name: str,
+    data: list[str] = typer.Option(["stdlib-docs"], "--data", help="training text: stdlib-docs (its calibration "
+                                   "split), a .txt/.jsonl/.parquet file, or a hub name such as alpaca; repeatable"),
+    plan: str = typer.Option("best", help="the plan to recover: best, or plan:NAME (the app's overrides)"),
+    steps: int = typer.Option(100, help="optimiser steps"),
+    batch: int = typer.Option(4, help="sequences per step"),
+    seq_len: int = typer.Option(256, help="tokens per sequence (LLM-Pruner: 256)"),
+    lr: float = typer.Option(1e-4, help="peak learning rate (linear warm-up, then linear decay)"),
+    warmup: int = typer.Option(10, help="warm-up steps"),
+    rank: int = typer.Option(8, help="LoRA rank"),
+    alpha: int = typer.Option(16, help="LoRA alpha"),
+    dropout: float = typer.Option(0.05, help="LoRA dropout"),
+    targets: str = typer.Option(",".join(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"]), help="projections that get adapters, comma-separated"),
+    valid: list[str] = typer.Option(["stdlib-docs/valid"], "--valid", help="validation text; repeatable"),
+    valid_windows: int = typer.Option(16, help="validation windows per text"),
+    eval_every: int = typer.Option(25, help="measure validation PPL every N steps"),
+    save_every: int = typer.Option(25, help="checkpoint the adapter every N steps"),
+    seed: int = typer.Option(0),
+    grad_checkpointing: bool = typer.Option(False, help="less activation memory, more compute (large models)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted recovery where it stopped"),
+    restart: bool = typer.Option(False, "--restart", help="discard the session's recovery and train again"),
+    sessions_dir: Path = SESSIONS_DIR,
+) -> None:
+    """Recover quality with LoRA fine-tuning of a session's pruned model (resumable; export merges it)."""
+    from engine.recover import RecoverConfig, run_recovery
+    from tui.report import RichSink
+
+    cfg = RecoverConfig(data=list(data), plan=plan, steps=steps, batch_size=batch, seq_len=seq_len, lr=lr,
+                        warmup=warmup, rank=rank, alpha=alpha, dropout=dropout,
+                        targets=[t.strip() for t in targets.split(",") if t.strip()], valid=list(valid),
+                        valid_windows=valid_windows, eval_every=eval_every, save_every=save_every, seed=seed,
+                        grad_checkpointing=grad_checkpointing)
+    console = Console()
+    try:
+        with RichSink(console) as sink:
+            state = run_recovery(_root(sessions_dir), name, cfg, sink, resume=resume, restart=restart)
+    except (KeyboardInterrupt, Cancelled):
+        err.print(f"recovery stopped; every finished step is saved: `adaprune recover {name} --resume` goes on")
+        raise typer.Exit(130) from None
+    console.print(f"recovered: validation PPL {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f} "
+                  f"after {state['step']} steps; `adaprune export {name} --recovered --out DIR` writes the model")
 
 
 @app.command("bench")

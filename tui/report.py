@@ -23,6 +23,7 @@ from engine.events import (
     Event,
     Log,
     Metric,
+    RecoveryStep,
     SearchFinished,
     StageFinished,
     StageProgress,
@@ -104,6 +105,12 @@ class RichSink:
         elif isinstance(event, Log):
             style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
             self.progress.console.print(f"[{style}]{event.message}[/]")
+        elif isinstance(event, RecoveryStep):
+            if "recovery" in self.tasks:
+                self.progress.update(self.tasks["recovery"], description=f"recovery (loss {event.loss:.3f})")
+            if event.valid_ppl is not None:
+                self.progress.console.print(f"step {event.step}/{event.total}: loss {event.loss:.3f}, lr "
+                                            f"{event.lr:.2g}, validation PPL {event.valid_ppl:.2f}")
         elif isinstance(event, Metric):
             self.progress.console.print(f"[dim]{event.model} {event.name} = {event.value:.4g}[/]")
         elif isinstance(event, TrialStarted):

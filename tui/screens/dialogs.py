@@ -67,12 +67,13 @@ Bayesian optimisation (TPE). Keyboard first: every action has a key, shown in th
 you are on; ctrl+p opens the command palette with all of them.
 
 Sessions   enter open · n new · r resume · a attach (follow a headless run) · e rename · d delete
-           l layers · b benchmarks · x export · F5 refresh
+           l layers · b benchmarks · f recover (LoRA) · x export · F5 refresh
 New        tab between fields (problems are flagged in place) · ctrl+s start · escape back
 Search     p pause/resume · c cancel (the session stays resumable) · l layers · b benchmarks · escape back
 Layers     k lock/unlock layer · h heads · c channels · r restore proposed plan · v re-evaluate
 Benchmarks r run or extend the table
-Export     enter write the folder
+Recover    r start or continue · p pause/resume · c cancel (finished steps are kept) · x export
+Export     enter write the folder (with the LoRA recovery merged in, once it has finished)
 Anywhere   ctrl+p command palette · F1 or ? help · ctrl+q quit (asks first while work is running)
 """
 

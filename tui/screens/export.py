@@ -30,7 +30,8 @@ class ExportScreen(Screen):
                 yield RadioButton("the searched plan (per-layer widths: trust_remote_code)", value=True, id="plan")
                 yield RadioButton("uniform widths, re-planned (plain transformers)", id="uniform")
             yield Checkbox("replace the folder if it exists", id="force")
-            yield Checkbox("recovery fine-tuning (LoRA) first — not available yet", id="lora", disabled=True)
+            yield Checkbox("with the LoRA recovery merged in (f on the sessions screen trains it)", id="lora",
+                           disabled=True)
             yield Button("Export (enter)", variant="primary", id="go")
             yield Static("", markup=False, id="status")
         yield Footer()
@@ -50,6 +51,17 @@ class ExportScreen(Screen):
                "folder) or with adaprune; 'uniform' re-plans the same cut in every layer instead")
         self.query_one("#format", Static).update(
             f"best trial {best['trial']} (objective {best['value']:.3f}), {plan.params_after:,} parameters — {fmt}")
+        try:
+            state = self.app.backend.recovery_state(self.session_name)
+        except AdapruneError:
+            state = None
+        lora = self.query_one("#lora", Checkbox)
+        if state is not None and state["status"] == "done":
+            lora.disabled, lora.value = False, True
+            lora.label = (f"with the LoRA recovery merged in ({state['step']} steps, validation PPL "
+                          f"{state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f})")
+        elif state is not None:
+            lora.label = f"LoRA recovery stopped at step {state['step']}: finish it first (f on the sessions screen)"
         self.query_one("#out", Input).focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -69,9 +81,16 @@ class ExportScreen(Screen):
         self.running = True
         force, name = self.query_one("#force", Checkbox).value, self.session_name
         widths = "uniform" if self.query_one("#uniform", RadioButton).value else "plan"
+        lora = self.query_one("#lora", Checkbox)
+        recovered = lora.value and not lora.disabled
+        if recovered and widths == "uniform":
+            self.running = False
+            self.query_one("#status", Static).update("the recovery was trained on the searched plan: export that "
+                                                     "plan, or clear the LoRA box for uniform widths")
+            return
         self.query_one("#status", Static).update(f"writing {out}…")
-        start_job(self, "export",
-                  lambda sink, control: self.app.backend.export(name, out, force, widths, sink, control))
+        start_job(self, "export", lambda sink, control: self.app.backend.export(name, out, force, widths, sink,
+                                                                                 control, recovered))
 
     def on_engine_event(self, message: EngineEvent) -> None:
         stage = getattr(message.event, "stage", None)

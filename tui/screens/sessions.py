@@ -20,11 +20,12 @@ class SessionsScreen(Screen):
         Binding("enter", "open", "Open"),
         Binding("n", "new", "New"),
         Binding("r", "resume", "Resume"),
-        Binding("a", "attach", "Attach"),
+        Binding("a", "attach", "Attach", show=False),  # r attaches by itself when another process drives it
         Binding("e", "rename", "Rename", show=False),  # in the help and the palette; the footer is 80 wide
         Binding("d", "delete", "Delete", show=False),
         Binding("l", "layers", "Layers"),
         Binding("b", "bench", "Bench"),
+        Binding("f", "recover", "Recover"),
         Binding("x", "export", "Export"),
         Binding("f5", "refresh", "Refresh", show=False),
     ]
@@ -123,6 +124,10 @@ class SessionsScreen(Screen):
     def action_export(self) -> None:
         if name := self._need():
             self.app.open_export(name)
+
+    def action_recover(self) -> None:
+        if name := self._need():
+            self.app.open_recover(name)
 
     def action_rename(self) -> None:
         name = self._need()

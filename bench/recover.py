@@ -1,0 +1,97 @@
+"""LoRA recovery of a searched session on the embedded model: what it costs and what it gives back, on text
+neither the search nor the recovery read. Records its section in bench/RESULTS.md.
+
+    .venv/bin/python bench/recover.py [--session /tmp/adaprune-bench-XXXX/bench] [--steps 100]
+
+Without --session it takes the newest session bench/search.py left in the temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
+
+from engine.api import PruneConfig, evaluation_sets  # noqa: E402
+from engine.evaluate import perplexity  # noqa: E402
+from engine.models import load  # noqa: E402
+from engine.plan import Plan  # noqa: E402
+from engine.prune import apply_plan  # noqa: E402
+from engine.recover import RecoverConfig, recovered_model, run_recovery  # noqa: E402
+from engine.search import SearchConfig  # noqa: E402
+from engine.session import Session  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def newest_bench_session() -> Path:
+    found = sorted(Path(tempfile.gettempdir()).glob("adaprune-bench-*/bench/plan.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit("no session from bench/search.py in the temp folder: run it first, or give --session")
+    return found[-1].parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--session", type=Path, help="a session folder with a completed search")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--windows", type=int, default=40, help="held-out PPL windows of 128 tokens per text")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args()
+    folder = args.session or newest_bench_session()
+    session = Session(folder)
+    cfg = RecoverConfig(steps=args.steps)
+
+    def sink(event) -> None:
+        if event.kind in ("log", "recovery_step") and (event.kind == "log" or event.valid_ppl is not None):
+            print({k: v for k, v in event.to_dict().items() if k != "t"}, flush=True)
+
+    t0 = time.perf_counter()
+    state = run_recovery(folder.parent, folder.name, cfg, sink, restart=True)
+    wall = time.perf_counter() - t0
+
+    scfg = SearchConfig.from_dict(session.config())
+    dense = load(scfg.model)
+    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
+    sets, _ = evaluation_sets(dense.tokenizer, PruneConfig(evals=evals, eval_windows=args.windows))
+    best = copy.deepcopy(dense.model)
+    apply_plan(best, Plan.from_dict(session.read_json("plan.json")["plan"]).layers)
+    merged, _ = recovered_model(session, copy.deepcopy(dense.model))
+    rows = [(name, {k: perplexity(m, v) for k, v in sets.items()}) for name, m in
+            (("dense", dense.model), ("best (pruned, untuned)", best), ("best + LoRA recovery", merged))]
+    names = list(sets)
+    short = {n: ("WikiText-2 test" if n == str(WIKITEXT) else "stdlib-docs test") for n in names}
+    lines = ["| model | " + " | ".join(f"PPL {short[n]}" for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(f"{ppl[n]:.2f}" for n in names) + " |" for label, ppl in rows]
+    gains = {n: 1 - rows[2][1][n] / rows[1][1][n] for n in names}
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
+               f"{transformers.__version__}, cpu, float32")
+    c = state["config"]
+    body = (f"## recover.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
+            f"`adaprune recover` on the best plan of the search.py session (embedded model, 20% removed): LoRA "
+            f"r={c['rank']}, alpha {c['alpha']}, dropout {c['dropout']} on {', '.join(c['targets'])}; "
+            f"{c['steps']} steps of {c['batch_size']}x{c['seq_len']} tokens from {', '.join(c['data'])} (its "
+            f"calibration split), lr {c['lr']:g} with {c['warmup']} warm-up steps. Held-out PPL: {args.windows} "
+            f"windows of 128 tokens of texts neither the search nor the recovery read.\n\n"
+            f"- {state['trainable_params']:,} trainable parameters; {wall / 60:.1f} min in all, "
+            f"{wall / c['steps']:.1f} s a step including validation\n"
+            f"- validation PPL (stdlib-docs valid) {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f}\n"
+            f"- recovered vs untuned best on held-out text: "
+            + ", ".join(f"{short[n]} {gains[n]:+.0%}" for n in names) + " lower PPL\n\n" + "\n".join(lines) + "\n")
+    print(body)
+    _record(args.out, "recover.py", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Recovery: LoRA fine-tuning of a session's pruned model (peft), resumable, merged back into plain weights.
+
+Defaults follow LLM-Pruner's recovery (rank 8, alpha 16, dropout 0.05 on every projection, lr 1e-4, 256-token
+sequences) on text that neither the search nor the benchmarks read: the built-in corpus's calibration split
+trains, its `valid` split scores progress, its `test` split stays the benchmarks'. A session keeps the adapter,
+the optimiser state and the step in `recovery/` (safetensors and JSON): `--resume` continues exactly where an
+interrupted run stopped (batch order, dropout masks and learning rate are functions of the step), and export
+and benchmarks merge the adapter into the pruned weights, so the result loads in plain `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.control import Control
+from engine.errors import AdapruneError, Cancelled
+from engine.evaluate import perplexity
+from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
+from engine.importance import PROJ
+from engine.plan import Plan
+from engine.prune import apply_plan
+from engine.session import Session
+from engine.structure import count_params
+from engine.text import SELF, eval_windows, load_text, parse_spec, text_hash, tokenize
+
+RECOVERY = "recovery"
+ADAPTER = "adapter.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+
+
+@dataclass
+class RecoverConfig:
+    data: list[str] = field(default_factory=lambda: ["stdlib-docs"])  # training text (calibration splits)
+    plan: str = "best"  # the session's best plan, or plan:NAME (the app's overrides)
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 1e-4
+    warmup: int = 10  # steps of linear warm-up, then linear decay to zero
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(PROJ))
+    valid: list[str] = field(default_factory=lambda: ["stdlib-docs/valid"])
+    valid_windows: int = 16
+    valid_len: int = 128
+    eval_every: int = 25
+    save_every: int = 25
+    seed: int = 0
+    grad_checkpointing: bool = False  # trade compute for activation memory (large models on one GPU)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RecoverConfig:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def validate(cfg: RecoverConfig) -> None:
+    checks = [
+        (cfg.steps >= 1, f"--steps {cfg.steps}: give at least one step"),
+        (cfg.batch_size >= 1, f"--batch {cfg.batch_size}: give at least one sequence per step"),
+        (cfg.seq_len >= 8, f"--seq-len {cfg.seq_len}: give at least 8 tokens"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr {cfg.lr}: give a positive learning rate"),
+        (cfg.warmup >= 0, f"--warmup {cfg.warmup}: give zero or more steps"),
+        (cfg.rank >= 1, f"--rank {cfg.rank}: the LoRA rank must be at least 1"),
+        (cfg.alpha > 0, f"--alpha {cfg.alpha}: give a positive LoRA alpha"),
+        (0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: give a probability in [0, 1)"),
+        (cfg.valid_windows >= 1 and cfg.valid_len >= 2, "validation needs at least one window of 2 tokens"),
+        (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval-every and --save-every must be at least 1"),
+        (bool(cfg.data), "no training text: give at least one --data source"),
+        (bool(cfg.valid), "no validation text: give at least one --valid source"),
+        (bool(cfg.targets) and set(cfg.targets) <= set(PROJ),
+         f"--targets {','.join(cfg.targets)}: choose among {','.join(PROJ)}"),
+        (cfg.plan == "best" or cfg.plan.startswith("plan:"), f"--plan {cfg.plan}: give best or plan:NAME"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise AdapruneError(message)
+    for spec in [*cfg.data, *cfg.valid]:
+        if parse_spec(spec).name == SELF:
+            raise AdapruneError(f"{spec!r}: recovery reads text from files, the built-in corpus or the hub, not "
+                                f"'self'; sample text into a file first")
+
+
+def lr_at(cfg: RecoverConfig, step: int) -> float:
+    """Linear warm-up over `warmup` steps, then linear decay to zero at the last step (as transformers does)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+
+
+def batch_indices(n_windows: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The windows of a step: epochs are seeded permutations, so any step's batch is known without replay."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n_windows)
+        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def session_plan(session: Session, which: str) -> dict:
+    """The plan dict a recovery trains on: the best trial's, or a saved user plan (plans/NAME.json)."""
+    from engine.benchmark import PLANS
+
+    if which == "best":
+        best = session.read_json("plan.json")
+        if best is None:
+            raise AdapruneError(f"session {session.name!r} has no completed trial yet: run or resume its search first")
+        return best["plan"]
+    path = session.path / PLANS / f"{which.removeprefix('plan:')}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in (session.path / PLANS).glob("*.json")) if (session.path / PLANS).is_dir() else []
+        raise AdapruneError(f"session {session.name!r} has no plan {which!r}: choose best"
+                            + "".join(f", plan:{n}" for n in names))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def plan_id(plan: dict) -> str:
+    from engine.benchmark import plan_id as pid
+
+    return pid(plan)
+
+
+def _lora_config(cfg: RecoverConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def _windows(tokenizer, specs: list[str], role: str, seq_len: int, limit: int | None) -> torch.Tensor:
+    parts = []
+    for spec in specs:
+        ids = tokenize(tokenizer, load_text(spec, role))
+        if ids.numel() < seq_len:
+            raise AdapruneError(f"{spec}: {ids.numel()} tokens, fewer than one {seq_len}-token sequence; "
+                                f"give more text or a smaller --seq-len")
+        parts.append(eval_windows(ids, seq_len, limit))
+    return torch.cat(parts)
+
+
+def _texts_hash(specs: list[str], role: str) -> dict[str, str]:
+    return {s: text_hash(load_text(s, role)) for s in specs}
+
+
+def recovery_dir(session: Session) -> Path:
+    return session.path / RECOVERY
+
+
+def recovery_state(session: Session) -> dict | None:
+    return session.read_json(f"{RECOVERY}/{STATE}")
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _save(session: Session, peft_model, optimizer, state: dict) -> None:
+    """Adapter, optimiser moments and state, each replaced atomically (state last: it names the step)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = recovery_dir(session)
+    folder.mkdir(exist_ok=True)
+    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    opt = optimizer.state_dict()
+    moments = {f"{i}.{k}": v.detach().cpu().contiguous().reshape(v.shape)
+               for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    for name, tensors in ((ADAPTER, adapter), (OPTIMIZER, moments)):
+        tmp = folder / f".{name}.tmp{os.getpid()}"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, folder / name)
+    state["param_groups"] = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+    session.write_json(f"{RECOVERY}/{STATE}", state)
+
+
+def _load_optimizer(optimizer, folder: Path, state: dict) -> None:
+    from safetensors.torch import load_file
+
+    moments = load_file(str(folder / OPTIMIZER))
+    per_param: dict[int, dict] = {}
+    for key, value in moments.items():
+        i, _, name = key.partition(".")
+        per_param.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+
+
+def _wrap(model: nn.Module, cfg: RecoverConfig):
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same seed, the same recovery
+    return get_peft_model(model, _lora_config(cfg))
+
+
+def run_recovery(
+    root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink, control: Control | None = None,
+    resume: bool = False, restart: bool = False,
+) -> dict:
+    """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json)."""
+    from engine.models import load
+    from engine.search import SearchConfig
+
+    control = control or Control()
+    session = Session.open(root, name)
+    prior = recovery_state(session)
+    if resume and restart:
+        raise AdapruneError("--resume continues a recovery and --restart discards it: give one of them")
+    if not resume:
+        validate(cfg)  # what the user typed is checked first; a resumed run takes its saved configuration
+    if resume:
+        if prior is None:
+            raise AdapruneError(f"session {name!r} has no recovery to resume: run `adaprune recover {name}`")
+        if prior["status"] == "done":
+            raise AdapruneError(f"session {name!r}: its recovery already finished ({prior['step']} steps); "
+                                f"--restart to train again")
+        cfg = RecoverConfig.from_dict(prior["config"])
+    elif prior is not None and not restart:
+        raise AdapruneError(f"session {name!r} already has a recovery ({prior['step']}/{prior['config']['steps']} "
+                            f"steps, {prior['status']}): --resume to continue it, or --restart to train again")
+    validate(cfg)
+    plan_dict = session_plan(session, cfg.plan)
+    with Stage(sink, "recovery text"):  # a missing file or an unreachable hub fails before the model loads
+        hashes = {"data": _texts_hash(cfg.data, "calib"), "valid": _texts_hash(cfg.valid, "eval")}
+    if resume and any(prior.get(k) != v for k, v in hashes.items()):
+        raise AdapruneError(f"session {name!r}: the recovery's training or validation text changed since it began "
+                            f"(its SHA-256 differs); --restart to train on the new text")
+    with session.lock():
+        scfg = SearchConfig.from_dict(session.config())
+        loaded = load(scfg.model, scfg.device, scfg.dtype, scfg.trust_remote_code, sink=sink)
+        with Stage(sink, "recovery windows"):
+            train = _windows(loaded.tokenizer, cfg.data, "calib", cfg.seq_len, None)
+            valid = _windows(loaded.tokenizer, cfg.valid, "eval", cfg.valid_len, cfg.valid_windows)
+        plan = Plan.from_dict(plan_dict)
+        if plan.params_before != count_params(loaded.model):
+            raise AdapruneError(f"session {name!r}: its model {scfg.model!r} no longer matches the plan")
+        if resume and prior.get("plan_id") != plan_id(plan_dict):
+            raise AdapruneError(f"session {name!r}: the {cfg.plan} plan changed since the recovery began; "
+                                f"--restart to train on the new one")
+        model = loaded.model
+        apply_plan(model, plan.layers)
+        model.requires_grad_(False)
+        peft_model = _wrap(model, cfg)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        folder = recovery_dir(session)
+        if resume:
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(peft_model, load_file(str(folder / ADAPTER)))
+        params = [p for _, p in _trainable(peft_model)]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        if resume:
+            _load_optimizer(optimizer, folder, prior)
+        device = next(model.parameters()).device
+        if resume:
+            state = prior
+        else:
+            peft_model.eval()
+            before = perplexity(peft_model, valid, control=control, sink=sink, stage="validation PPL (before)")
+            state = {"config": asdict(cfg), "plan": cfg.plan, "plan_id": plan_id(plan_dict), "step": 0,
+                     "status": "running", "valid_ppl_before": before, "valid_ppl_after": None, "history": [],
+                     "train_windows": int(train.shape[0]), **hashes,
+                     "trainable_params": sum(p.numel() for p in params), "params": count_params(model),
+                     "started": time.time()}
+            sink(Log(f"recovery: {state['trainable_params']:,} LoRA parameters, {train.shape[0]} sequences of "
+                     f"{cfg.seq_len} tokens; validation PPL before {before:.2f}"))
+        state["status"] = "running"
+        done = state["step"]
+        try:
+            with Stage(sink, "recovery", cfg.steps, "steps") as stage:
+                stage.advance(done)
+                for step in range(done, cfg.steps):
+                    control.checkpoint()
+                    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a resumed run draws the same masks
+                    lr = lr_at(cfg, step)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    peft_model.train()
+                    x = train[batch_indices(train.shape[0], step, cfg.batch_size, cfg.seed)].to(device)
+                    loss = peft_model(input_ids=x, labels=x).loss
+                    if not torch.isfinite(loss):
+                        raise AdapruneError(f"the recovery loss is not finite at step {step + 1}: lower --lr "
+                                            f"(now {cfg.lr:g})")
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    done = step + 1
+                    entry = {"step": done, "loss": loss.item(), "lr": lr}
+                    state["history"].append(entry)
+                    state["step"] = done
+                    if done % cfg.eval_every == 0 or done == cfg.steps:
+                        peft_model.eval()
+                        entry["valid_ppl"] = perplexity(peft_model, valid, control=control)
+                    sink(RecoveryStep(done, cfg.steps, entry["loss"], lr, entry.get("valid_ppl")))
+                    stage.advance(done)
+                    if done % cfg.save_every == 0 and done < cfg.steps:
+                        _save(session, peft_model, optimizer, state)
+        except (Cancelled, KeyboardInterrupt):
+            state["status"] = "stopped"
+            _save(session, peft_model, optimizer, state)  # every finished step is kept: --resume goes on
+            raise
+        state["status"] = "done"
+        state["valid_ppl_after"] = state["history"][-1].get("valid_ppl")
+        state["finished"] = time.time()
+        _save(session, peft_model, optimizer, state)
+        sink(Log(f"recovery done: validation PPL {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f}"))
+        return state
+
+
+def adapter_id(session: Session) -> str:
+    """Identifies the adapter's weights (a benchmark row of a re-trained recovery is a different model)."""
+    import hashlib
+
+    return hashlib.sha1((recovery_dir(session) / ADAPTER).read_bytes()).hexdigest()[:12]
+
+
+def recovered_model(session: Session, model: nn.Module) -> tuple[nn.Module, dict]:
+    """The session's pruned model with its finished recovery's adapter merged in: plain modules, plain weights.
+
+    `model` is the dense model (pruned in place); returns the merged model and the recovery's state.
+    """
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = recovery_state(session)
+    if state is None:
+        raise AdapruneError(f"session {session.name!r} has no recovery: run `adaprune recover {session.name}` first")
+    if state["status"] != "done":
+        raise AdapruneError(f"session {session.name!r}: its recovery stopped at step {state['step']} of "
+                            f"{state['config']['steps']}: `adaprune recover {session.name} --resume` to finish it")
+    plan_dict = session_plan(session, state["plan"])
+    if plan_id(plan_dict) != state["plan_id"]:
+        raise AdapruneError(f"session {session.name!r}: the {state['plan']} plan changed after the recovery was "
+                            f"trained; `adaprune recover {session.name} --restart` to train on the new one")
+    cfg = RecoverConfig.from_dict(state["config"])
+    apply_plan(model, Plan.from_dict(plan_dict).layers)
+    peft_model = _wrap(model, cfg)
+    set_peft_model_state_dict(peft_model, load_file(str(recovery_dir(session) / ADAPTER)))
+    merged = peft_model.merge_and_unload()
+    merged.requires_grad_(False)
+    return merged.eval(), state

@@ -1,0 +1,166 @@
+"""LoRA recovery: it learns, it resumes exactly, it merges into plain weights that export and benchmark."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from engine.errors import AdapruneError, Cancelled
+from engine.events import RecoveryStep
+from engine.models import load
+from engine.plan import Plan
+from engine.prune import apply_plan
+from engine.recover import ADAPTER, RecoverConfig, lr_at, recovered_model, recovery_dir, run_recovery
+from engine.search import SearchConfig, create_session, run_search
+from engine.session import Session
+from engine.structure import count_params
+from tui.cli import app
+
+
+@pytest.fixture
+def searched(tmp_path, tokenizer):
+    folder = tmp_path / "tiny"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
+                       sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "r", cfg)
+    run_search(session)
+    return session
+
+
+def _cfg(text_file, **kw) -> RecoverConfig:
+    base = dict(data=[str(text_file)], valid=[str(text_file)], steps=12, batch_size=2, seq_len=32, lr=3e-3,
+                warmup=2, valid_windows=4, valid_len=32, eval_every=4, save_every=3, dropout=0.1)
+    return RecoverConfig(**{**base, **kw})
+
+
+def _pruned(session: Session):
+    loaded = load(SearchConfig.from_dict(session.config()).model, device="cpu")
+    model = loaded.model
+    apply_plan(model, Plan.from_dict(session.read_json("plan.json")["plan"]).layers)
+    return loaded, model
+
+
+def test_recovery_learns_and_merges_into_plain_weights(searched, text_file):
+    root = searched.path.parent
+    steps = []
+    state = run_recovery(root, "r", _cfg(text_file), steps.append)
+    assert state["status"] == "done" and state["step"] == 12 and len(state["history"]) == 12
+    assert [e.step for e in steps if isinstance(e, RecoveryStep)] == list(range(1, 13))
+    losses = [h["loss"] for h in state["history"]]
+    assert sum(losses[-4:]) < sum(losses[:4])  # it learns the training text
+    assert state["valid_ppl_after"] < state["valid_ppl_before"]
+    assert state["trainable_params"] > 0 and state["data"] and state["valid"]
+
+    dense = load(SearchConfig.from_dict(searched.config()).model, device="cpu").model
+    _, pruned = _pruned(searched)
+    merged, _ = recovered_model(searched, copy.deepcopy(dense))
+    assert not any("lora" in k for k in merged.state_dict())
+    assert count_params(merged) == count_params(pruned) == Plan.from_dict(searched.read_json("plan.json")["plan"]).params_after
+    x = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=x).logits, pruned(input_ids=x).logits)
+
+
+def test_interrupted_recovery_resumes_to_the_same_weights(searched, text_file, tmp_path):
+    root = searched.path.parent
+    own = tmp_path / "own.txt"  # this test edits its text
+    own.write_text(text_file.read_text())
+    text_file = own
+    run_recovery(root, "r", _cfg(text_file))
+    straight = load_file(str(recovery_dir(searched) / ADAPTER))
+
+    from engine.control import Control
+
+    control = Control()
+
+    def stop_after_five(event):
+        if isinstance(event, RecoveryStep) and event.step == 5:
+            control.cancel()
+
+    with pytest.raises(Cancelled):
+        run_recovery(root, "r", _cfg(text_file), stop_after_five, control, restart=True)
+    assert searched.read_json("recovery/state.json")["step"] == 5  # saved at the stop, not only at save_every
+    with pytest.raises(AdapruneError, match="stopped at step 5"):
+        recovered_model(searched, make_model("llama"))
+    original = text_file.read_text()
+    text_file.write_text(original + " more")
+    with pytest.raises(AdapruneError, match="text changed"):
+        run_recovery(root, "r", RecoverConfig(), resume=True)
+    text_file.write_text(original)
+    state = run_recovery(root, "r", RecoverConfig(steps=999), resume=True)  # the saved configuration wins
+    assert state["step"] == 12 and state["status"] == "done"
+    resumed = load_file(str(recovery_dir(searched) / ADAPTER))
+    assert set(resumed) == set(straight)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-7)
+
+
+def test_export_of_the_recovered_model_loads_and_matches(searched, text_file, tmp_path):
+    from engine.api import export_session
+
+    root = searched.path.parent
+    run_recovery(root, "r", _cfg(text_file, steps=4))
+    out = tmp_path / "exported"
+    fmt = export_session(root, "r", out, recovered=True)
+    merged, _ = recovered_model(searched, load(SearchConfig.from_dict(searched.config()).model, device="cpu").model)
+    again = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt != "uniform").eval()
+    x = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, merged(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+    assert "LoRA-recovered" in (out / "README.md").read_text()
+    with pytest.raises(AdapruneError, match="leave --widths at plan"):
+        export_session(root, "r", tmp_path / "u", widths="uniform", recovered=True)
+
+
+def test_bench_has_a_recovered_row(searched, text_file):
+    from engine.benchmark import BenchConfig, run_bench
+
+    root = searched.path.parent
+    run_recovery(root, "r", _cfg(text_file, steps=3))
+    results = run_bench(searched, BenchConfig(ppl=[str(text_file)], ppl_windows=2, rows=["best", "recovered"]))
+    best, rec = results["rows"]["best"], results["rows"]["recovered"]
+    assert rec["params"] == best["params"] and rec["plan_id"].startswith(best["plan_id"] + "+lora-")
+    assert rec["ppl"] != best["ppl"]
+
+
+def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp_path):
+    root = searched.path.parent
+    cases = [
+        (dict(steps=0), "--steps 0"),
+        (dict(lr=-1.0), "--lr -1"),
+        (dict(targets=["q_proj", "lm_head"]), "--targets"),
+        (dict(data=["self"]), "not 'self'"),
+        (dict(plan="plan:nope"), "no plan 'plan:nope'"),
+        (dict(data=[str(tmp_path / "missing.txt")]), "neither a file"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(AdapruneError, match=message):
+            run_recovery(root, "r", _cfg(text_file, **kw))
+        assert not (recovery_dir(searched) / "state.json").exists()
+    with pytest.raises(AdapruneError, match="no recovery to resume"):
+        run_recovery(root, "r", _cfg(text_file), resume=True)
+    run_recovery(root, "r", _cfg(text_file, steps=2))
+    with pytest.raises(AdapruneError, match="already has a recovery"):
+        run_recovery(root, "r", _cfg(text_file))
+    with pytest.raises(AdapruneError, match="already finished"):
+        run_recovery(root, "r", _cfg(text_file), resume=True)
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["recover", "r", "--sessions-dir", str(root), "--steps", "0"])
+    assert r.exit_code == 2 and "--steps 0" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["recover", "r", "--sessions-dir", str(root), "--restart", "--steps", "2", "--batch", "2",
+                            "--seq-len", "32", "--data", str(text_file), "--valid", str(text_file),
+                            "--valid-windows", "2"])
+    assert r.exit_code == 0, r.output
+    assert "recovered: validation PPL" in r.output
+
+
+def test_learning_rate_schedule():
+    cfg = RecoverConfig(steps=10, warmup=2, lr=1.0)
+    assert [round(lr_at(cfg, s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]

@@ -1,0 +1,230 @@
+"""Recovery: LoRA fine-tuning of the session's pruned model, live (loss, validation PPL), pausable, resumable."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import (
+    Button,
+    Checkbox,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    Sparkline,
+    Static,
+)
+
+from engine.errors import AdapruneError
+from engine.events import Log, RecoveryStep, StageProgress, StageStarted
+from engine.recover import RecoverConfig, validate
+from tui.jobs import EngineEvent, JobDone, start_job
+
+
+class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
+    """What to train on and for how long; (config, resume, restart) or None."""
+
+    BINDINGS = [Binding("ctrl+s", "run", "Start", priority=True), Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, state: dict | None) -> None:
+        super().__init__()
+        self.state = state
+
+    def compose(self) -> ComposeResult:
+        d = RecoverConfig()
+        stopped = self.state is not None and self.state["status"] != "done"
+        with Vertical(classes="dialog"):
+            if stopped:
+                yield Static(f"the recovery stopped at step {self.state['step']} of "
+                             f"{self.state['config']['steps']}: continue it, or train again", markup=False)
+                yield Checkbox("continue where it stopped (its own settings)", value=True, id="resume")
+            elif self.state is not None:
+                yield Static("a finished recovery exists: starting discards it", markup=False, classes="error")
+            yield Label("Training text (stdlib-docs, files, hub names; comma-separated)")
+            yield Input(", ".join(d.data), id="data")
+            with Horizontal(classes="pair"):
+                with Vertical():
+                    yield Label("Steps")
+                    yield Input(str(d.steps), id="steps")
+                with Vertical():
+                    yield Label("Learning rate")
+                    yield Input(f"{d.lr:g}", id="lr")
+            with Horizontal(classes="pair"):
+                with Vertical():
+                    yield Label("LoRA rank")
+                    yield Input(str(d.rank), id="rank")
+                with Vertical():
+                    yield Label("Sequences x tokens per step")
+                    yield Input(f"{d.batch_size}x{d.seq_len}", id="shape")
+            yield Static("", markup=False, id="problem", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Start (ctrl+s)", variant="primary", id="run")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_run()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_run()
+
+    def action_run(self) -> None:
+        resume = self.query("#resume") and self.query_one("#resume", Checkbox).value
+        if resume:
+            self.dismiss((RecoverConfig(), True, False))
+            return
+        value = {k: self.query_one(f"#{k}", Input).value.strip() for k in ("data", "steps", "lr", "rank", "shape")}
+        try:
+            batch, _, seq = value["shape"].partition("x")
+            cfg = RecoverConfig(data=[t.strip() for t in value["data"].split(",") if t.strip()],
+                                steps=int(value["steps"]), lr=float(value["lr"]), rank=int(value["rank"]),
+                                alpha=2 * int(value["rank"]), batch_size=int(batch), seq_len=int(seq))
+            validate(cfg)
+        except (AdapruneError, ValueError) as e:
+            self.query_one("#problem", Static).update(
+                str(e) if isinstance(e, AdapruneError) else "steps, rank: whole numbers; lr: a number; shape: BxL")
+            return
+        self.dismiss((cfg, False, self.state is not None))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class RecoverScreen(Screen):
+    BINDINGS = [
+        Binding("r", "train", "Recover"),
+        Binding("p", "pause", "Pause/resume"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("x", "export", "Export"),
+        Binding("escape", "back", "Back"),
+    ]
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.session_name = name
+        self.control = None
+        self.losses: list[float] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(f"recovery (LoRA) of session {self.session_name}", markup=False, id="title")
+        yield Static("", markup=False, id="summary")
+        yield Sparkline([], id="loss")
+        with Horizontal(classes="bars", id="stage-row"):
+            yield Static("", markup=False, id="stage", classes="barlabel")
+            yield ProgressBar(id="stage-bar", show_eta=True)
+        yield DataTable(id="validation", cursor_type="row", zebra_stripes=True)
+        yield Static("", markup=False, id="status", classes="dim")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        t = self.query_one(DataTable)
+        for col in ("step", "loss", "lr", "validation PPL"):
+            t.add_column(col)
+        self.show_state()
+        if "recover" in self.app.jobs:  # left while it ran: keep its pause and cancel at hand
+            self.control = self.app.jobs["recover"]
+            # its events go to the screen that started it: follow the saved state instead
+            self.follow = self.set_interval(3, self._follow)
+
+    def _follow(self) -> None:
+        if "recover" not in self.app.jobs:
+            self.follow.stop()
+            self.control = None
+        self.show_state()
+
+    def show_state(self) -> None:
+        try:
+            state = self.app.backend.recovery_state(self.session_name)
+        except AdapruneError as e:
+            self.query_one("#summary", Static).update(f"error: {e}")
+            return
+        summary = self.query_one("#summary", Static)
+        if state is None:
+            summary.update("no recovery yet: r starts one (LLM-Pruner's LoRA recipe on the built-in corpus)")
+            return
+        c = state["config"]
+        before, after = state.get("valid_ppl_before"), state.get("valid_ppl_after")
+        ppl = f"validation PPL {before:.2f}" + (f" -> {after:.2f}" if after is not None else "") if before else ""
+        summary.update(f"{state['status']}: step {state['step']} of {c['steps']}, rank {c['rank']}, lr {c['lr']:g}, "
+                       f"{c['batch_size']}x{c['seq_len']} tokens per step; {ppl}")
+        history = state.get("history", [])
+        self.losses = [h["loss"] for h in history]
+        self.query_one(Sparkline).data = self.losses
+        t = self.query_one(DataTable)
+        t.clear()
+        for h in history:
+            if "valid_ppl" in h:
+                t.add_row(str(h["step"]), f"{h['loss']:.3f}", f"{h['lr']:.2g}", f"{h['valid_ppl']:.2f}")
+
+    def action_train(self) -> None:
+        if "recover" in self.app.jobs:
+            self.notify("a recovery is running", severity="warning")
+            return
+        state = self.app.backend.recovery_state(self.session_name)
+
+        def go(choice: tuple[RecoverConfig, bool, bool] | None) -> None:
+            if choice is None:
+                return
+            cfg, resume, restart = choice
+            name = self.session_name
+            self.query_one("#status", Static).update("starting…")
+            self.control = start_job(self, "recover", lambda sink, control: self.app.backend.recover(
+                name, cfg, resume, restart, sink, control))
+
+        self.app.push_screen(RecoverForm(state), go)
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        e = message.event
+        if isinstance(e, StageStarted):
+            self.query_one("#stage", Static).update(e.stage[:30])
+            self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
+        elif isinstance(e, StageProgress):
+            self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
+        elif isinstance(e, RecoveryStep):
+            self.losses.append(e.loss)
+            self.query_one(Sparkline).data = list(self.losses)
+            self.query_one("#status", Static).update(f"step {e.step}/{e.total}: loss {e.loss:.3f}")
+            if e.valid_ppl is not None:
+                self.query_one(DataTable).add_row(str(e.step), f"{e.loss:.3f}", f"{e.lr:.2g}", f"{e.valid_ppl:.2f}")
+        elif isinstance(e, Log):
+            self.query_one("#status", Static).update(e.message)
+
+    def on_job_done(self, message: JobDone) -> None:
+        if message.job != "recover":
+            return
+        self.control = None
+        self.show_state()
+        if message.error:
+            self.query_one("#status", Static).update(f"error: {message.error}")
+            self.notify(message.error, severity="error")
+        elif message.cancelled:
+            self.query_one("#status", Static).update("stopped: every finished step is saved; r continues it")
+        else:
+            self.query_one("#status", Static).update("done: x exports the model with the adapter merged in")
+            self.notify("recovery done")
+
+    def action_pause(self) -> None:
+        if self.control is None:
+            self.notify("no recovery is running here", severity="warning")
+        elif self.control.paused:
+            self.control.resume()
+            self.query_one("#status", Static).update("resumed")
+        else:
+            self.control.pause()
+            self.query_one("#status", Static).update("paused at the next step (p resumes)")
+
+    def action_cancel(self) -> None:
+        if self.control is None:
+            self.notify("no recovery is running here", severity="warning")
+            return
+        self.control.cancel()
+        self.query_one("#status", Static).update("stopping after this step…")
+
+    def action_export(self) -> None:
+        self.app.open_export(self.session_name)
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
