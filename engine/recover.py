@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -199,7 +200,9 @@ def _wrap(model: nn.Module, cfg: RecoverConfig):
     from peft import get_peft_model
 
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same seed, the same recovery
-    return get_peft_model(model, _lora_config(cfg))
+    with warnings.catch_warnings():  # peft calls an API transformers deprecated: not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, _lora_config(cfg))
 
 
 def run_recovery(
