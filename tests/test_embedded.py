@@ -6,8 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.api import PruneConfig, prune
+from engine.api import PruneConfig, export_session, prune
 from engine.models import load
+from engine.recipe import prune_with
+from engine.recover import RecoverConfig, recovered_model, run_recovery
+from engine.search import SearchConfig, create_session
+from engine.session import Session
+from engine.text import load_text, random_windows, tokenize
 
 pytestmark = pytest.mark.embedded
 
@@ -33,3 +38,25 @@ def test_embedded_model_prunes_exports_and_reloads(tmp_path):
         a, b = ours(ids).logits, remote(ids).logits
     torch.testing.assert_close(a, b)
     assert sum(p.numel() for p in remote.parameters()) == pruned.params
+
+
+def test_embedded_model_recovers_with_lora_and_exports_merged(tmp_path):
+    """peft on the real pruned SmolLM2 (per-layer widths, GQA): train, merge, export, reload."""
+    session = create_session(tmp_path / "s", "smol", SearchConfig(trials=1, device="cpu"))
+    loaded = load("smollm2-135m", device="cpu")
+    windows = random_windows(tokenize(loaded.tokenizer, load_text("stdlib-docs", "calib")), 2, 32, 0)
+    # the session's plan from one real taylor1 pruning instead of a search (minutes on 2 cores)
+    plan = prune_with(loaded.model, windows, list(range(4, 28)), 0.20)
+    session.write_json("plan.json", {"trial": 0, "value": 0.0, "params": {}, "plan": plan.to_dict()})
+    cfg = RecoverConfig(steps=2, batch_size=1, seq_len=64, warmup=1, lr=1e-3, valid_windows=1, valid_len=64)
+    state = run_recovery(tmp_path / "s", "smol", cfg)
+    assert state["status"] == "done" and state["trainable_params"] > 0
+
+    out = tmp_path / "recovered"
+    assert export_session(tmp_path / "s", "smol", out, recovered=True) == "per-layer"
+    merged, _ = recovered_model(Session.open(tmp_path / "s", "smol"), load("smollm2-135m", device="cpu").model)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(remote(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in remote.parameters()) == plan.params_after
