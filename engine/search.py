@@ -51,6 +51,7 @@ from engine.importance import (
 from engine.models import EMBEDDED, Loaded, load
 from engine.plan import ALLOCATIONS, check_attn_share, parse_overrides
 from engine.recipe import prune_with
+from engine.recover import recovery_state
 from engine.session import Session, pid_alive
 from engine.structure import count_params, decoder_layers, default_layer_range, layer_shapes
 from engine.text import SELF, eval_windows, load_text, parse_spec, random_windows, sample_self, tokenize
@@ -863,6 +864,13 @@ def summary(session: Session) -> dict:
     cfg = SearchConfig.from_dict(m["config"])
     row = {"name": session.name, "model": cfg.model, "prune": cfg.prune, "trials": cfg.trials,
            "status": m.get("status", "?"), "updated": m.get("updated"), "done": 0, "best": None}
+    try:
+        rec = recovery_state(session)
+    except AdapruneError:
+        rec = {"status": "unreadable", "step": 0, "config": {"steps": 0}}
+    if rec is not None:  # the LoRA recovery, when there is one: "done", or e.g. "stopped 40/100"
+        row["recovery"] = rec["status"] if rec["status"] == "done" else \
+            f"{rec['status']} {rec['step']}/{rec['config']['steps']}"
     _, bad = session.read_events()
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")

@@ -37,7 +37,8 @@ class FakeBackend(Backend):
     def sessions(self) -> list[dict]:
         return [{"name": n, "model": s["config"]["model"], "prune": s["config"]["prune"],
                  "trials": s["config"]["trials"], "done": s["done"], "best": s["best"], "status": s["status"],
-                 "updated": 1_790_000_000.0} for n, s in sorted(self.store.items())]
+                 "updated": 1_790_000_000.0, "recovery": (s.get("recovery") or {}).get("status")}
+                for n, s in sorted(self.store.items())]
 
     def _get(self, name: str) -> dict:
         if name not in self.store:

@@ -290,6 +290,9 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
             await pilot.press("enter")
             await settle(app, pilot)
             assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", True)
+            await pilot.press("escape", "escape")
+            assert isinstance(app.screen, SessionsScreen)
+            assert "done, LoRA" in str(app.screen.query_one(DataTable).get_cell("alpha", "status"))
 
     run(go())
 

@@ -15,7 +15,7 @@ from engine.models import load
 from engine.plan import Plan
 from engine.prune import apply_plan
 from engine.recover import ADAPTER, RecoverConfig, lr_at, recovered_model, recovery_dir, run_recovery
-from engine.search import SearchConfig, create_session, run_search
+from engine.search import SearchConfig, create_session, run_search, summary
 from engine.session import Session
 from engine.structure import count_params
 from tui.cli import app
@@ -86,6 +86,7 @@ def test_interrupted_recovery_resumes_to_the_same_weights(searched, text_file, t
     with pytest.raises(Cancelled):
         run_recovery(root, "r", _cfg(text_file), stop_after_five, control, restart=True)
     assert searched.read_json("recovery/state.json")["step"] == 5  # saved at the stop, not only at save_every
+    assert summary(searched)["recovery"] == "stopped 5/12"
     with pytest.raises(AdapruneError, match="stopped at step 5"):
         recovered_model(searched, make_model("llama"))
     original = text_file.read_text()
@@ -159,6 +160,8 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
                             "--valid-windows", "2"])
     assert r.exit_code == 0, r.output
     assert "recovered: validation PPL" in r.output
+    r = runner.invoke(app, ["sessions", "--sessions-dir", str(root)])
+    assert r.exit_code == 0 and "recovery" in r.output and summary(searched)["recovery"] == "done"
 
 
 def test_learning_rate_schedule():

@@ -71,6 +71,8 @@ class SessionsScreen(Screen):
             when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%m-%d %H:%M") if r.get("updated") else ""
             best = f"{r['best']:.2f}" if r.get("best") is not None else ""
             status = r["status"] + (" !" if r.get("problem") else "")
+            if r.get("recovery"):
+                status += ", LoRA" + ("" if r["recovery"] == "done" else f" {r['recovery'].split()[-1]}")
             table.add_row(r["name"], _short(r["model"]), f"{r['prune']:.0%}" if r.get("prune") else "",
                           f"{r['done']}/{r['trials']}", best, status, when, key=r["name"])
         if selected is not None and selected in {r["name"] for r in rows}:
