@@ -4,7 +4,8 @@ A source spec is `NAME[/SPLIT][:NxL]`:
 - `stdlib-docs`: built in and offline (Python's own documentation: `pydoc_data.topics` plus the docstrings of
   the standard library's source). Documents are split by a hash of their name into `calib` (70%), `valid`
   (10%, reserved for the search objective) and `test` (20%), so the three never share text.
-- a local `.txt`, `.jsonl` (a `text` field per line) or `.parquet` (a `text` column) file.
+- a local `.txt`, `.jsonl` (a `text` field per line, or Alpaca's instruction/input/output) or `.parquet` (a
+  `text` column) file.
 - a hub dataset by name: `wikitext2`, `ptb`, `c4`, `bookcorpus`, `alpaca` (through `datasets`).
 - `self`: text sampled from the dense model itself.
 
@@ -176,9 +177,13 @@ def _read_jsonl(path: Path, field: str) -> str:
             row = json.loads(line)
         except ValueError:
             raise AdapruneError(f"{path}:{lineno}: not valid JSON; each line must be one JSON object") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise AdapruneError(f"{path}:{lineno}: expected an object with a string field {field!r}")
-        texts.append(row[field])
+        if isinstance(row, dict) and isinstance(row.get(field), str):
+            texts.append(row[field])
+        elif isinstance(row, dict) and isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+            texts.append(_alpaca_text(row))  # instruction data (Alpaca's fields), as the hub's alpaca is read
+        else:
+            raise AdapruneError(f"{path}:{lineno}: expected an object with a string field {field!r} (or Alpaca's "
+                                f"instruction/input/output)")
     return "\n\n".join(texts)
 
 

@@ -38,6 +38,10 @@ def test_files(tmp_path):
     p.write_text('{"body": "no text field"}\n')
     with pytest.raises(AdapruneError, match=r":1: expected an object"):
         load_text(str(p), "calib")
+    # instruction data in Alpaca's fields reads as the hub's alpaca does
+    p.write_text(json.dumps({"instruction": "Add", "input": "2 and 2", "output": "4"}) + "\n"
+                 + json.dumps({"instruction": "Greet", "input": "", "output": "Hello"}) + "\n")
+    assert load_text(str(p), "calib") == "Add\n\n2 and 2\n\n4\n\nGreet\n\nHello"
     b = tmp_path / "b.txt"
     b.write_bytes(b"\x00\x01\x02binary")
     with pytest.raises(AdapruneError, match="looks binary"):
