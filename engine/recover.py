@@ -253,8 +253,12 @@ def run_recovery(
         apply_plan(model, plan.layers)
         model.requires_grad_(False)
         peft_model = _wrap(model, cfg)
-        if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.grad_checkpointing:  # transformers 5 renamed it; older versions have only the first name
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         folder = recovery_dir(session)
         if resume:
             from peft.utils import set_peft_model_state_dict
