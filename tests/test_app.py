@@ -364,7 +364,8 @@ def test_real_engine_from_the_form_to_a_finished_search(tmp_path, tokenizer):
     assert backend.sessions()[0]["done"] == 2
 
 
-@pytest.mark.parametrize("keys", [[], ["enter"], ["l"], ["b"]], ids=["sessions", "search", "layers", "bench"])
+@pytest.mark.parametrize("keys", [[], ["enter"], ["l"], ["b"], ["f"]],
+                         ids=["sessions", "search", "layers", "bench", "recover"])
 def test_snapshots_of_the_main_screens(snap_compare, tmp_path, keys):
     app = AdapruneApp(FakeBackend(tmp_path))
     assert snap_compare(app, press=keys, terminal_size=SIZE)

@@ -123,6 +123,8 @@ class RecoverScreen(Screen):
         t = self.query_one(DataTable)
         for col in ("step", "loss", "lr", "validation PPL"):
             t.add_column(col)
+        self.query_one("#stage-row").display = False  # shown while a recovery runs
+        self.query_one(Sparkline).display = False  # shown once there is a loss to draw
         self.show_state()
         if "recover" in self.app.jobs:  # left while it ran: keep its pause and cancel at hand
             self.control = self.app.jobs["recover"]
@@ -153,6 +155,7 @@ class RecoverScreen(Screen):
         history = state.get("history", [])
         self.losses = [h["loss"] for h in history]
         self.query_one(Sparkline).data = self.losses
+        self.query_one(Sparkline).display = bool(self.losses)
         t = self.query_one(DataTable)
         t.clear()
         for h in history:
@@ -179,6 +182,7 @@ class RecoverScreen(Screen):
     def on_engine_event(self, message: EngineEvent) -> None:
         e = message.event
         if isinstance(e, StageStarted):
+            self.query_one("#stage-row").display = True
             self.query_one("#stage", Static).update(e.stage[:30])
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
         elif isinstance(e, StageProgress):
@@ -186,6 +190,7 @@ class RecoverScreen(Screen):
         elif isinstance(e, RecoveryStep):
             self.losses.append(e.loss)
             self.query_one(Sparkline).data = list(self.losses)
+            self.query_one(Sparkline).display = True
             self.query_one("#status", Static).update(f"step {e.step}/{e.total}: loss {e.loss:.3f}")
             if e.valid_ppl is not None:
                 self.query_one(DataTable).add_row(str(e.step), f"{e.loss:.3f}", f"{e.lr:.2g}", f"{e.valid_ppl:.2f}")
