@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -166,23 +167,37 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def checkpoint_dir(session: Session, state: dict) -> Path:
+    """The folder of the checkpoint `state` names (its adapter and optimiser moments)."""
+    return recovery_dir(session) / state["checkpoint"]
+
+
 def _save(session: Session, peft_model, optimizer, state: dict) -> None:
-    """Adapter, optimiser moments and state, each replaced atomically (state last: it names the step)."""
+    """A checkpoint folder per step, then state.json naming it (written atomically), then older folders go:
+    a crash at any moment leaves a state that names a complete checkpoint."""
+    import shutil
+
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    folder = recovery_dir(session)
-    folder.mkdir(exist_ok=True)
+    name = f"ckpt-step-{state['step']}-{secrets.token_hex(4)}"  # a new folder every time, even for one step
+    folder = recovery_dir(session) / name
+    tmp = recovery_dir(session) / f".{name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     opt = optimizer.state_dict()
-    moments = {f"{i}.{k}": v.detach().cpu().contiguous().reshape(v.shape)
+    moments = {f"{i}.{k}": v.detach().cpu().contiguous()
                for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    for name, tensors in ((ADAPTER, adapter), (OPTIMIZER, moments)):
-        tmp = folder / f".{name}.tmp{os.getpid()}"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, folder / name)
-    state["param_groups"] = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+    save_file(adapter, str(tmp / ADAPTER))
+    save_file(moments, str(tmp / OPTIMIZER))
+    os.replace(tmp, folder)
+    state["param_groups"] = [dict(g) for g in opt["param_groups"]]
+    state["checkpoint"] = name
     session.write_json(f"{RECOVERY}/{STATE}", state)
+    for old in recovery_dir(session).glob("ckpt-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_optimizer(optimizer, folder: Path, state: dict) -> None:
@@ -237,7 +252,7 @@ def run_recovery(
     if resume and any(prior.get(k) != v for k, v in hashes.items()):
         raise AdapruneError(f"session {name!r}: the recovery's training or validation text changed since it began "
                             f"(its SHA-256 differs); --restart to train on the new text")
-    with session.lock():
+    with session.lock("recovery"):
         scfg = SearchConfig.from_dict(session.config())
         loaded = load(scfg.model, scfg.device, scfg.dtype, scfg.trust_remote_code, sink=sink)
         with Stage(sink, "recovery windows"):
@@ -259,16 +274,15 @@ def run_recovery(
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        folder = recovery_dir(session)
         if resume:
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(peft_model, load_file(str(folder / ADAPTER)))
+            set_peft_model_state_dict(peft_model, load_file(str(checkpoint_dir(session, prior) / ADAPTER)))
         params = [p for _, p in _trainable(peft_model)]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         if resume:
-            _load_optimizer(optimizer, folder, prior)
+            _load_optimizer(optimizer, checkpoint_dir(session, prior), prior)
         device = next(model.parameters()).device
         if resume:
             state = prior
@@ -330,7 +344,8 @@ def adapter_id(session: Session) -> str:
     """Identifies the adapter's weights (a benchmark row of a re-trained recovery is a different model)."""
     import hashlib
 
-    return hashlib.sha1((recovery_dir(session) / ADAPTER).read_bytes()).hexdigest()[:12]
+    state = recovery_state(session) or {}
+    return hashlib.sha1((checkpoint_dir(session, state) / ADAPTER).read_bytes()).hexdigest()[:12]
 
 
 def recovered_model(session: Session, model: nn.Module) -> tuple[nn.Module, dict]:
@@ -354,7 +369,7 @@ def recovered_model(session: Session, model: nn.Module) -> tuple[nn.Module, dict
     cfg = RecoverConfig.from_dict(state["config"])
     apply_plan(model, Plan.from_dict(plan_dict).layers)
     peft_model = _wrap(model, cfg)
-    set_peft_model_state_dict(peft_model, load_file(str(recovery_dir(session) / ADAPTER)))
+    set_peft_model_state_dict(peft_model, load_file(str(checkpoint_dir(session, state) / ADAPTER)))
     merged = peft_model.merge_and_unload()
     merged.requires_grad_(False)
     return merged.eval(), state

@@ -206,8 +206,9 @@ class Session:
 
     # --- the driver's lock ----------------------------------------------------------------------------------
 
-    def lock(self) -> Iterator[None]:
-        return _Lock(self)
+    def lock(self, what: str = "search") -> Iterator[None]:
+        """Held while one process drives the session's `what` (its search, or its LoRA recovery)."""
+        return _Lock(self, what)
 
     # --- files ----------------------------------------------------------------------------------------------
 
@@ -227,9 +228,9 @@ class Session:
 class _Lock:
     """One driving process per session; a dead holder's lock (same host) is taken over."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, what: str = "search") -> None:
         self.path = session.path / "lock"
-        self.session = session
+        self.session, self.what = session, what
 
     def __enter__(self) -> None:
         host = socket.gethostname()
@@ -241,16 +242,17 @@ class _Lock:
                     holder = json.loads(self.path.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     holder = {}
-                pid, where = holder.get("pid"), holder.get("host")
+                pid, where, what = holder.get("pid"), holder.get("host"), holder.get("what", "search")
                 if isinstance(pid, int) and (where != host or pid_alive(pid)):
+                    join = f", or join it with `adaprune worker {self.session.name}`" if what == "search" else ""
                     raise AdapruneError(
-                        f"session {self.session.name!r} is driven by pid {pid} on {where}: stop it, or join it with "
-                        f"`adaprune worker {self.session.name}`"
+                        f"session {self.session.name!r} is driven by pid {pid} on {where} (its {what}): wait for "
+                        f"it or stop it{join}"
                     ) from None
                 self.path.unlink(missing_ok=True)  # its holder died: take over
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": host, "since": time.time()}, f)
+                json.dump({"pid": os.getpid(), "host": host, "since": time.time(), "what": self.what}, f)
             return
         raise AdapruneError(f"cannot lock session {self.session.name!r}: {self.path} keeps reappearing")
 

@@ -14,7 +14,16 @@ from engine.events import RecoveryStep
 from engine.models import load
 from engine.plan import Plan
 from engine.prune import apply_plan
-from engine.recover import ADAPTER, RecoverConfig, lr_at, recovered_model, recovery_dir, run_recovery
+from engine.recover import (
+    ADAPTER,
+    RecoverConfig,
+    checkpoint_dir,
+    lr_at,
+    recovered_model,
+    recovery_dir,
+    recovery_state,
+    run_recovery,
+)
 from engine.search import SearchConfig, create_session, run_search, summary
 from engine.session import Session
 from engine.structure import count_params
@@ -78,7 +87,7 @@ def test_interrupted_recovery_resumes_to_the_same_weights(searched, text_file, t
     own.write_text(text_file.read_text())
     text_file = own
     run_recovery(root, "r", _cfg(text_file))
-    straight = load_file(str(recovery_dir(searched) / ADAPTER))
+    straight = load_file(str(checkpoint_dir(searched, recovery_state(searched)) / ADAPTER))
 
     from engine.control import Control
 
@@ -101,7 +110,10 @@ def test_interrupted_recovery_resumes_to_the_same_weights(searched, text_file, t
     text_file.write_text(original)
     state = run_recovery(root, "r", RecoverConfig(steps=999), resume=True)  # the saved configuration wins
     assert state["step"] == 12 and state["status"] == "done"
-    resumed = load_file(str(recovery_dir(searched) / ADAPTER))
+    resumed = load_file(str(checkpoint_dir(searched, recovery_state(searched)) / ADAPTER))
+    # one checkpoint is kept, the one state.json names; nothing half-written is left
+    kept = sorted(p.name for p in recovery_dir(searched).iterdir())
+    assert kept == sorted(["state.json", recovery_state(searched)["checkpoint"]])
     assert set(resumed) == set(straight)
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-7)
@@ -151,6 +163,10 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
         assert not (recovery_dir(searched) / "state.json").exists()
     with pytest.raises(AdapruneError, match="no recovery to resume"):
         run_recovery(root, "r", _cfg(text_file), resume=True)
+    with searched.lock("recovery"), pytest.raises(AdapruneError, match=r"\(its recovery\): wait for it or stop it$"):
+        run_recovery(root, "r", _cfg(text_file))
+    with searched.lock(), pytest.raises(AdapruneError, match="its search.*adaprune worker r"):
+        run_recovery(root, "r", _cfg(text_file))
     run_recovery(root, "r", _cfg(text_file, steps=2))
     with pytest.raises(AdapruneError, match="already has a recovery"):
         run_recovery(root, "r", _cfg(text_file))

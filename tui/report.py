@@ -177,14 +177,16 @@ def sessions_table(rows: list[dict]) -> Table:
     import datetime
 
     t = Table(title="sessions")
-    for col in ("name", "model", "target", "trials", "best objective", "status", "recovery", "last change"):
+    recovery = any(r.get("recovery") for r in rows)  # the column only when some session has a recovery
+    for col in ("name", "model", "target", "trials", "best objective", "status",
+                *(["recovery"] if recovery else []), "last change"):
         t.add_column(col, justify="right" if col in ("trials", "best objective") else "left")
     for r in rows:
         when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%Y-%m-%d %H:%M") if r.get("updated") else ""
         best = f"{r['best']:.3f}" if r.get("best") is not None else ""
         target = f"{r['prune']:.0%}" if r.get("prune") else ""
         t.add_row(r["name"], r["model"], target, f"{r['done']}/{r['trials']}", best, r["status"],
-                  r.get("recovery") or "", when)
+                  *([r.get("recovery") or ""] if recovery else []), when)
     return t
 
 
