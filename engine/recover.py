@@ -169,6 +169,8 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def checkpoint_dir(session: Session, state: dict) -> Path:
     """The folder of the checkpoint `state` names (its adapter and optimiser moments)."""
+    if "checkpoint" not in state:  # the first layout kept one checkpoint in recovery/ itself
+        return recovery_dir(session)
     return recovery_dir(session) / state["checkpoint"]
 
 
@@ -198,6 +200,8 @@ def _save(session: Session, peft_model, optimizer, state: dict) -> None:
     for old in recovery_dir(session).glob("ckpt-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+    for old in (ADAPTER, OPTIMIZER):  # the first layout's checkpoint, once a newer one is named
+        (recovery_dir(session) / old).unlink(missing_ok=True)
 
 
 def _load_optimizer(optimizer, folder: Path, state: dict) -> None:

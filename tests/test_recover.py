@@ -75,6 +75,15 @@ def test_recovery_learns_and_merges_into_plain_weights(searched, text_file):
     with torch.no_grad():
         assert not torch.allclose(merged(input_ids=x).logits, pruned(input_ids=x).logits)
 
+    # a session from the first layout (one checkpoint in recovery/ itself, no name in the state) still merges
+    state_now = recovery_state(searched)
+    for f in checkpoint_dir(searched, state_now).iterdir():
+        f.rename(recovery_dir(searched) / f.name)
+    searched.write_json("recovery/state.json", {k: v for k, v in state_now.items() if k != "checkpoint"})
+    old_layout, _ = recovered_model(searched, copy.deepcopy(dense))
+    with torch.no_grad():
+        torch.testing.assert_close(old_layout(input_ids=x).logits, merged(input_ids=x).logits)
+
     # activation checkpointing trades compute for memory, not results
     again = run_recovery(root, "r", _cfg(text_file, steps=3, grad_checkpointing=True), restart=True)
     for a, b in zip(again["history"], state["history"][:3], strict=True):
