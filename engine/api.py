@@ -16,6 +16,16 @@ from engine.importance import check_metric
 from engine.models import EMBEDDED, Loaded, load
 from engine.plan import ALLOCATIONS, Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
 from engine.recipe import prune_with
+from engine.reconstruct import DEFAULT_CALIB as RECONSTRUCT_CALIB
+from engine.reconstruct import DEFAULT_LAMBDA as RECONSTRUCT_LAMBDA
+from engine.reconstruct import (
+    Repair,
+    check_repair,
+    pruned_layer_ids,
+    reconstruct,
+    repair_windows,
+    snapshot_layers,
+)
 from engine.structure import count_params, default_layer_range, layer_shapes
 from engine.text import (
     SELF,
@@ -57,6 +67,10 @@ class PruneConfig:
     out: str | None = None
     force: bool = False
     overrides: dict = field(default_factory=dict)  # {"7": "lock"} or {"7": {"heads": K, "channels": C}}
+    # layer-wise reconstruction of the kept o_proj/down_proj weights after slicing (engine.reconstruct)
+    reconstruct: bool = False
+    reconstruct_calib: str = RECONSTRUCT_CALIB
+    reconstruct_lambda: float = RECONSTRUCT_LAMBDA
 
 
 @dataclass
@@ -121,6 +135,8 @@ def validate(cfg: PruneConfig) -> None:
         raise AdapruneError(f"--calib {cfg.calib!r} needs a size: add :NxL, e.g. {spec.name}:10x64")
     for e in cfg.evals:
         parse_spec(e)
+    if cfg.reconstruct:
+        check_repair(cfg.reconstruct_calib, cfg.reconstruct_lambda)
     if cfg.eval_seq_len < 2 or (cfg.eval_windows is not None and cfg.eval_windows < 1):
         raise AdapruneError("evaluation needs windows of at least 2 tokens and at least one window")
     if cfg.out:
@@ -176,12 +192,21 @@ def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
     """
     control = control or Control()
     layer_ids = parse_layers(cfg.layers, len(layer_shapes(loaded.model)))
+    repair = Repair(cfg.reconstruct_calib, cfg.reconstruct_lambda, seed=cfg.seed) if cfg.reconstruct else None
+    # drawn from the dense model (self text is sampled from it), before anything is sliced
+    repair_win = repair_windows(loaded, repair, sink) if repair else None
     windows, calib_hash = calibration_windows(loaded, cfg.calib, cfg.seed, sink, control)
     shapes = layer_shapes(loaded.model)
     overrides = parse_overrides(cfg.overrides, len(shapes), shapes, cfg.head_mode)
+    dense_layers = snapshot_layers(loaded.model, sorted(set(layer_ids) | set(overrides))) if repair else {}
     plan = prune_with(loaded.model, windows, layer_ids, cfg.prune, cfg.metric, cfg.aggregate, cfg.head_mode,
                       cfg.attn_share, cfg.round_to, cfg.seed, cfg.calib_batch, control, sink, {"calib": cfg.calib},
-                      overrides=overrides, ramp=cfg.ramp, allocation=cfg.allocation)
+                      overrides=overrides, ramp=cfg.ramp, allocation=cfg.allocation, repair=repair)
+    if repair:
+        cut = pruned_layer_ids(shapes, plan.layers)
+        reconstruct(loaded.model, {i: dense_layers[i] for i in cut}, plan.layers, repair_win, repair.lam,
+                    control=control, sink=sink)
+        del dense_layers
     return plan, calib_hash
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
-from engine.prune import shrink_empty
+from engine.prune import describe_widths, shrink_empty
 from engine.structure import decoder_layers
 
 BASE_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
@@ -59,11 +59,13 @@ def export(model: nn.Module, tokenizer, out: Path, force: bool = False, card: di
     """Write the folder atomically (a temp folder renamed into place). Returns 'uniform' or 'per-layer'."""
     check_out_dir(out, force)
     card = dict(card or {})
+    describe_widths(model)  # from the modules as they are now (a repair adds biases after slicing)
     cfg = model.config
     per_layer = hasattr(cfg, "adaprune_layers")
     if per_layer and all(w == cfg.adaprune_layers[0] for w in cfg.adaprune_layers):
-        sink(Log("the uniform widths are not valid in a standard config (heads must divide the hidden size): "
-                 "exporting per-layer widths with a modeling file instead", "warning"))
+        sink(Log("the widths are uniform, but the standard config cannot describe them (heads must divide the "
+                 "hidden size, and only Llama's config has output biases): exporting per-layer widths with a "
+                 "modeling file instead", "warning"))
     base = getattr(cfg, "adaprune_base_model_type", cfg.model_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

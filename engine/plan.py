@@ -41,6 +41,7 @@ class Plan:
     recipe: dict = field(default_factory=dict)
     shapes: list[dict] = field(default_factory=list)  # the dense layers' LayerShape, for review without a model
     importance: list[float] = field(default_factory=list)  # per layer, mean channel score / the largest (0..1)
+    repair: dict | None = None  # engine.reconstruct.Repair: how the kept weights are repaired (None: sliced only)
 
     @property
     def removed(self) -> int:

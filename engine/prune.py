@@ -28,7 +28,7 @@ def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor
     return new
 
 
-def _rows(indices: Sequence[int], block: int) -> torch.Tensor:
+def head_rows(indices: Sequence[int], block: int) -> torch.Tensor:
     return torch.tensor([i * block + j for i in indices for j in range(block)], dtype=torch.long)
 
 
@@ -62,8 +62,8 @@ def apply_plan(model: nn.Module, plan_layers: Sequence[LayerPlan]) -> None:
         check_layer_plan(i, lp, s.n_heads, s.n_kv_heads, s.intermediate)
         attn, mlp = layer.self_attn, layer.mlp
         if len(lp.keep_heads) != s.n_heads or len(lp.keep_kv) != s.n_kv_heads:
-            q = _rows(lp.keep_heads, s.head_dim)
-            kv = _rows(lp.keep_kv, s.head_dim)
+            q = head_rows(lp.keep_heads, s.head_dim)
+            kv = head_rows(lp.keep_kv, s.head_dim)
             attn.q_proj = _sliced(attn.q_proj, rows=q)
             attn.k_proj = _sliced(attn.k_proj, rows=kv)
             attn.v_proj = _sliced(attn.v_proj, rows=kv)
@@ -77,22 +77,41 @@ def apply_plan(model: nn.Module, plan_layers: Sequence[LayerPlan]) -> None:
     describe_widths(model)
 
 
-def layer_widths(model: nn.Module) -> list[dict[str, int]]:
+def layer_widths(model: nn.Module) -> list[dict]:
+    """Per layer: the widths and which projections have a bias (a repaired layer gains some)."""
     out = []
     for layer in decoder_layers(model):
         s = layer_shape(layer)
         out.append({"num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
-                    "intermediate_size": s.intermediate})
+                    "intermediate_size": s.intermediate, "qkv_bias": s.qkv_bias, "o_bias": s.o_bias,
+                    "mlp_bias": s.mlp_bias, "down_bias": layer.mlp.down_proj.bias is not None})
     return out
 
 
+BIAS_KEYS = ("qkv_bias", "o_bias", "mlp_bias", "down_bias")
+
+
+def _standard_bias(model_type: str, flags: tuple[bool, ...]) -> dict | None:
+    """The config fields of the base family that give every layer these biases, or None if it cannot."""
+    qkv, o, gate_up, down = flags
+    if model_type == "llama":
+        return {"attention_bias": qkv, "mlp_bias": gate_up} if qkv == o and gate_up == down else None
+    if model_type == "qwen2":  # q/k/v biases always, none elsewhere
+        return {} if flags == (True, False, False, False) else None
+    return {} if not any(flags) else None  # mistral: no biases
+
+
 def describe_widths(model: nn.Module) -> None:
-    """Uniform widths go into the standard config fields; per-layer widths into `adaprune_layers`."""
+    """Uniform widths (and biases the family's config can express) go into the standard config fields;
+    anything else into `adaprune_layers`."""
     cfg = model.config
     widths = layer_widths(model)
     cfg.head_dim = layer_shape(decoder_layers(model)[0]).head_dim  # explicit: heads * head_dim != hidden now
-    if all(w == widths[0] for w in widths) and _valid_standard(cfg, widths[0]):
-        for k, v in widths[0].items():
+    base = getattr(cfg, "adaprune_base_model_type", cfg.model_type)
+    bias = _standard_bias(base, tuple(widths[0][k] for k in BIAS_KEYS))
+    dims = {k: v for k, v in widths[0].items() if k not in BIAS_KEYS}
+    if all(w == widths[0] for w in widths) and bias is not None and _valid_standard(cfg, {**dims, **bias}):
+        for k, v in {**dims, **bias}.items():
             setattr(cfg, k, v)
         if hasattr(cfg, "adaprune_layers"):
             del cfg.adaprune_layers
@@ -126,13 +145,16 @@ def shrink_empty(layer, dims):
     hd, hidden = attn.head_dim, attn.q_proj.in_features
     nh, nkv, ni = dims["num_attention_heads"], dims["num_key_value_heads"], dims["intermediate_size"]
     kw = {"device": attn.q_proj.weight.device, "dtype": attn.q_proj.weight.dtype}
-    qkv_bias = attn.q_proj.bias is not None
+    # which projections have a bias: per layer in the dims (a repaired layer gains some), else as built
+    qkv_bias = dims.get("qkv_bias", attn.q_proj.bias is not None)
+    o_bias = dims.get("o_bias", attn.o_proj.bias is not None)
+    bias = dims.get("mlp_bias", mlp.gate_proj.bias is not None)
+    down_bias = dims.get("down_bias", mlp.down_proj.bias is not None)
     attn.q_proj = nn.Linear(hidden, nh * hd, bias=qkv_bias, **kw)
     attn.k_proj = nn.Linear(hidden, nkv * hd, bias=qkv_bias, **kw)
     attn.v_proj = nn.Linear(hidden, nkv * hd, bias=qkv_bias, **kw)
-    attn.o_proj = nn.Linear(nh * hd, hidden, bias=attn.o_proj.bias is not None, **kw)
+    attn.o_proj = nn.Linear(nh * hd, hidden, bias=o_bias, **kw)
     attn.num_key_value_groups = nh // nkv
-    bias = mlp.gate_proj.bias is not None
     mlp.gate_proj = nn.Linear(hidden, ni, bias=bias, **kw)
     mlp.up_proj = nn.Linear(hidden, ni, bias=bias, **kw)
-    mlp.down_proj = nn.Linear(ni, hidden, bias=mlp.down_proj.bias is not None, **kw)
+    mlp.down_proj = nn.Linear(ni, hidden, bias=down_bias, **kw)

@@ -21,6 +21,7 @@ from engine.plan import (
     solve_uniform,
 )
 from engine.prune import apply_plan
+from engine.reconstruct import Repair, add_biases, bias_layout, bias_params
 from engine.structure import count_params, layer_shapes
 
 
@@ -50,6 +51,7 @@ def prune_with(
     overrides: dict[int, tuple[int, int]] | None = None,
     ramp: float = 0.0,
     allocation: str = "uniform",
+    repair: Repair | None = None,
 ) -> Plan:
     """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied.
 
@@ -57,7 +59,8 @@ def prune_with(
     `overrides` are the user's per-layer (heads, channels) removals; the range's uniform amounts fill the rest.
     `allocation` spreads the MLP cut over the range: "uniform" (along a depth `ramp`; 0 is LLM-Pruner's
     equal cut) or "global" (one ranking of normalised channel scores across the range). Both land on the
-    same parameter count.
+    same parameter count. With a `repair`, the output biases reconstruction adds are counted against the
+    target and put in place (zero until `engine.reconstruct` fills them).
     """
     if allocation not in ALLOCATIONS:
         raise AdapruneError(f"allocation {allocation!r}: choose {' or '.join(ALLOCATIONS)}")
@@ -68,23 +71,36 @@ def prune_with(
     total = count_params(model)
     overrides = overrides or {}
     layer_ids = [i for i in layer_ids if i not in overrides]
-    budget = solve_uniform(shapes, layer_ids, total, fraction, head_mode, attn_share, round_to,
-                           removal_of(shapes, overrides, head_mode))
+    # an unreachable target is refused before any scoring time is spent
+    solve_uniform(shapes, layer_ids, total, fraction, head_mode, attn_share, round_to,
+                  removal_of(shapes, overrides, head_mode))
     scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
-    unit = "KV groups" if head_mode == "kv" else "query heads per KV group"
-    sink(Log(f"target {fraction:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
-             f"{budget.heads} {unit} and {budget.channels} MLP channels -> {budget.removed:,} removed "
-             f"({budget.removed / total:.2%})"))
     if scores is None:
         stats = collect_stats(model, windows, scored, metric, calib_batch, control, sink)
         scores = score_layers(model, scored, metric, aggregate, stats, seed)
         del stats
     width = shapes[layer_ids[0]].intermediate
-    per_layer = (global_channels(scores, layer_ids, budget.channels, width, round_to) if allocation == "global"
-                 else ramp_channels(layer_ids, budget.channels, width, ramp, round_to))
-    counts = {**{i: (budget.heads, per_layer[i]) for i in layer_ids}, **overrides}
-    plan_layers = select(shapes, scores, {i: kc for i, kc in counts.items() if kc != (0, 0)}, head_mode)
-    after = params_after(shapes, plan_layers, total)
+    model_type = getattr(model.config, "adaprune_base_model_type", model.config.model_type)
+    reserve, layout = 0, {}
+    for _ in range(4):  # the biases a repair adds depend on the widths they are solved for: settle both
+        budget = solve_uniform(shapes, layer_ids, total, fraction, head_mode, attn_share, round_to,
+                               removal_of(shapes, overrides, head_mode) - reserve)
+        per_layer = (global_channels(scores, layer_ids, budget.channels, width, round_to) if allocation == "global"
+                     else ramp_channels(layer_ids, budget.channels, width, ramp, round_to))
+        counts = {**{i: (budget.heads, per_layer[i]) for i in layer_ids}, **overrides}
+        plan_layers = select(shapes, scores, {i: kc for i, kc in counts.items() if kc != (0, 0)}, head_mode)
+        if repair is None:
+            break
+        layout = bias_layout(model_type, shapes, plan_layers)
+        if bias_params(shapes, plan_layers, layout) == reserve:
+            break
+        reserve = bias_params(shapes, plan_layers, layout)
+    unit = "KV groups" if head_mode == "kv" else "query heads per KV group"
+    sink(Log(f"target {fraction:.1%} of {total:,} parameters: per layer in {layer_ids[0]}..{layer_ids[-1]} remove "
+             f"{budget.heads} {unit} and {budget.channels} MLP channels -> {budget.removed:,} removed "
+             f"({budget.removed / total:.2%})" + (f", {reserve:,} bias parameters added for the repair"
+                                                  if reserve else "")))
+    after = params_after(shapes, plan_layers, total) + bias_params(shapes, plan_layers, layout)
     full_recipe = {"metric": metric, "aggregate": aggregate, "seed": seed,
                    "layers": f"{layer_ids[0]}-{layer_ids[-1]}", "head_mode": head_mode, "attn_share": attn_share,
                    "heads_removed_per_layer": budget.heads, "channels_removed_per_layer": budget.channels,
@@ -92,10 +108,12 @@ def prune_with(
                    "overrides": {str(i): list(kc) for i, kc in overrides.items()},
                    **(recipe or {})}
     plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe,
-                [s.to_dict() for s in shapes], layer_importance(scores, len(shapes)))
+                [s.to_dict() for s in shapes], layer_importance(scores, len(shapes)),
+                repair.to_dict() if repair else None)
     control.checkpoint()
     with Stage(sink, "prune"):
         apply_plan(model, plan_layers)
+        add_biases(model, layout)
     actual = count_params(model)
     if actual != after:  # the arithmetic and the tensors must agree, or every reported number is suspect
         raise AssertionError(f"pruned model has {actual:,} parameters, the plan predicted {after:,}")

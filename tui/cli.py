@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from engine.api import DEFAULT_CALIB, PruneConfig
+from engine.api import DEFAULT_CALIB, RECONSTRUCT_CALIB, RECONSTRUCT_LAMBDA, PruneConfig
 from engine.errors import AdapruneError, Cancelled
 from engine.models import EMBEDDED
 
@@ -96,6 +96,12 @@ def prune_cmd(
     json_out: Path = typer.Option(None, "--json", help="also write the full result as JSON here"),
     override: list[str] = typer.Option([], help="per-layer decision: L=lock, or L=K/C (remove K heads per KV "
                                                 "group, C channels in layer L); the rest of the range shares the target"),
+    reconstruct: bool = typer.Option(False, help="repair the kept o_proj/down_proj weights layer by layer (ridge "
+                                                 "least squares toward the sliced weights, with an output bias)"),
+    reconstruct_calib: str = typer.Option(RECONSTRUCT_CALIB, help="the repair's calibration text SOURCE:NxL "
+                                                                  "(self: text sampled from the dense model)"),
+    reconstruct_lambda: float = typer.Option(RECONSTRUCT_LAMBDA, help="ridge strength, relative to the inputs' "
+                                                                      "mean variance (larger: closer to slicing)"),
 ) -> None:
     """Prune a model once with a fixed recipe, evaluate dense vs pruned, save it."""
     from engine.api import prune as run_prune
@@ -106,7 +112,9 @@ def prune_cmd(
                       attn_share=_attn_share(attn_share), round_to=round_to, allocation=allocation, ramp=ramp,
                       seed=seed, device=device, dtype=dtype,
                       trust_remote_code=trust_remote_code, measure_speed=speed, measure_memory=memory,
-                      out=str(out) if out else None, force=force, overrides=_parse_overrides(override))
+                      out=str(out) if out else None, force=force, overrides=_parse_overrides(override),
+                      reconstruct=reconstruct, reconstruct_calib=reconstruct_calib,
+                      reconstruct_lambda=reconstruct_lambda)
     console = Console()
     with RichSink(console) as sink:
         result = run_prune(cfg, sink=sink)
