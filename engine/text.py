@@ -311,8 +311,9 @@ def sample_self(
         b = min(batch_size, n - i)
         prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
         with torch.inference_mode():
+            # an explicit mask: a prompt that is all BOS (= the pad id here) otherwise reads as right-padding
             seq = model.generate(
-                prompt, do_sample=True, top_p=1.0, top_k=0, temperature=1.0,
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=1.0, top_k=0, temperature=1.0,
                 max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=start,
             )
         out.append(seq[:, 1 : seq_len + 1].cpu())

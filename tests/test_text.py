@@ -110,13 +110,18 @@ def test_windows():
         random_windows(torch.arange(10), 2, 64, 0)
 
 
-def test_self_text_is_sampled_from_the_model(tokenizer):
+def test_self_text_is_sampled_from_the_model(tokenizer, monkeypatch):
+    import transformers.generation.utils as gen
     from conftest import make_model
 
+    warned = []
+    monkeypatch.setattr(gen.logger, "warning", lambda msg, *a, **k: warned.append(msg))
     model = make_model("llama")
+    model.config.pad_token_id = tokenizer.bos_token_id  # the prompt is all BOS: it must not read as padding
     a = text.sample_self(model, tokenizer, 3, 10, seed=5)
     b = text.sample_self(model, tokenizer, 3, 10, seed=5)
     assert a.shape == (3, 10) and torch.equal(a, b)
+    assert not [m for m in warned if "padding" in str(m)]
 
 
 def test_jsonl_text_field(tmp_path):
