@@ -259,7 +259,7 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     loads it — a different, usually slightly worse, model, whose objective is reported in the card.
     """
     from engine.plan import Plan
-    from engine.prune import apply_plan
+    from engine.reconstruct import apply_stored_plan
     from engine.search import SearchConfig, SearchData, progressive_objective, prune_trial
     from engine.session import Session
 
@@ -282,7 +282,8 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     if recovered:
         from engine.recover import recovered_model, session_plan
 
-        loaded.model, state = recovered_model(session, loaded.model)
+        windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
+        loaded.model, state = recovered_model(session, loaded.model, windows_for)
         plan = Plan.from_dict(session_plan(session, state["plan"]))
         c = state["config"]
         recipe["recovery"] = (f"LoRA r={c['rank']} alpha={c['alpha']} on {', '.join(c['targets'])}, {state['step']} "
@@ -306,7 +307,8 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
         recipe.update(objective=f"{value:.4f} (uniform re-plan; searched plan {best['value']:.4f})")
         best = {**best, "plan": uniform, "value": value, "widths": "uniform"}
     else:
-        apply_plan(loaded.model, plan.layers)
+        windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
+        apply_stored_plan(loaded.model, plan, windows_for, control, sink)
     how = " and LoRA-recovered" if recovered else ""
     card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%}{how} (adaprune search)",
             "recipe": {**recipe, **plan.recipe}}

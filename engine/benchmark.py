@@ -22,7 +22,7 @@ from engine.errors import AdapruneError
 from engine.evaluate import peak_memory, perplexity, speed
 from engine.events import Log, Metric, Sink, null_sink
 from engine.plan import Plan
-from engine.prune import apply_plan
+from engine.reconstruct import apply_stored_plan
 from engine.recover import adapter_id, recovered_model, recovery_state, session_plan
 from engine.session import Session
 from engine.structure import count_params
@@ -142,7 +142,7 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
     """Measure the rows and merge the numbers into the session's bench.json; returns its contents."""
     from engine.export import export
     from engine.models import load
-    from engine.search import SearchConfig, objective_task_indices
+    from engine.search import SearchConfig, SearchData, objective_task_indices
 
     control = control or Control()
     tasks, texts = validate(cfg)
@@ -170,6 +170,7 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
         session.write_json(RESULTS, results)
 
     dense_model = loaded.model
+    windows_for = SearchData(session, scfg, loaded, sink, control).repair_windows  # for repaired plans
     for name, plan in plans.items():
         row = results["rows"].get(name, {})
         ident = plan_id(plan) + (f"+lora-{adapter_id(session)}" if name == "recovered" else "")
@@ -177,10 +178,10 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
             row = {}  # a different plan now (e.g. a new best): its old numbers describe another model
         model = dense_model
         if name == "recovered":
-            model, _ = recovered_model(session, copy.deepcopy(dense_model))
+            model, _ = recovered_model(session, copy.deepcopy(dense_model), windows_for)
         elif plan is not None:
             model = copy.deepcopy(dense_model)
-            apply_plan(model, Plan.from_dict(plan).layers)
+            apply_stored_plan(model, Plan.from_dict(plan), windows_for, control, sink)
         row.update(plan_id=ident, params=count_params(model), env=env,
                    recipe=(plan or {}).get("recipe", {}), plan=plan if name in derived else None,
                    params_config=derived.get(name))

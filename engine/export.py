@@ -63,9 +63,9 @@ def export(model: nn.Module, tokenizer, out: Path, force: bool = False, card: di
     cfg = model.config
     per_layer = hasattr(cfg, "adaprune_layers")
     if per_layer and all(w == cfg.adaprune_layers[0] for w in cfg.adaprune_layers):
-        sink(Log("the widths are uniform, but the standard config cannot describe them (heads must divide the "
-                 "hidden size, and only Llama's config has output biases): exporting per-layer widths with a "
-                 "modeling file instead", "warning"))
+        sink(Log("the uniform widths are not valid in a standard config (heads must divide the hidden size, and "
+                 "only Llama's config holds repaired output biases): exporting per-layer widths with a modeling "
+                 "file instead", "warning"))
     base = getattr(cfg, "adaprune_base_model_type", cfg.model_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,6 +49,7 @@ class Repair:
     lam: float = DEFAULT_LAMBDA
     mode: str = "sequential"
     seed: int = 0
+    take: int | None = None  # use the first `take` windows of those `calib` draws (a search shares one draw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -373,9 +374,10 @@ def repair_windows(loaded, repair: Repair, sink: Sink = null_sink) -> Tensor:
     spec = parse_spec(repair.calib)
     if spec.name == SELF:
         with Stage(sink, "sample self text (reconstruction)", spec.n, "samples") as st:
-            return sample_self(loaded.model, loaded.tokenizer, spec.n, spec.seq_len, repair.seed, on_batch=st.advance)
-    ids = tokenize(loaded.tokenizer, load_text(spec, "calib"))
-    return random_windows(ids, spec.n, spec.seq_len, repair.seed)
+            drawn = sample_self(loaded.model, loaded.tokenizer, spec.n, spec.seq_len, repair.seed, on_batch=st.advance)
+    else:
+        drawn = random_windows(tokenize(loaded.tokenizer, load_text(spec, "calib")), spec.n, spec.seq_len, repair.seed)
+    return drawn[: repair.take]
 
 
 def snapshot_layers(model: nn.Module, layer_ids: Sequence[int]) -> dict[int, nn.Module]:
@@ -398,16 +400,17 @@ def repair_model(model: nn.Module, dense_layers: Mapping[int, nn.Module], plan_l
     return reconstruct(model, dense_layers, plan_layers, windows, repair.lam, control=control, sink=sink)
 
 
-def apply_stored_plan(model: nn.Module, plan, windows: Tensor | None = None, control: Control | None = None,
-                      sink: Sink = null_sink) -> None:
+def apply_stored_plan(model: nn.Module, plan, windows_for: Callable[[Repair], Tensor] | None = None,
+                      control: Control | None = None, sink: Sink = null_sink) -> None:
     """Slice a dense `model` in place to a stored `Plan` and, if the plan was repaired, repair it the same
-    way from `windows` (the repair's calibration windows, drawn as `repair_windows` draws them)."""
+    way, on the windows `windows_for(repair)` gives (drawn as `repair_windows` or a session's cache draws them)."""
     if plan.repair is None:
         apply_plan(model, plan.layers)
         return
-    if windows is None:
+    if windows_for is None:
         raise AdapruneError("this plan was repaired by reconstruction: its calibration windows are needed")
     repair = Repair.from_dict(plan.repair)
+    windows = windows_for(repair)
     shapes = layer_shapes(model)
     ids = pruned_layer_ids(shapes, plan.layers)
     moments = dense_moments(model, ids, windows, control=control, sink=sink) if repair.mode == "dense" else None

@@ -28,7 +28,7 @@ from engine.evaluate import perplexity
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
 from engine.importance import PROJ
 from engine.plan import Plan
-from engine.prune import apply_plan
+from engine.reconstruct import apply_stored_plan
 from engine.session import Session
 from engine.structure import count_params
 from engine.text import SELF, eval_windows, load_text, parse_spec, text_hash, tokenize
@@ -230,7 +230,7 @@ def run_recovery(
 ) -> dict:
     """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json)."""
     from engine.models import load
-    from engine.search import SearchConfig
+    from engine.search import SearchConfig, SearchData
 
     control = control or Control()
     session = Session.open(root, name)
@@ -269,7 +269,8 @@ def run_recovery(
             raise AdapruneError(f"session {name!r}: the {cfg.plan} plan changed since the recovery began; "
                                 f"--restart to train on the new one")
         model = loaded.model
-        apply_plan(model, plan.layers)
+        # a repaired plan's windows come from the dense model (self text is sampled from it) before it is cut
+        apply_stored_plan(model, plan, SearchData(session, scfg, loaded, sink, control).repair_windows, control, sink)
         model.requires_grad_(False)
         peft_model = _wrap(model, cfg)
         if cfg.grad_checkpointing:  # transformers 5 renamed it; older versions have only the first name
@@ -352,10 +353,11 @@ def adapter_id(session: Session) -> str:
     return hashlib.sha1((checkpoint_dir(session, state) / ADAPTER).read_bytes()).hexdigest()[:12]
 
 
-def recovered_model(session: Session, model: nn.Module) -> tuple[nn.Module, dict]:
+def recovered_model(session: Session, model: nn.Module, windows_for=None) -> tuple[nn.Module, dict]:
     """The session's pruned model with its finished recovery's adapter merged in: plain modules, plain weights.
 
-    `model` is the dense model (pruned in place); returns the merged model and the recovery's state.
+    `model` is the dense model (pruned in place); a repaired plan also needs `windows_for` (its reconstruction
+    windows, e.g. `SearchData.repair_windows`). Returns the merged model and the recovery's state.
     """
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -371,7 +373,7 @@ def recovered_model(session: Session, model: nn.Module) -> tuple[nn.Module, dict
         raise AdapruneError(f"session {session.name!r}: the {state['plan']} plan changed after the recovery was "
                             f"trained; `adaprune recover {session.name} --restart` to train on the new one")
     cfg = RecoverConfig.from_dict(state["config"])
-    apply_plan(model, Plan.from_dict(plan_dict).layers)
+    apply_stored_plan(model, Plan.from_dict(plan_dict), windows_for)
     peft_model = _wrap(model, cfg)
     set_peft_model_state_dict(peft_model, load_file(str(checkpoint_dir(session, state) / ADAPTER)))
     merged = peft_model.merge_and_unload()

@@ -51,6 +51,7 @@ from engine.importance import (
 from engine.models import EMBEDDED, Loaded, load
 from engine.plan import ALLOCATIONS, check_attn_share, parse_overrides
 from engine.recipe import prune_with
+from engine.reconstruct import Repair, dense_moments, pruned_layer_ids, repair_from_moments, snapshot_layers
 from engine.recover import recovery_state
 from engine.session import Session, pid_alive
 from engine.structure import count_params, decoder_layers, default_layer_range, layer_shapes
@@ -66,6 +67,9 @@ ATTN_SHARES = ["auto", "same", "0.1", "0.25"]
 MIX_METRICS = ["none", "vector", "taylor2", "wanda"]  # second metrics: decomposable, so mixing costs no backward
 MIX_WEIGHTS = [0.25, 0.5, 0.75]
 RAMPS = [-0.5, -0.25, 0.0, 0.25, 0.5]  # depth ramp of the MLP cut: > 0 prunes deeper layers more
+REPAIR_LAMBDAS = [0.1, 0.3, 1.0, 3.0]  # ridge strength of the reconstruction, relative to mean input variance
+REPAIR_NS = [64, 128]  # reconstruction windows (of REPAIR_LEN tokens); more cost sampling time on a CPU
+REPAIR_LEN = 128
 CALIB_BATCH = 4  # windows per calibration forward/backward (the same as prune_with's default)
 SEEDS = 10  # random draws per (source, n, len) the search may pick from
 MAX_DUPLICATES_IN_A_ROW = 25
@@ -97,6 +101,9 @@ class SearchConfig:
     objective_tasks: list[str] = field(default_factory=list)  # local task files (JSONL, see engine.zeroshot)
     objective_task_rows: int = 50  # rows per task, drawn with seed + 2; benchmarks of the same file skip them
     objective_task_weight: float = 1.0
+    # layer-wise reconstruction as a searched dimension: its text is one of these sources or none
+    repair_sources: list[str] | None = None  # None: the calibration sources (self included by default)
+    repair_cache_gb: float = 2.0  # memory for the dense model's input statistics that repaired trials share
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchConfig:
@@ -123,7 +130,14 @@ def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]
         "ramp": RAMPS,
         "first_kept": (0, max(1, 2 * first)),
         "last_kept": (0, max(1, 2 * last)),
+        "repair": ["none", *repair_sources(cfg)],
+        "repair_lambda": REPAIR_LAMBDAS,
+        "repair_n": REPAIR_NS,
     }
+
+
+def repair_sources(cfg: SearchConfig) -> list[str]:
+    return list(cfg.sources if cfg.repair_sources is None else cfg.repair_sources)
 
 
 def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
@@ -134,7 +148,8 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
             "metric": "taylor1", "aggregate": "sum", "metric2": "none", "mix": 0.5, "attn_share": "same",
             "allocation": "uniform", "ramp": 0.0,
             "first_kept": first,
-            "last_kept": n_layers - end}
+            "last_kept": n_layers - end,
+            "repair": "none", "repair_lambda": 1.0, "repair_n": 128}
 
 
 def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
@@ -148,6 +163,11 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
         raise AdapruneError("no objective text: give at least one --objective")
     if not cfg.grad_cache_gb >= 0:
         raise AdapruneError(f"--grad-cache-gb {cfg.grad_cache_gb}: give zero or more GiB")
+    if not cfg.repair_cache_gb >= 0:
+        raise AdapruneError(f"--repair-cache-gb {cfg.repair_cache_gb}: give zero or more GiB")
+    for s in repair_sources(cfg):
+        if parse_spec(s).n is not None:
+            raise AdapruneError(f"--repair-source {s!r}: sizes are searched (repair_n); give the source without :NxL")
     for s in [*cfg.sources, *cfg.objective]:
         if parse_spec(s).n is not None:
             raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")
@@ -184,6 +204,12 @@ def _check_fixed(key: str, value: object) -> None:
 
     choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS,
                "metric2": ["none", *SAMPLE_METRICS], "allocation": ALLOCATIONS}
+    if key == "repair_lambda" and not (isinstance(value, (int, float)) and value > 0):
+        raise AdapruneError(f"--fix repair_lambda={value}: a positive ridge strength (1 is typical)")
+    if key == "repair_n" and not (isinstance(value, int) and value >= 1):
+        raise AdapruneError(f"--fix repair_n={value}: a positive number of windows")
+    if key == "repair" and value != "none":
+        parse_spec(str(value))
     if key == "ramp" and not (isinstance(value, (int, float)) and -1 < value < 1):
         raise AdapruneError(f"--fix ramp={value}: a slope in (-1, 1)")
     if key == "mix" and not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -211,6 +237,8 @@ def canonical(params: dict) -> str:
         p["metric2"], p["mix"] = "none", None  # no second metric: its weight cannot matter
     if p.get("allocation") == "global":
         p["ramp"] = None  # the ranking decides the per-layer widths
+    if p.get("repair", "none") == "none":
+        p["repair"], p["repair_lambda"], p["repair_n"] = "none", None, None  # no repair: its settings cannot matter
     if p.get("metric") in ("l1", "l2", "random"):
         for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed"):
             p[k] = None  # data-free metrics
@@ -233,6 +261,7 @@ class SearchData:
         self.objective: dict[str, torch.Tensor] = {}
         self.samples: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self.grads = GradientCache(int(cfg.grad_cache_gb * 2**30))
+        self.moments: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}  # oldest first
 
     def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
@@ -293,6 +322,35 @@ class SearchData:
         ids, _ = self.pool(source)
         return self.grads.stats(model, (source, length), ids[:, :length], subset.tolist(), layer_ids, squares,
                                 CALIB_BATCH, self.control, self.sink)
+
+    def repair_windows(self, repair: Repair) -> torch.Tensor:
+        """A repair's calibration windows, drawn from the dense model once per session (stats/)."""
+        spec = parse_spec(repair.calib)
+        with Stage(self.sink, f"reconstruction text {spec.name}"):
+            data = self._cached(f"repair-{_slug(repair.calib)}-{repair.seed}", lambda: {
+                "ids": self._windows(spec.name, "calibration", spec.n, spec.seq_len, repair.seed)})
+        return data["ids"][: repair.take]
+
+    def repair_moments(self, repair: Repair) -> dict[str, torch.Tensor]:
+        """The dense model's o_proj/down_proj input moments on a repair's windows, every layer, kept in memory
+        under `repair_cache_gb` (the oldest dropped first) so repaired trials only solve."""
+        key = (repair.calib, repair.seed, repair.take)
+        if key in self.moments:
+            self.moments[key] = self.moments.pop(key)  # most recently used last
+            return self.moments[key]
+        model = self.loaded.model
+        layers = list(range(len(decoder_layers(model))))
+        windows = self.repair_windows(repair)
+        moments = {k: v.float() if k.endswith(".m2") else v
+                   for k, v in dense_moments(model, layers, windows, CALIB_BATCH, self.control, self.sink).items()}
+        size = sum(v.numel() * v.element_size() for v in moments.values())
+        budget = int(self.cfg.repair_cache_gb * 2**30)
+        while self.moments and size + sum(sum(v.numel() * v.element_size() for v in m.values())
+                                          for m in self.moments.values()) > budget:
+            self.moments.pop(next(iter(self.moments)))
+        if size <= budget:
+            self.moments[key] = moments
+        return moments
 
     def prepare(self) -> None:
         """Build every pool and objective text before the first trial, so trial times are trial times."""
@@ -642,6 +700,11 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
         return scores_from_samples(model, sample_stats(), idx, scored, metric, params["aggregate"],
                                    params["calib_len"], cfg.seed)
 
+    repair = trial_repair(params, cfg)
+    if repair is not None:  # the dense model's statistics, before `model` (which may be the dense one) is cut
+        tc = time.perf_counter()
+        moments = data.repair_moments(repair)
+        once += time.perf_counter() - tc  # built once per session (per text and size)
     second = cached_scores(metric2) if mixing else None
     if params["metric"] not in SAMPLE_METRICS and data.grads.fits(sum_bytes(model, squares=True)):
         # the per-sample pass, which most trials need sooner or later, also sums the whole pool's gradients:
@@ -656,12 +719,32 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
         del stats
     if second is not None:
         scores = mix_scores(scores, second, float(params["mix"]))
+    if repair is not None:  # the repair's targets: the dense layers (copied first when `model` is the dense one)
+        dense_shapes = layer_shapes(model)
+        dense_layers = (snapshot_layers(model, range(n_layers)) if model is data.loaded.model
+                        else dict(enumerate(decoder_layers(data.loaded.model))))
     plan = prune_with(model, None, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                       _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
                       scores=scores, overrides=overrides, allocation=allocation,
                       ramp=0.0 if allocation == "global" else float(params.get("ramp", 0.0)),
-                      recipe=_recipe(params, mixing))
+                      recipe=_recipe(params, mixing), repair=repair)
+    if repair is not None:
+        cut = pruned_layer_ids(dense_shapes, plan.layers)
+        dense_layers = {i: dense_layers[i] for i in cut}
+        with Stage(sink, "reconstruct"):
+            repair_from_moments(model, dense_layers, plan.layers, moments, repair.lam)
     return plan.to_dict(), once
+
+
+def trial_repair(params: dict, cfg: SearchConfig) -> Repair | None:
+    """A trial's reconstruction: the dense model's statistics on the first `repair_n` windows of one draw of
+    the repair text (seed + 3: a draw of its own), solved toward the sliced weights."""
+    source = params.get("repair", "none")
+    if source == "none":
+        return None
+    n = int(params["repair_n"])
+    return Repair(f"{source}:{max(n, *REPAIR_NS)}x{REPAIR_LEN}", float(params["repair_lambda"]), "dense",
+                  cfg.seed + 3, n)
 
 
 def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,

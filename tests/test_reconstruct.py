@@ -155,8 +155,8 @@ def test_layer_inputs_reproduce_the_models_own_forward():
 
 def _repaired(kind: str, layer_ids, fraction: float = 0.2, attn_share="same", mode: str = "sequential"):
     from engine.plan import Plan
-    from engine.reconstruct import Repair, repair_model, snapshot_layers
     from engine.recipe import prune_with
+    from engine.reconstruct import Repair, repair_model, snapshot_layers
 
     dense = make_model(kind, layers=4)
     model = copy.deepcopy(dense)
@@ -178,7 +178,7 @@ def test_a_stored_repaired_plan_rebuilds_the_same_model(mode):
     assert plan.repair["mode"] == mode
     assert count_params(model) == plan.params_after
     again = copy.deepcopy(dense)
-    apply_stored_plan(again, plan, windows)
+    apply_stored_plan(again, plan, lambda r: windows)
     ids = _windows(2, 16, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -344,3 +344,29 @@ def test_workers_share_a_postgresql_study(llama_folder, tmp_path, postgres):
     keys = [t.user_attrs["key"] for t in counted]
     assert len(counted) == 5 and len(keys) == len(set(keys))
     assert summary(session)["done"] == 5
+
+
+def test_repaired_trials_are_what_exports_and_benchmarks_rebuild(llama_folder, tmp_path, monkeypatch):
+    """A trial's objective is measured on the repaired model; the export is that very model."""
+    import engine.search as search
+    from engine.api import export_session
+    from engine.models import load
+    from engine.search import SearchData, progressive_objective, trial_repair
+
+    monkeypatch.setattr(search, "REPAIR_NS", [4, 8])
+    monkeypatch.setattr(search, "REPAIR_LEN", 16)
+    cfg = _cfg(llama_folder, trials=3, fixed={"repair": "self", "repair_n": 8, "repair_lambda": 0.3})
+    session = create_session(tmp_path / "s", "rep", cfg)
+    run_search(session)
+    best = json.loads((session.path / "plan.json").read_text())
+    # --fix holds trial 0 too, so every trial (the best among them) was repaired
+    assert best["plan"]["repair"] == trial_repair(best["params"], cfg).to_dict()
+    assert best["plan"]["repair"]["take"] == 8 and best["plan"]["repair"]["mode"] == "dense"
+    assert any(p.name.startswith("repair-") for p in session.stats_dir.iterdir())
+    export_session(tmp_path / "s", "rep", tmp_path / "out")
+    exported = load(str(tmp_path / "out"), device="cpu")
+    assert sum(p.numel() for p in exported.model.parameters()) == best["plan"]["params_after"]
+    dense = load(str(llama_folder), device="cpu")
+    data = SearchData(session, cfg, dense, lambda e: None, Control())
+    value = progressive_objective(exported.model, data.objective_sets(), Control())
+    assert value == pytest.approx(best["value"], rel=1e-4)
