@@ -42,6 +42,7 @@ from engine.reconstruct import (  # noqa: E402
     snapshot_layers,
 )
 from engine.structure import count_params, default_layer_range, layer_shapes  # noqa: E402
+from engine.text import parse_spec  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 QUIET = lambda e: None  # noqa: E731
@@ -85,10 +86,10 @@ def main() -> None:
         plan = prune_with(model, calib, layer_ids, base.prune, seed=seed, repair=repair)
         secs = None
         if repair:
-            src = repair.calib.split(":")[0]
+            spec = parse_spec(repair.calib)  # the first N windows of the one draw per text
             t = time.perf_counter()
             cut = pruned_layer_ids(layer_shapes(dense.model), plan.layers)
-            repair_model(model, {i: dense_layers[i] for i in cut}, plan.layers, repair, texts[src][:n],
+            repair_model(model, {i: dense_layers[i] for i in cut}, plan.layers, repair, texts[spec.name][: spec.n],
                          moments, control)
             secs = time.perf_counter() - t
         assert count_params(model) == plan.params_after
@@ -137,9 +138,9 @@ def main() -> None:
     for label, params, p, secs in rows:
         lines.append(f"| {label} | {params:,} | " + " | ".join(f"{p[c]:.2f}" for c in cols) +
                      f" | {'' if secs is None else f'{secs:.0f}'} |")
-    geo = {label: math.exp(sum(math.log(v) for v in p.values()) / len(p)) for label, _, p, _ in rows}
+    geo = {label: math.exp(sum(math.log(v) for v in p.values()) / len(p)) for label, _, p, _ in rows[1:]}
     lines.append("")
-    lines.append(f"Geometric mean over the held-out texts, best row: {min(geo, key=geo.get)}.")
+    lines.append(f"Lowest geometric mean PPL over the held-out texts: {min(geo, key=geo.get)}.")
     text = "\n".join(lines) + "\n"
     print(text)
     with args.out.open("a", encoding="utf-8") as f:

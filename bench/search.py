@@ -1,7 +1,8 @@
 """A default search on the embedded model: trial cost against objective cost, and whether the best trial
-beats trial 0 (LLM-Pruner's recipe) on text the search never saw. Records its table in bench/RESULTS.md.
+beats trial 0 (LLM-Pruner's recipe) and `adaprune prune`'s defaults (oneshot, with and without its repair) at
+the same parameter count on text the search never saw. Records its table in bench/RESULTS.md.
 
-    .venv/bin/python bench/search.py [--trials 20] [--windows 40]
+    .venv/bin/python bench/search.py [--trials 20] [--windows 40] [--sampler tpe|random]
 """
 
 from __future__ import annotations
@@ -22,14 +23,22 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
 
-from engine.api import PruneConfig, evaluation_sets  # noqa: E402
+from engine.api import PruneConfig, evaluation_sets, oneshot_config, plan_and_prune  # noqa: E402
 from engine.control import Control  # noqa: E402
 from engine.evaluate import perplexity  # noqa: E402
 from engine.importance import SAMPLE_METRICS  # noqa: E402
-from engine.models import load  # noqa: E402
+from engine.models import Loaded, load  # noqa: E402
 from engine.plan import Plan  # noqa: E402
-from engine.prune import apply_plan  # noqa: E402
-from engine.search import SearchConfig, SearchData, create_session, open_study, prune_trial, run_search  # noqa: E402
+from engine.reconstruct import apply_stored_plan  # noqa: E402
+from engine.search import (  # noqa: E402
+    SearchConfig,
+    SearchData,
+    create_session,
+    open_study,
+    prune_trial,
+    run_search,
+)
+from engine.text import eval_windows, load_text, tokenize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,10 +47,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--windows", type=int, default=40, help="held-out PPL windows per text")
+    ap.add_argument("--long-windows", type=int, default=4, help="held-out PPL windows of 2048 tokens per text")
+    ap.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
 
-    cfg = SearchConfig(trials=args.trials)
+    cfg = SearchConfig(trials=args.trials, sampler=args.sampler)
     root = Path(tempfile.mkdtemp(prefix="adaprune-bench-"))
     t0 = time.perf_counter()
     session = create_session(root, "bench", cfg)
@@ -86,39 +97,60 @@ def main() -> None:
     best = min(complete, key=lambda t: t.value)
     base = next(t for t in trials if t.number == 0 or t.user_attrs.get("baseline"))
 
-    # held-out texts the search never saw: stdlib-docs test split and WikiText-2 test
+    # held-out texts the search never saw: stdlib-docs test split and WikiText-2 test, at 128 and 2048 tokens
     evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
     dense = load(cfg.model)
     sets, _ = evaluation_sets(dense.tokenizer, PruneConfig(evals=evals, eval_windows=args.windows))
+    short = {n: ("WikiText-2" if n == str(WIKITEXT) else "stdlib-docs") for n in sets}
+    sets = {f"{short[n]}@128": w for n, w in sets.items()}
+    if args.long_windows:
+        for n in evals:
+            ids = tokenize(dense.tokenizer, load_text(n, "eval"))
+            sets[f"{short[n]}@2048"] = eval_windows(ids, 2048, args.long_windows)
     rows = []
+    data = SearchData(session, cfg, dense, lambda e: None, Control())
 
     def heldout(model) -> dict[str, float]:
         return {k: perplexity(model, v) for k, v in sets.items()}
 
-    rows.append(("dense", "", heldout(dense.model)))
+    def built(params: dict):
+        model = copy.deepcopy(dense.model)
+        prune_trial(model, data, cfg, params, Control(), lambda e: None)
+        return model
+
+    rows.append(("dense", "", heldout(dense.model), None))
     for label, trial in (("trial 0: LLM-Pruner recipe", base), (f"best: trial {best.number}", best)):
         model = copy.deepcopy(dense.model)
         plan = Plan.from_dict(_plan_of(session, trial, cfg, dense))
-        apply_plan(model, plan.layers)
-        rows.append((label, f"{trial.value:.2f}" if trial.value else "", heldout(model)))
+        apply_stored_plan(model, plan, data.repair_windows)
+        rows.append((label, f"{trial.value:.2f}" if trial.value else "", heldout(model), plan.params_after))
+    for label, repaired in (("oneshot: adaprune prune's defaults", False),
+                            ("oneshot-repaired: prune's defaults + --reconstruct", True)):
+        copied = Loaded(copy.deepcopy(dense.model), dense.tokenizer, dense.name, None, dense.device, dense.dtype)
+        plan_and_prune(copied, oneshot_config(cfg, repaired), lambda e: None, Control())
+        rows.append((label, "", heldout(copied.model), sum(p.numel() for p in copied.model.parameters())))
     # magnitude and random with the best trial's configuration otherwise (layers, split, allocation, count)
-    data = SearchData(session, cfg, dense, lambda e: None, Control())
     for metric in ("l2", "random"):
-        model = copy.deepcopy(dense.model)
-        prune_trial(model, data, cfg, {**best.params, "metric": metric, "metric2": "none"}, Control(), lambda e: None)
-        rows.append((f"{metric}, best trial's configuration", "", heldout(model)))
+        model = built({**best.params, "metric": metric, "metric2": "none"})
+        rows.append((f"{metric}, best trial's configuration", "", heldout(model), None))
 
     names = list(sets)
-    short = {n: ("WikiText-2 test" if n == str(WIKITEXT) else "stdlib-docs test") for n in names}
-    lines = ["| model | search objective | " + " | ".join(f"PPL {short[n]}" for n in names) + " |",
-             "|---|---|" + "---|" * len(names)]
-    for label, obj, ppl in rows:
-        lines.append(f"| {label} | {obj} | " + " | ".join(f"{ppl[n]:.2f}" for n in names) + " |")
-    gains = {n: 1 - rows[2][2][n] / rows[1][2][n] for n in names}
+    lines = ["| model | params | search objective | " + " | ".join(f"PPL {n}" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for label, obj, ppl, params in rows:
+        lines.append(f"| {label} | {'' if params is None else f'{params:,}'} | {obj} | " +
+                     " | ".join(f"{ppl[n]:.2f}" for n in names) + " |")
+    by = {label.split(":")[0]: ppl for label, _, ppl, _ in rows}
+    best_ppl = rows[2][2]
+
+    def gains(ref: dict) -> str:
+        return ", ".join(f"{n} {1 - best_ppl[n] / ref[n]:+.0%}" for n in names)
+
+    dense_x = ", ".join(f"{n} {best_ppl[n] / rows[0][2][n]:.2f}x" for n in names)
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
                f"{transformers.__version__}, cpu, float32")
     body = (f"## search.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
-            f"Default search (`adaprune search --trials {args.trials}`) on the embedded model at 20%: objective = "
+            f"Default search (`adaprune search --trials {args.trials} --sampler {args.sampler}`) on the embedded model at 20%: objective = "
             f"geometric mean PPL on stdlib-docs/valid and text sampled from the dense model, 16 windows of 128 "
             f"tokens each. Held-out PPL: {args.windows} windows of 128 tokens of texts the search never saw.\n\n"
             f"- wall time of the whole search: {wall / 60:.1f} min ({prepared.get('first_trial', 0):.0f} s before "
@@ -128,8 +160,10 @@ def main() -> None:
             f"{statistics.median(obj_s):.1f} s; median ratio {statistics.median(ratios):.2f}x (per-session caches of "
             f"per-sample statistics excluded, they are built once)\n" + "\n".join(split) + "\n"
             f"- best trial {best.number}: {best.params}\n"
-            f"- best vs trial 0 on held-out text: " + ", ".join(f"{short[n]} {gains[n]:+.0%}" for n in names) +
-            " lower PPL\n\n" + "\n".join(lines) + "\n")
+            f"- best, lower PPL on held-out text than trial 0: {gains(rows[1][2])}\n"
+            f"- than oneshot (prune's defaults): {gains(by['oneshot'])}\n"
+            f"- than oneshot-repaired (prune's defaults + --reconstruct): {gains(by['oneshot-repaired'])}\n"
+            f"- best against dense: {dense_x}\n\n" + "\n".join(lines) + "\n")
     print(body)
     _record(args.out, "search.py", body)
 

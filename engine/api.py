@@ -143,6 +143,14 @@ def validate(cfg: PruneConfig) -> None:
         check_out_dir(Path(cfg.out), cfg.force)
 
 
+def oneshot_config(scfg, repaired: bool = False) -> PruneConfig:
+    """`adaprune prune`'s defaults (with `repaired`, plus `--reconstruct`'s) for a search session's model and
+    target: the strongest fixed recipes, which a searched result must beat at the same parameter count."""
+    return PruneConfig(model=scfg.model, prune=scfg.prune, head_mode=scfg.head_mode, round_to=scfg.round_to,
+                       device=scfg.device, dtype=scfg.dtype, trust_remote_code=scfg.trust_remote_code,
+                       seed=scfg.seed, measure_speed=False, measure_memory=False, reconstruct=repaired)
+
+
 def calibration_windows(loaded: Loaded, spec_text: str, seed: int, sink: Sink, control: Control):
     spec = parse_spec(spec_text)
     if spec.name == SELF:
@@ -280,7 +288,7 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
               "objective": f"{best['value']:.4f}"}
     if recovered:
-        from engine.recover import recovered_model, session_plan
+        from engine.recover import RecoverConfig, loss_name, recovered_model, session_plan
 
         windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
         loaded.model, state = recovered_model(session, loaded.model, windows_for)
@@ -288,7 +296,8 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
         c = state["config"]
         recipe["recovery"] = (f"LoRA r={c['rank']} alpha={c['alpha']} on {', '.join(c['targets'])}, {state['step']} "
                               f"steps of {c['batch_size']}x{c['seq_len']} tokens at lr {c['lr']:g} on "
-                              f"{', '.join(c['data'])}; merged; validation PPL {state['valid_ppl_before']:.2f} -> "
+                              f"{', '.join(c['data'])}, loss {loss_name(RecoverConfig.from_dict(c))}; merged; "
+                              f"validation PPL {state['valid_ppl_before']:.2f} -> "
                               f"{state['valid_ppl_after']:.2f}")
         best = {**best, "plan": plan.to_dict(), "recovery": {k: v for k, v in state.items() if k != "history"}}
     elif widths == "uniform":

@@ -14,7 +14,7 @@ import json
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.control import Control
@@ -23,13 +23,13 @@ from engine.evaluate import peak_memory, perplexity, speed
 from engine.events import Log, Metric, Sink, null_sink
 from engine.plan import Plan
 from engine.reconstruct import apply_stored_plan
-from engine.recover import adapter_id, recovered_model, recovery_state, session_plan
+from engine.recover import RecoverConfig, adapter_id, loss_name, recovered_model, recovery_state, session_plan
 from engine.session import Session
 from engine.structure import count_params
 from engine.text import SELF, eval_windows, load_text, parse_spec, text_hash, tokenize
 from engine.zeroshot import TaskSpec, parse_task, zero_shot
 
-ROWS = ["dense", "best", "recovered", "baseline", "magnitude", "random"]
+ROWS = ["dense", "best", "recovered", "baseline", "oneshot", "oneshot-repaired", "magnitude", "random"]
 RESULTS = "bench.json"
 PLANS = "plans"  # user plans (the app's overrides) as <name>.json Plan dicts; rows named plan:<name>
 
@@ -91,7 +91,8 @@ def check_rows(session: Session, wanted: list[str] | None) -> list[str]:
     best = session.read_json("plan.json")
     user = sorted((session.path / PLANS).glob("*.json")) if (session.path / PLANS).is_dir() else []
     recovered = (recovery_state(session) or {}).get("status") == "done"
-    available = ["dense", *(["best", "magnitude", "random"] if best else []), "baseline",
+    available = ["dense", *(["best", "magnitude", "random"] if best else []), "baseline", "oneshot",
+                 "oneshot-repaired",
                  *[f"plan:{p.stem}" for p in user], *(["recovered"] if recovered else [])]
     for n in wanted or []:
         if n not in available:
@@ -103,6 +104,8 @@ def check_rows(session: Session, wanted: list[str] | None) -> list[str]:
 def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
               control: Control) -> tuple[dict[str, dict | None], dict[str, dict]]:
     """Each row's plan (None for dense): saved ones read, derived ones (trial 0, magnitude, random) made."""
+    from engine.api import oneshot_config, plan_and_prune
+    from engine.models import Loaded
     from engine.search import SearchConfig, SearchData, baseline_params, prune_trial
     from engine.structure import decoder_layers
 
@@ -111,6 +114,8 @@ def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
     names = check_rows(session, wanted)
     n_layers = len(decoder_layers(loaded.model))
     derived = {"baseline": {**baseline_params(cfg, n_layers), **cfg.fixed}}
+    oneshot = {"oneshot": oneshot_config(cfg), "oneshot-repaired": oneshot_config(cfg, repaired=True)}
+    derived.update({name: asdict(c) for name, c in oneshot.items()})
     if best:
         derived["magnitude"] = {**best["params"], "metric": "l2", "metric2": "none"}
         derived["random"] = {**best["params"], "metric": "random", "metric2": "none"}
@@ -133,7 +138,11 @@ def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
                 plans[name] = old["plan"]  # made before from the same configuration: same plan
                 continue
             model = copy.deepcopy(loaded.model)
-            plans[name], _ = prune_trial(model, data, cfg, params, control, sink)
+            if name in oneshot:  # through `adaprune prune`'s own code: its windows, its sequential repair
+                copied = Loaded(model, loaded.tokenizer, loaded.name, loaded.folder, loaded.device, loaded.dtype)
+                plans[name] = plan_and_prune(copied, oneshot[name], sink, control)[0].to_dict()
+            else:
+                plans[name], _ = prune_trial(model, data, cfg, params, control, sink)
             del model
     return plans, derived
 
@@ -182,6 +191,8 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
         elif plan is not None:
             model = copy.deepcopy(dense_model)
             apply_stored_plan(model, Plan.from_dict(plan), windows_for, control, sink)
+        if name == "recovered":
+            row["recovery_loss"] = loss_name(RecoverConfig.from_dict(recovery_state(session)["config"]))
         row.update(plan_id=ident, params=count_params(model), env=env,
                    recipe=(plan or {}).get("recipe", {}), plan=plan if name in derived else None,
                    params_config=derived.get(name))
@@ -259,7 +270,8 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
     total = results.get("dense_params") or dense.get("params")
     for name in order:
         r = rows[name]
-        line = [name, f"{r['params']:,}", f"{r['params'] / total:.1%}" if total else ""]
+        shown = f"{name} ({r['recovery_loss']})" if r.get("recovery_loss") else name
+        line = [shown, f"{r['params']:,}", f"{r['params'] / total:.1%}" if total else ""]
         line += [_f(r.get("ppl", {}).get(k, {}).get("value"), ".2f") for k in ppl_keys]
         accs = {k: r.get("zeroshot", {}).get(k, {}).get("acc") for k in task_keys}
         line += [_f(accs[k], ".3f") for k in task_keys]

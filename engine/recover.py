@@ -10,6 +10,7 @@ and benchmarks merge the adapter into the pruned weights, so the result loads in
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -59,6 +60,9 @@ class RecoverConfig:
     save_every: int = 25
     seed: int = 0
     grad_checkpointing: bool = False  # trade compute for activation memory (large models on one GPU)
+    # distillation: the loss is distil x KL(dense || pruned) over next-token distributions + (1 - distil) x the
+    # language-modelling loss; 0 is plain LM (LLM-Pruner's recipe). The dense model is kept as the teacher.
+    distil: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> RecoverConfig:
@@ -83,6 +87,7 @@ def validate(cfg: RecoverConfig) -> None:
         (bool(cfg.targets) and set(cfg.targets) <= set(PROJ),
          f"--targets {','.join(cfg.targets)}: choose among {','.join(PROJ)}"),
         (cfg.plan == "best" or cfg.plan.startswith("plan:"), f"--plan {cfg.plan}: give best or plan:NAME"),
+        (0 <= cfg.distil <= 1, f"--distil-weight {cfg.distil}: give a weight in [0, 1] for the KL term"),
     ]
     for ok, message in checks:
         if not ok:
@@ -91,6 +96,20 @@ def validate(cfg: RecoverConfig) -> None:
         if parse_spec(spec).name == SELF:
             raise AdapruneError(f"{spec!r}: recovery reads text from files, the built-in corpus or the hub, not "
                                 f"'self'; sample text into a file first")
+
+
+def loss_name(cfg: RecoverConfig) -> str:
+    """What the recovery minimised, for tables and cards."""
+    if cfg.distil == 0:
+        return "LM"
+    return "KL to dense" if cfg.distil == 1 else f"{cfg.distil:g} KL to dense + {1 - cfg.distil:g} LM"
+
+
+def distil_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over next-token positions of KL(teacher || student), in float32."""
+    s = student_logits[:, :-1].float().flatten(0, 1).log_softmax(-1)
+    t = teacher_logits[:, :-1].float().flatten(0, 1).log_softmax(-1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
 def lr_at(cfg: RecoverConfig, step: int) -> float:
@@ -269,6 +288,9 @@ def run_recovery(
             raise AdapruneError(f"session {name!r}: the {cfg.plan} plan changed since the recovery began; "
                                 f"--restart to train on the new one")
         model = loaded.model
+        teacher = None
+        if cfg.distil > 0:  # the dense model, kept whole as the teacher (memory: one more copy of the weights)
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
         # a repaired plan's windows come from the dense model (self text is sampled from it) before it is cut
         apply_stored_plan(model, plan, SearchData(session, scfg, loaded, sink, control).repair_windows, control, sink)
         model.requires_grad_(False)
@@ -314,7 +336,15 @@ def run_recovery(
                         group["lr"] = lr
                     peft_model.train()
                     x = train[batch_indices(train.shape[0], step, cfg.batch_size, cfg.seed)].to(device)
-                    loss = peft_model(input_ids=x, labels=x).loss
+                    if teacher is None:
+                        loss = peft_model(input_ids=x, labels=x).loss
+                    else:
+                        out = peft_model(input_ids=x, labels=x if cfg.distil < 1 else None)
+                        with torch.no_grad():
+                            target = teacher(input_ids=x).logits
+                        loss = cfg.distil * distil_loss(out.logits, target)
+                        if cfg.distil < 1:
+                            loss = loss + (1 - cfg.distil) * out.loss
                     if not torch.isfinite(loss):
                         raise AdapruneError(f"the recovery loss is not finite at step {step + 1}: lower --lr "
                                             f"(now {cfg.lr:g})")

@@ -67,9 +67,8 @@ ATTN_SHARES = ["auto", "same", "0.1", "0.25"]
 MIX_METRICS = ["none", "vector", "taylor2", "wanda"]  # second metrics: decomposable, so mixing costs no backward
 MIX_WEIGHTS = [0.25, 0.5, 0.75]
 RAMPS = [-0.5, -0.25, 0.0, 0.25, 0.5]  # depth ramp of the MLP cut: > 0 prunes deeper layers more
-REPAIR_LAMBDAS = [0.1, 0.3, 1.0, 3.0]  # ridge strength of the reconstruction, relative to mean input variance
-REPAIR_NS = [64, 128]  # reconstruction windows (of REPAIR_LEN tokens); more cost sampling time on a CPU
-REPAIR_LEN = 128
+REPAIR_LAMBDAS = [0.3, 1.0, 3.0]  # ridge strength of the reconstruction, relative to mean input variance
+SAMPLERS = ("tpe", "random")
 CALIB_BATCH = 4  # windows per calibration forward/backward (the same as prune_with's default)
 SEEDS = 10  # random draws per (source, n, len) the search may pick from
 MAX_DUPLICATES_IN_A_ROW = 25
@@ -95,6 +94,7 @@ class SearchConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     storage: str | None = None
+    sampler: str = "tpe"  # tpe (the method) or random (Optuna's RandomSampler: the yardstick TPE must beat)
     early_stop: bool = True
     overrides: dict = field(default_factory=dict)  # user per-layer decisions (engine.plan.parse_overrides)
     # optional zero-shot part of the objective: PPL x (dense accuracy / pruned accuracy) ** weight
@@ -132,7 +132,9 @@ def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]
         "last_kept": (0, max(1, 2 * last)),
         "repair": ["none", *repair_sources(cfg)],
         "repair_lambda": REPAIR_LAMBDAS,
-        "repair_n": REPAIR_NS,
+        # the repair text's pool, already drawn: a larger draw of self text costs minutes of sampling on a CPU
+        # (on the embedded model 48 windows gave most of 128's gain; bench/RESULTS.md)
+        "repair_n": [cfg.pool_size],
     }
 
 
@@ -149,7 +151,7 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
             "allocation": "uniform", "ramp": 0.0,
             "first_kept": first,
             "last_kept": n_layers - end,
-            "repair": "none", "repair_lambda": 1.0, "repair_n": 128}
+            "repair": "none", "repair_lambda": 1.0, "repair_n": cfg.pool_size}
 
 
 def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
@@ -173,6 +175,8 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
             raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")
     if cfg.head_mode not in ("query", "kv"):
         raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' or 'kv'")
+    if cfg.sampler not in SAMPLERS:
+        raise AdapruneError(f"--sampler {cfg.sampler!r}: choose {' or '.join(SAMPLERS)}")
     if cfg.metrics is not None:
         from engine.importance import METRICS
 
@@ -324,8 +328,11 @@ class SearchData:
                                 CALIB_BATCH, self.control, self.sink)
 
     def repair_windows(self, repair: Repair) -> torch.Tensor:
-        """A repair's calibration windows, drawn from the dense model once per session (stats/)."""
+        """A repair's calibration windows, drawn from the dense model once per session (stats/); the draw a
+        calibration pool is made of is that pool."""
         spec = parse_spec(repair.calib)
+        if (spec.n, spec.seq_len, repair.seed) == (self.cfg.pool_size, max(CALIB_LENS), self.cfg.seed):
+            return self.pool(spec.name)[0][: repair.take]
         with Stage(self.sink, f"reconstruction text {spec.name}"):
             data = self._cached(f"repair-{_slug(repair.calib)}-{repair.seed}", lambda: {
                 "ids": self._windows(spec.name, "calibration", spec.n, spec.seq_len, repair.seed)})
@@ -586,8 +593,10 @@ def open_study(session: Session, cfg: SearchConfig, sampler_seed: int | None = N
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # Optuna's logger must not write over the display
     storage = _storage(storage_url(session, cfg))
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed if sampler_seed is None else sampler_seed,
-                                         n_startup_trials=max(3, min(8, cfg.trials // 3)), multivariate=True)
+    seed = cfg.seed if sampler_seed is None else sampler_seed
+    sampler = (optuna.samplers.RandomSampler(seed=seed) if cfg.sampler == "random" else
+               optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(8, cfg.trials // 3)),
+                                          multivariate=True))
     # the first step (one batch per text) is too noisy to judge on: stop trials from the second step on
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if cfg.early_stop
               else optuna.pruners.NopPruner())
@@ -737,14 +746,17 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
 
 
 def trial_repair(params: dict, cfg: SearchConfig) -> Repair | None:
-    """A trial's reconstruction: the dense model's statistics on the first `repair_n` windows of one draw of
-    the repair text (seed + 3: a draw of its own), solved toward the sliced weights."""
+    """A trial's reconstruction, solved toward the sliced weights from the dense model's statistics on the
+    first `repair_n` windows of the repair text's calibration pool (or, for more windows than the pool has, of
+    a draw of their own with seed + 3)."""
     source = params.get("repair", "none")
     if source == "none":
         return None
-    n = int(params["repair_n"])
-    return Repair(f"{source}:{max(n, *REPAIR_NS)}x{REPAIR_LEN}", float(params["repair_lambda"]), "dense",
-                  cfg.seed + 3, n)
+    n = int(params.get("repair_n", cfg.pool_size))
+    length = max(CALIB_LENS)
+    if n <= cfg.pool_size:
+        return Repair(f"{source}:{cfg.pool_size}x{length}", float(params["repair_lambda"]), "dense", cfg.seed, n)
+    return Repair(f"{source}:{n}x{length}", float(params["repair_lambda"]), "dense", cfg.seed + 3, n)
 
 
 def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,

@@ -103,7 +103,13 @@ def test_session_table_rows_files_and_merging(searched, tmp_path, text_file):
     # a second run adds measures to some rows and keeps the first run's numbers
     res = run_bench(searched, BenchConfig(speed=True, batches=[1, 2], rows=["dense", "best"]))
     rows = res["rows"]
-    assert set(rows) == {"dense", "best", "magnitude", "random", "baseline"}
+    assert set(rows) == {"dense", "best", "magnitude", "random", "baseline", "oneshot", "oneshot-repaired"}
+    # prune's defaults, and with its repair: MLP channels first, the sequential repair on self text, counted
+    one, rep = rows["oneshot"], rows["oneshot-repaired"]
+    assert one["recipe"]["attn_share"] == "auto" and one["recipe"]["calib"] == "stdlib-docs:10x64"
+    assert rep["plan"]["repair"]["calib"] == "self:128x128" and rep["plan"]["repair"]["mode"] == "sequential"
+    assert rep["params"] == rep["plan"]["params_after"]
+    assert abs(rep["params"] - one["params"]) < 0.01 * rows["dense"]["params"]
     best = rows["best"]["params"]
     assert rows["magnitude"]["params"] == rows["random"]["params"] == best < rows["dense"]["params"]
     assert rows["magnitude"]["recipe"]["metric"] == "l2" and rows["random"]["recipe"]["metric"] == "random"
@@ -117,7 +123,7 @@ def test_session_table_rows_files_and_merging(searched, tmp_path, text_file):
     md, csv = to_markdown(res), to_csv(res)
     assert "| retention |" in md.replace("retention |", "retention |") and "| dense | " in md
     assert "lm-eval" in md and "sha256" in md
-    assert csv.splitlines()[0].startswith("row,params,params %") and len(csv.splitlines()) == 6
+    assert csv.splitlines()[0].startswith("row,params,params %") and len(csv.splitlines()) == 8
     plot_png(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert "vs parameters" in plot_text(res)

@@ -13,7 +13,6 @@ from engine.errors import AdapruneError, Cancelled
 from engine.events import RecoveryStep
 from engine.models import load
 from engine.plan import Plan
-from engine.prune import apply_plan
 from engine.recover import (
     ADAPTER,
     RecoverConfig,
@@ -49,9 +48,15 @@ def _cfg(text_file, **kw) -> RecoverConfig:
 
 
 def _pruned(session: Session):
-    loaded = load(SearchConfig.from_dict(session.config()).model, device="cpu")
+    from engine.control import Control
+    from engine.reconstruct import apply_stored_plan
+    from engine.search import SearchData
+
+    cfg = SearchConfig.from_dict(session.config())
+    loaded = load(cfg.model, device="cpu")
+    windows_for = SearchData(session, cfg, loaded, lambda e: None, Control()).repair_windows
     model = loaded.model
-    apply_plan(model, Plan.from_dict(session.read_json("plan.json")["plan"]).layers)
+    apply_stored_plan(model, Plan.from_dict(session.read_json("plan.json")["plan"]), windows_for)
     return loaded, model
 
 
@@ -197,3 +202,43 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
 def test_learning_rate_schedule():
     cfg = RecoverConfig(steps=10, warmup=2, lr=1.0)
     assert [round(lr_at(cfg, s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+
+
+def test_distil_loss_is_the_kl_divergence():
+    from engine.recover import distil_loss
+
+    g = torch.Generator().manual_seed(0)
+    t, st = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    assert float(distil_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+    p, q = t[:, :-1].softmax(-1), st[:, :-1].softmax(-1)
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    assert float(distil_loss(st, t)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_distillation_moves_the_pruned_model_toward_the_dense_one(searched, text_file):
+    from engine.recover import distil_loss, loss_name
+    from engine.text import load_text, random_windows, tokenize
+
+    root = searched.path.parent
+    state = run_recovery(root, "r", _cfg(text_file, distil=1.0, steps=8, eval_every=4))
+    assert state["status"] == "done" and state["config"]["distil"] == 1.0
+    assert loss_name(RecoverConfig.from_dict(state["config"])) == "KL to dense"
+    loaded, pruned = _pruned(searched)
+    dense = load(SearchConfig.from_dict(searched.config()).model, device="cpu").model
+    merged, _ = recovered_model(searched, copy.deepcopy(dense), _pruned_windows(searched, loaded))
+    x = random_windows(tokenize(loaded.tokenizer, load_text(str(text_file), "calib")), 4, 32, seed=1)
+    with torch.no_grad():
+        target = dense(input_ids=x).logits
+        before = float(distil_loss(pruned(input_ids=x).logits, target))
+        after = float(distil_loss(merged(input_ids=x).logits, target))
+    assert after < before
+    r = CliRunner().invoke(app, ["recover", "r", "--sessions-dir", str(root), "--restart", "--distil",
+                                 "--distil-weight", "2"])
+    assert r.exit_code == 2 and "--distil-weight 2" in r.output and "Traceback" not in r.output
+
+
+def _pruned_windows(session, loaded):
+    from engine.control import Control
+    from engine.search import SearchData
+
+    return SearchData(session, SearchConfig.from_dict(session.config()), loaded, lambda e: None, Control()).repair_windows

@@ -90,7 +90,8 @@ def test_duplicates_are_not_evaluated_again(llama_folder, tmp_path):
     # everything that matters fixed but last_kept (0 or 1): only two distinct configurations exist
     fixed = {"calib_source": "stdlib-docs", "calib_n": 10, "calib_len": 64, "calib_select": "low-loss",
              "calib_seed": 0, "metric": "l2", "aggregate": "sum", "attn_share": "auto", "first_kept": 0,
-             "metric2": "none", "ramp": 0.0, "allocation": "uniform"}  # mix stays free: without a second metric it cannot matter
+             "metric2": "none", "ramp": 0.0, "allocation": "uniform", "repair": "none"}
+    # mix and repair_lambda stay free: without a second metric or a repair they cannot matter
     cfg = _cfg(llama_folder, trials=5, fixed=fixed)
     session = create_session(tmp_path / "s", "dups", cfg)
     events = []
@@ -346,23 +347,21 @@ def test_workers_share_a_postgresql_study(llama_folder, tmp_path, postgres):
     assert summary(session)["done"] == 5
 
 
-def test_repaired_trials_are_what_exports_and_benchmarks_rebuild(llama_folder, tmp_path, monkeypatch):
+def test_repaired_trials_are_what_exports_and_benchmarks_rebuild(llama_folder, tmp_path):
     """A trial's objective is measured on the repaired model; the export is that very model."""
-    import engine.search as search
     from engine.api import export_session
     from engine.models import load
     from engine.search import SearchData, progressive_objective, trial_repair
 
-    monkeypatch.setattr(search, "REPAIR_NS", [4, 8])
-    monkeypatch.setattr(search, "REPAIR_LEN", 16)
     cfg = _cfg(llama_folder, trials=3, fixed={"repair": "self", "repair_n": 8, "repair_lambda": 0.3})
     session = create_session(tmp_path / "s", "rep", cfg)
     run_search(session)
     best = json.loads((session.path / "plan.json").read_text())
     # --fix holds trial 0 too, so every trial (the best among them) was repaired
     assert best["plan"]["repair"] == trial_repair(best["params"], cfg).to_dict()
-    assert best["plan"]["repair"]["take"] == 8 and best["plan"]["repair"]["mode"] == "dense"
-    assert any(p.name.startswith("repair-") for p in session.stats_dir.iterdir())
+    # the first 8 windows of the self pool the calibration already drew: no draw of its own
+    assert best["plan"]["repair"] == {"calib": "self:12x128", "lam": 0.3, "mode": "dense", "seed": 0, "take": 8}
+    assert not any(p.name.startswith("repair-") for p in session.stats_dir.iterdir())
     export_session(tmp_path / "s", "rep", tmp_path / "out")
     exported = load(str(tmp_path / "out"), device="cpu")
     assert sum(p.numel() for p in exported.model.parameters()) == best["plan"]["params_after"]

@@ -198,20 +198,28 @@ def search_cmd(
     dtype: str = typer.Option("auto"),
     storage: str = typer.Option(None, help="Optuna storage URL (default: SQLite in the session)"),
     early_stop: bool = typer.Option(True, help="stop hopeless trials early (Optuna median pruner)"),
+    sampler: str = typer.Option("tpe", help="tpe (the method) or random (Optuna's RandomSampler, a yardstick)"),
     override: list[str] = typer.Option([], help="per-layer decision the search respects: L=lock or L=K/C"),
     grad_cache_gb: float = typer.Option(2.0, help="memory for gradient sums that taylor1/taylor-mix trials share "
                                         "(0: none; each is the size of the model's weights in fp32)"),
+    repair_source: list[str] = typer.Option(None, help="texts the searched reconstruction may calibrate on "
+                                            "(default: the --source list; `--fix repair=none` turns it off)"),
+    repair_cache_gb: float = typer.Option(2.0, help="memory for the dense input statistics repaired trials "
+                                          "share (one set per repair text and size)"),
     sessions_dir: Path = SESSIONS_DIR,
 ) -> None:
-    """Search calibration data x importance metric x allocation with TPE, in a resumable session."""
+    """Search calibration data x importance metric x allocation x reconstruction with TPE, in a resumable
+    session."""
     from engine.search import SearchConfig, create_session
 
     cfg = SearchConfig(model=model, prune=prune, trials=trials, seed=seed, sources=list(source),
                        objective=list(objective), objective_windows=objective_windows, fixed=_parse_fixed(fix),
                        head_mode=heads, round_to=round_to, device=device, dtype=dtype, storage=storage,
-                       early_stop=early_stop, overrides=_parse_overrides(override),
+                       early_stop=early_stop, sampler=sampler, overrides=_parse_overrides(override),
                        objective_tasks=list(objective_task), objective_task_rows=objective_task_rows,
-                       objective_task_weight=objective_task_weight, grad_cache_gb=grad_cache_gb)
+                       objective_task_weight=objective_task_weight, grad_cache_gb=grad_cache_gb,
+                       repair_sources=list(repair_source) if repair_source else None,
+                       repair_cache_gb=repair_cache_gb)
     _drive(create_session(_root(sessions_dir), session, cfg))
 
 
@@ -295,6 +303,10 @@ def recover_cmd(
     save_every: int = typer.Option(25, help="checkpoint the adapter every N steps"),
     seed: int = typer.Option(0),
     grad_checkpointing: bool = typer.Option(False, help="less activation memory, more compute (large models)"),
+    distil: bool = typer.Option(False, "--distil", help="train on the KL divergence to the dense model's "
+                                "next-token distributions (the dense model stays loaded as the teacher)"),
+    distil_weight: float = typer.Option(1.0, help="with --distil: the KL term's weight; the rest of the loss is "
+                                        "language modelling (1: KL only)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted recovery where it stopped"),
     restart: bool = typer.Option(False, "--restart", help="discard the session's recovery and train again"),
     sessions_dir: Path = SESSIONS_DIR,
@@ -307,7 +319,7 @@ def recover_cmd(
                         warmup=warmup, rank=rank, alpha=alpha, dropout=dropout,
                         targets=[t.strip() for t in targets.split(",") if t.strip()], valid=list(valid),
                         valid_windows=valid_windows, eval_every=eval_every, save_every=save_every, seed=seed,
-                        grad_checkpointing=grad_checkpointing)
+                        grad_checkpointing=grad_checkpointing, distil=distil_weight if distil else 0.0)
     console = Console()
     try:
         with RichSink(console) as sink:
@@ -335,8 +347,8 @@ def bench_cmd(
     ppl_windows: int = typer.Option(40, help="evenly spaced PPL windows per text (0: the whole text)"),
     speed: bool = typer.Option(False, "--speed", help="prefill, decode, time to first token and peak memory"),
     batch: list[int] = typer.Option([1, 4], "--batch", help="prefill batch sizes for --speed"),
-    rows: str = typer.Option(None, help="comma-separated rows (default all): dense, best, baseline, magnitude, "
-                             "random, plan:NAME"),
+    rows: str = typer.Option(None, help="comma-separated rows (default all): dense, best, baseline, oneshot, "
+                             "oneshot-repaired, magnitude, random, recovered, plan:NAME"),
     markdown: Path = typer.Option(None, help="also write the table as Markdown here"),
     csv: Path = typer.Option(None, help="also write the table as CSV here"),
     json_out: Path = typer.Option(None, "--json", help="also write every number and its provenance as JSON here"),

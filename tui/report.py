@@ -141,7 +141,9 @@ def metric_text(p: dict) -> str:
 
 def layout_text(p: dict) -> str:
     spread = "global" if p.get("allocation") == "global" else f"ramp {p.get('ramp', 0)}"
-    return f"attn {p.get('attn_share')}, {spread}, keep {p.get('first_kept')}/{p.get('last_kept')}"
+    repair = "" if p.get("repair", "none") == "none" else \
+        f", repair {p['repair']}:{p.get('repair_n')} λ{p.get('repair_lambda'):g}"
+    return f"attn {p.get('attn_share')}, {spread}, keep {p.get('first_kept')}/{p.get('last_kept')}{repair}"
 
 
 STATE_STYLE = {"complete": "", "pruned": "dim", "duplicate": "dim", "failed": "red", "running": "cyan"}
