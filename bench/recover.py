@@ -1,4 +1,5 @@
-"""LoRA recovery of a searched session on the embedded model: what it costs and what it gives back, on text
+"""LoRA recovery of a searched session on the embedded model, with the language-modelling loss and with the
+KL divergence to the dense model (`--distil`) at the same steps: what each costs and gives back, on text
 neither the search nor the recovery read. Records its section in bench/RESULTS.md.
 
     .venv/bin/python bench/recover.py [--session /tmp/adaprune-bench-XXXX/bench] [--steps 100]
@@ -24,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
 
 from engine.api import PruneConfig, evaluation_sets  # noqa: E402
+from engine.control import Control  # noqa: E402
 from engine.evaluate import perplexity  # noqa: E402
 from engine.models import load  # noqa: E402
 from engine.plan import Plan  # noqa: E402
-from engine.prune import apply_plan  # noqa: E402
-from engine.recover import RecoverConfig, recovered_model, run_recovery  # noqa: E402
-from engine.search import SearchConfig  # noqa: E402
+from engine.reconstruct import apply_stored_plan  # noqa: E402
+from engine.recover import RecoverConfig, loss_name, recovered_model, run_recovery  # noqa: E402
+from engine.search import SearchConfig, SearchData  # noqa: E402
 from engine.session import Session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,44 +53,52 @@ def main() -> None:
     args = ap.parse_args()
     folder = args.session or newest_bench_session()
     session = Session(folder)
-    cfg = RecoverConfig(steps=args.steps)
+    scfg = SearchConfig.from_dict(session.config())
+    dense = load(scfg.model)
+    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
+    sets, _ = evaluation_sets(dense.tokenizer, PruneConfig(evals=evals, eval_windows=args.windows))
+    windows_for = SearchData(session, scfg, dense, lambda e: None, Control()).repair_windows
+    best = copy.deepcopy(dense.model)
+    apply_stored_plan(best, Plan.from_dict(session.read_json("plan.json")["plan"]), windows_for)
+    rows = [(name, {k: perplexity(m, v) for k, v in sets.items()}) for name, m in
+            (("dense", dense.model), ("best (pruned, untuned)", best))]
+    del best
 
     def sink(event) -> None:
         if event.kind in ("log", "recovery_step") and (event.kind == "log" or event.valid_ppl is not None):
             print({k: v for k, v in event.to_dict().items() if k != "t"}, flush=True)
 
-    t0 = time.perf_counter()
-    state = run_recovery(folder.parent, folder.name, cfg, sink, restart=True)
-    wall = time.perf_counter() - t0
-
-    scfg = SearchConfig.from_dict(session.config())
-    dense = load(scfg.model)
-    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
-    sets, _ = evaluation_sets(dense.tokenizer, PruneConfig(evals=evals, eval_windows=args.windows))
-    best = copy.deepcopy(dense.model)
-    apply_plan(best, Plan.from_dict(session.read_json("plan.json")["plan"]).layers)
-    merged, _ = recovered_model(session, copy.deepcopy(dense.model))
-    rows = [(name, {k: perplexity(m, v) for k, v in sets.items()}) for name, m in
-            (("dense", dense.model), ("best (pruned, untuned)", best), ("best + LoRA recovery", merged))]
+    runs = []
+    for distil in (0.0, 1.0):
+        cfg = RecoverConfig(steps=args.steps, distil=distil)
+        t0 = time.perf_counter()
+        state = run_recovery(folder.parent, folder.name, cfg, sink, restart=True)
+        wall = time.perf_counter() - t0
+        merged, _ = recovered_model(session, copy.deepcopy(dense.model), windows_for)
+        rows.append((f"best + LoRA, loss {loss_name(cfg)}", {k: perplexity(merged, v) for k, v in sets.items()}))
+        runs.append((loss_name(cfg), state, wall))
+        del merged
     names = list(sets)
     short = {n: ("WikiText-2 test" if n == str(WIKITEXT) else "stdlib-docs test") for n in names}
     lines = ["| model | " + " | ".join(f"PPL {short[n]}" for n in names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(f"{ppl[n]:.2f}" for n in names) + " |" for label, ppl in rows]
-    gains = {n: 1 - rows[2][1][n] / rows[1][1][n] for n in names}
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
                f"{transformers.__version__}, cpu, float32")
-    c = state["config"]
+    c = runs[0][1]["config"]
     body = (f"## recover.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
             f"`adaprune recover` on the best plan of the search.py session (embedded model, 20% removed): LoRA "
             f"r={c['rank']}, alpha {c['alpha']}, dropout {c['dropout']} on {', '.join(c['targets'])}; "
             f"{c['steps']} steps of {c['batch_size']}x{c['seq_len']} tokens from {', '.join(c['data'])} (its "
-            f"calibration split), lr {c['lr']:g} with {c['warmup']} warm-up steps. Held-out PPL: {args.windows} "
-            f"windows of 128 tokens of texts neither the search nor the recovery read.\n\n"
-            f"- {state['trainable_params']:,} trainable parameters; {wall / 60:.1f} min in all, "
-            f"{wall / c['steps']:.1f} s a step including validation\n"
-            f"- validation PPL (stdlib-docs valid) {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f}\n"
-            f"- recovered vs untuned best on held-out text: "
-            + ", ".join(f"{short[n]} {gains[n]:+.0%}" for n in names) + " lower PPL\n\n" + "\n".join(lines) + "\n")
+            f"calibration split), lr {c['lr']:g} with {c['warmup']} warm-up steps; once with the language-modelling "
+            f"loss (LLM-Pruner's), once with `--distil` (KL to the dense model's next-token distributions). "
+            f"Held-out PPL: {args.windows} windows of 128 tokens of texts neither the search nor the recovery "
+            f"read.\n\n")
+    for (label, state, wall), (_, ppl) in zip(runs, rows[2:], strict=True):
+        body += (f"- loss {label}: {state['trainable_params']:,} trainable parameters; {wall / 60:.1f} min, "
+                 f"{wall / c['steps']:.1f} s a step including validation; validation PPL (stdlib-docs valid) "
+                 f"{state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f}; against the untuned best: "
+                 + ", ".join(f"{short[n]} {1 - ppl[n] / rows[1][1][n]:+.0%}" for n in names) + " lower PPL\n")
+    body += "\n" + "\n".join(lines) + "\n"
     print(body)
     _record(args.out, "recover.py", body)
 

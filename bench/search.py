@@ -149,7 +149,8 @@ def main() -> None:
     dense_x = ", ".join(f"{n} {best_ppl[n] / rows[0][2][n]:.2f}x" for n in names)
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
                f"{transformers.__version__}, cpu, float32")
-    body = (f"## search.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
+    key = "search.py" if args.sampler == "tpe" else "sampler-random: search.py --sampler random"
+    body = (f"## {key} — {datetime.date.today()}\n\nMachine: {machine}.\n"
             f"Default search (`adaprune search --trials {args.trials} --sampler {args.sampler}`) on the embedded model at 20%: objective = "
             f"geometric mean PPL on stdlib-docs/valid and text sampled from the dense model, 16 windows of 128 "
             f"tokens each. Held-out PPL: {args.windows} windows of 128 tokens of texts the search never saw.\n\n"
@@ -165,7 +166,7 @@ def main() -> None:
             f"- than oneshot-repaired (prune's defaults + --reconstruct): {gains(by['oneshot-repaired'])}\n"
             f"- best against dense: {dense_x}\n\n" + "\n".join(lines) + "\n")
     print(body)
-    _record(args.out, "search.py", body)
+    _record(args.out, key, body)
 
 
 def _plan_of(session, trial, cfg, dense) -> dict:

@@ -68,3 +68,11 @@ def test_a_rerun_baseline_stays_the_baseline():
     assert board.baseline.number == 2 and board.is_baseline(board.rows[2]) and not board.is_baseline(board.rows[0])
     assert abs(board.gain(board.rows[1]) - 0.10) < 1e-9
     assert [r.number for r in board.shown(1)] == [2]  # pinned before the latest
+
+
+def test_a_trial_layout_says_whether_and_how_it_was_repaired():
+    from tui.report import layout_text
+
+    base = {"attn_share": "auto", "allocation": "uniform", "ramp": 0.0, "first_kept": 4, "last_kept": 2}
+    assert "repair" not in layout_text(base) and "repair" not in layout_text({**base, "repair": "none"})
+    assert layout_text({**base, "repair": "self", "repair_lambda": 0.3, "repair_n": 48}).endswith("repair self λ0.3")

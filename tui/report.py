@@ -142,7 +142,7 @@ def metric_text(p: dict) -> str:
 def layout_text(p: dict) -> str:
     spread = "global" if p.get("allocation") == "global" else f"ramp {p.get('ramp', 0)}"
     repair = "" if p.get("repair", "none") == "none" else \
-        f", repair {p['repair']}:{p.get('repair_n')} λ{p.get('repair_lambda'):g}"
+        f", repair {p['repair']} λ{p.get('repair_lambda'):g}"
     return f"attn {p.get('attn_share')}, {spread}, keep {p.get('first_kept')}/{p.get('last_kept')}{repair}"
 
 
