@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
-from engine.plan import Plan, parse_overrides
+from engine.plan import LayerPlan, Plan, parse_overrides
+from engine.reconstruct import bias_layout, bias_params
 from engine.session import Session
 from engine.structure import LayerShape
 
@@ -80,8 +81,23 @@ def layer_rows(plan: Plan, edits: dict[int, tuple[int, int]] | None = None) -> l
 
 
 def params_with(plan: Plan, edits: dict[int, tuple[int, int]]) -> int:
-    """The parameter count if the edited layers had their edits and every other layer kept its plan."""
-    return plan.params_before - sum(r.removed for r in layer_rows(plan, edits))
+    """The parameter count if the edited layers had their edits and every other layer kept its plan (with the
+    output biases a repaired plan adds where its layers are cut)."""
+    rows = layer_rows(plan, edits)
+    return plan.params_before - sum(r.removed for r in rows) + _repair_biases(plan, rows)
+
+
+def _repair_biases(plan: Plan, rows: list[LayerRow]) -> int:
+    if not plan.repair:
+        return 0
+    shapes = shapes_of(plan)
+    widths = [LayerPlan(list(range(r.heads_kept * r.kv_kept)), list(range(r.kv_kept)), list(range(r.channels_kept)))
+              for r in rows]
+    # the plan's own count says which layout it has: biases on the cut projections, or Llama's full set
+    own = plan.params_after - (plan.params_before - sum(r.removed for r in layer_rows(plan)))
+    minimal = bias_params(shapes, plan.layers, bias_layout("", shapes, plan.layers))
+    kind = "" if own == minimal else "llama"
+    return bias_params(shapes, widths, bias_layout(kind, shapes, widths))
 
 
 def check_edit(plan: Plan, layer: int, heads_removed: int, channels_removed: int) -> tuple[int, int]:

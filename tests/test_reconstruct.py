@@ -239,3 +239,22 @@ def test_per_layer_repaired_exports_reload_with_remote_code_and_the_engine(kind,
     for m in (remote, ours):
         assert count_params(m) == plan.params_after
         torch.testing.assert_close(_logits(m, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize("layer_ids", [[1, 2], [0, 1, 2, 3]])
+def test_the_layer_review_counts_a_repaired_plans_biases(layer_ids):
+    from engine.reconstruct import bias_layout, bias_params
+    from engine.review import params_with
+
+    dense, _, plan, _ = _repaired("llama", layer_ids)
+    assert params_with(plan, {}) == plan.params_after
+    # locking layer 1 drops its cut and its biases (and, for Llama's full set, the widths stop being uniform)
+    locked = copy.deepcopy(plan)
+    s = layer_shapes(dense)[1]
+    locked.layers[1] = type(plan.layers[1])(list(range(s.n_heads)), list(range(s.n_kv_heads)),
+                                            list(range(s.intermediate)))
+    minimal = bias_params(layer_shapes(dense), locked.layers, bias_layout("", layer_shapes(dense), locked.layers))
+    from engine.plan import params_after
+
+    assert params_with(plan, {1: (0, 0)}) == params_after(layer_shapes(dense), locked.layers,
+                                                          plan.params_before) + minimal
