@@ -28,12 +28,10 @@ from engine.reconstruct import (
 )
 from engine.structure import count_params, default_layer_range, layer_shapes
 from engine.text import (
-    SELF,
+    draw_windows,
     eval_windows,
     load_text,
     parse_spec,
-    random_windows,
-    sample_self,
     text_hash,
     tokenize,
 )
@@ -152,13 +150,7 @@ def oneshot_config(scfg, repaired: bool = False) -> PruneConfig:
 
 
 def calibration_windows(loaded: Loaded, spec_text: str, seed: int, sink: Sink, control: Control):
-    spec = parse_spec(spec_text)
-    if spec.name == SELF:
-        with Stage(sink, "sample self text", spec.n, "samples") as st:
-            return sample_self(loaded.model, loaded.tokenizer, spec.n, spec.seq_len, seed, on_batch=st.advance), "self"
-    text = load_text(spec, "calib")
-    ids = tokenize(loaded.tokenizer, text)
-    return random_windows(ids, spec.n, spec.seq_len, seed), text_hash(text)
+    return draw_windows(loaded.model, loaded.tokenizer, spec_text, seed, sink)
 
 
 def evaluate_texts(loaded: Loaded, texts: dict[str, object], label: str, sink: Sink,

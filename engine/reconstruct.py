@@ -35,6 +35,7 @@ from engine.events import Sink, Stage, null_sink
 from engine.plan import LayerPlan
 from engine.prune import apply_plan, describe_widths, head_rows
 from engine.structure import decoder_layers, layer_shape, layer_shapes
+from engine.text import draw_windows, parse_spec
 
 MODES = ("sequential", "dense")
 DEFAULT_CALIB = "self:128x128"  # the model's own sampled text: measured best across held-out domains
@@ -63,8 +64,6 @@ class Repair:
 
 
 def check_repair(calib: str, lam: float, mode: str = "sequential") -> None:
-    from engine.text import parse_spec
-
     if not (isinstance(lam, (int, float)) and lam > 0):
         raise AdapruneError(f"--reconstruct-lambda {lam}: give a positive ridge strength (relative; 1 is typical)")
     if mode not in MODES:
@@ -276,16 +275,6 @@ def dense_moments(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, b
     return out
 
 
-def moments_bytes(model: nn.Module, layer_ids: Sequence[int]) -> int:
-    """What `dense_moments` holds for these layers (float64)."""
-    total = 0
-    for i in set(layer_ids):
-        s = layer_shape(decoder_layers(model)[i])
-        d_o = s.n_heads * s.head_dim
-        total += 8 * (d_o * d_o + s.intermediate * s.intermediate + d_o + s.intermediate + 2)
-    return total
-
-
 @torch.no_grad()
 def repair_from_moments(model: nn.Module, dense_layers: Mapping[int, nn.Module], plan_layers: Sequence[LayerPlan],
                         moments: Mapping[str, Tensor], lam: float = DEFAULT_LAMBDA) -> list[int]:
@@ -367,14 +356,8 @@ def add_biases(model: nn.Module, layout: Mapping[int, Sequence[str]]) -> None:
 
 def repair_windows(loaded, repair: Repair, sink: Sink = null_sink) -> Tensor:
     """The calibration windows of a repair, drawn from the (still dense) loaded model's text or samples."""
-    from engine.text import SELF, load_text, parse_spec, random_windows, sample_self, tokenize
-
-    spec = parse_spec(repair.calib)
-    if spec.name == SELF:
-        with Stage(sink, "sample self text (reconstruction)", spec.n, "samples") as st:
-            drawn = sample_self(loaded.model, loaded.tokenizer, spec.n, spec.seq_len, repair.seed, on_batch=st.advance)
-    else:
-        drawn = random_windows(tokenize(loaded.tokenizer, load_text(spec, "calib")), spec.n, spec.seq_len, repair.seed)
+    drawn, _ = draw_windows(loaded.model, loaded.tokenizer, repair.calib, repair.seed, sink,
+                            "sample self text (reconstruction)")
     return drawn[: repair.take]
 
 

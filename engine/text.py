@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from engine.errors import AdapruneError
+from engine.events import Sink, Stage, null_sink
 
 Role = Literal["calib", "eval"]
 
@@ -320,3 +321,15 @@ def sample_self(
         if on_batch:
             on_batch(i + b)
     return torch.cat(out)
+
+
+def draw_windows(model, tokenizer, spec_text: str, seed: int, sink: Sink = null_sink,
+                 stage: str = "sample self text") -> tuple[torch.Tensor, str]:
+    """The N random windows of L tokens a calibration spec `SOURCE:NxL` names (sampled from `model` for
+    `self`), and the hash of the text they came from ("self" for sampled text)."""
+    spec = parse_spec(spec_text)
+    if spec.name == SELF:
+        with Stage(sink, stage, spec.n, "samples") as st:
+            return sample_self(model, tokenizer, spec.n, spec.seq_len, seed, on_batch=st.advance), SELF
+    text = load_text(spec, "calib")
+    return random_windows(tokenize(tokenizer, text), spec.n, spec.seq_len, seed), text_hash(text)
