@@ -3,7 +3,7 @@
     .venv/bin/python bench/prune_recipes.py [--windows 40] [--out bench/RESULTS.md]
 
 Columns: parameters, PPL on held-out stdlib-docs (and WikiText-2 test from ../shared/data when present),
-prune wall time (calibration + scoring + slicing), prefill/decode speed, peak memory (see engine/memprobe.py).
+prune wall time (calibration + scoring + slicing), prefill/decode speed, peak memory (see engine/measure/memprobe.py).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from engine.api import PruneConfig, evaluation_sets, measure, plan_and_prune
+from engine.config import EMBEDDED, PruneConfig
 from engine.control import Control
-from engine.evaluate import peak_memory
-from engine.export import export
-from engine.models import EMBEDDED, Loaded, load
+from engine.measure.evaluate import peak_memory
+from engine.model.export import export
+from engine.model.load import Loaded, load
+from engine.oneshot import evaluation_sets, measure, plan_and_prune
 
 ROOT = Path(__file__).resolve().parent.parent
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
@@ -106,7 +107,7 @@ def main() -> None:
     body = (f"## prune_recipes.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
             f"Target: 20% of all parameters; layers 4..27 of 30 (LLM-Pruner's range scaled); PPL over "
             f"{args.windows} evenly spaced 128-token windows per text; speed is the median of 3 runs after a warm-up; "
-            f"peak memory: weights plus what generating 32 tokens from a 128-token prompt adds (engine/memprobe.py)."
+            f"peak memory: weights plus what generating 32 tokens from a 128-token prompt adds (engine/measure/memprobe.py)."
             f"\n\n{table}\n")
     print(body)
     _record(args.out, "prune_recipes.py", body)

@@ -26,14 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from prune_recipes import cpu_name  # noqa: E402
+from prune_recipes import cpu_name
 
-from engine.api import PruneConfig, calibration_windows, evaluation_sets  # noqa: E402
-from engine.control import Control  # noqa: E402
-from engine.evaluate import perplexity  # noqa: E402
-from engine.models import EMBEDDED, load  # noqa: E402
-from engine.recipe import prune_with  # noqa: E402
-from engine.reconstruct import (  # noqa: E402
+from engine.config import EMBEDDED, PruneConfig
+from engine.control import Control
+from engine.data.text import parse_spec
+from engine.measure.evaluate import perplexity
+from engine.model.load import load
+from engine.model.structure import count_params, default_layer_range, layer_shapes
+from engine.oneshot import calibration_windows, evaluation_sets
+from engine.prune.recipe import prune_with
+from engine.prune.reconstruct import (
     Repair,
     dense_moments,
     pruned_layer_ids,
@@ -41,8 +44,6 @@ from engine.reconstruct import (  # noqa: E402
     repair_windows,
     snapshot_layers,
 )
-from engine.structure import count_params, default_layer_range, layer_shapes  # noqa: E402
-from engine.text import parse_spec  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 QUIET = lambda e: None  # noqa: E731

@@ -22,17 +22,22 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
+from prune_recipes import WIKITEXT, _record, cpu_name
 
-from engine.api import PruneConfig, evaluation_sets  # noqa: E402
-from engine.control import Control  # noqa: E402
-from engine.evaluate import perplexity  # noqa: E402
-from engine.models import load  # noqa: E402
-from engine.plan import Plan  # noqa: E402
-from engine.reconstruct import apply_stored_plan  # noqa: E402
-from engine.recover import RecoverConfig, loss_name, recovered_model, run_recovery  # noqa: E402
-from engine.search import SearchConfig, SearchData  # noqa: E402
-from engine.session import Session  # noqa: E402
+from engine.config import (
+    PruneConfig,
+    RecoverConfig,
+    SearchConfig,
+)
+from engine.control import Control
+from engine.measure.evaluate import perplexity
+from engine.model.load import load
+from engine.oneshot import evaluation_sets
+from engine.prune.plan import Plan
+from engine.prune.reconstruct import apply_stored_plan
+from engine.recover.train import loss_name, recovered_model, run_recovery
+from engine.search.data import SearchData
+from engine.session.store import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 

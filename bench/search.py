@@ -21,24 +21,21 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
+from prune_recipes import WIKITEXT, _record, cpu_name
 
-from engine.api import PruneConfig, evaluation_sets, oneshot_config, plan_and_prune  # noqa: E402
-from engine.control import Control  # noqa: E402
-from engine.evaluate import perplexity  # noqa: E402
-from engine.importance import SAMPLE_METRICS  # noqa: E402
-from engine.models import Loaded, load  # noqa: E402
-from engine.plan import Plan  # noqa: E402
-from engine.reconstruct import apply_stored_plan  # noqa: E402
-from engine.search import (  # noqa: E402
-    SearchConfig,
-    SearchData,
-    create_session,
-    open_study,
-    prune_trial,
-    run_search,
-)
-from engine.text import eval_windows, load_text, tokenize  # noqa: E402
+from engine.config import PruneConfig, SearchConfig
+from engine.control import Control
+from engine.data.text import eval_windows, load_text, tokenize
+from engine.measure.evaluate import perplexity
+from engine.model.load import Loaded, load
+from engine.oneshot import evaluation_sets, oneshot_config, plan_and_prune
+from engine.prune.importance import SAMPLE_METRICS
+from engine.prune.plan import Plan
+from engine.prune.reconstruct import apply_stored_plan
+from engine.search.data import SearchData
+from engine.search.driver import create_session, run_search
+from engine.search.study import open_study
+from engine.search.trial import prune_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +171,8 @@ def _plan_of(session, trial, cfg, dense) -> dict:
     best = session.read_json("plan.json")
     if best and best["trial"] == trial.number:
         return best["plan"]
-    from engine.search import SearchData, run_trial
+    from engine.search.data import SearchData
+    from engine.search.trial import run_trial
 
     data = SearchData(session, cfg, dense, lambda e: None, Control())
     out = run_trial(dense, data, cfg, trial.params, None, Control(), lambda e: None)

@@ -19,11 +19,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_recipes import WIKITEXT, _record, cpu_name  # noqa: E402
+from prune_recipes import WIKITEXT, _record, cpu_name
 
-from engine.benchmark import BenchConfig, plot_text, run_bench, to_markdown  # noqa: E402
-from engine.search import SearchConfig, create_session, run_search  # noqa: E402
-from engine.session import Session  # noqa: E402
+from engine.bench.run import run_bench
+from engine.bench.table import plot_text, to_markdown
+from engine.config import (
+    BenchConfig,
+    SearchConfig,
+)
+from engine.search.driver import create_session, run_search
+from engine.session.store import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT.parent / "shared" / "data" / "tasks"

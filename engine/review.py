@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
-from engine.plan import LayerPlan, Plan, parse_overrides
-from engine.reconstruct import bias_layout, bias_params
-from engine.session import Session
-from engine.structure import LayerShape
-
-OVERRIDES_PLAN = "overrides"  # plans/overrides.json: the last re-evaluated override plan (a benchmark row)
+from engine.model.structure import LayerShape
+from engine.prune.plan import LayerPlan, Plan, parse_overrides
+from engine.prune.reconstruct import bias_layout, bias_params
+from engine.session.layout import OVERRIDES_PLAN, best_record, save_plan
+from engine.session.store import Session
 
 
 @dataclass
@@ -124,11 +123,14 @@ def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink =
     The overrides become the session's (later trials respect them) and the plan is saved as
     plans/overrides.json, a row of `adaprune bench`. Returns {"value", "params_after", "plan"}.
     """
-    from engine.models import load
-    from engine.search import SearchConfig, SearchData, progressive_objective, prune_trial
+    from engine.config import SearchConfig
+    from engine.model.load import load
+    from engine.search.data import SearchData
+    from engine.search.objective import progressive_objective
+    from engine.search.trial import prune_trial
 
     control = control or Control()
-    best = session.read_json("plan.json")
+    best = best_record(session)
     if best is None:
         raise AdapruneError(f"session {session.name!r} has no completed trial to start from")
     overrides = edits_to_overrides(edits)
@@ -141,8 +143,7 @@ def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink =
     plan, _ = prune_trial(model, data, cfg, best["params"], control, sink)
     with Stage(sink, "objective (overrides)"):
         value = progressive_objective(model, data.objective_sets(), control)
-    (session.path / "plans").mkdir(exist_ok=True)
-    session.write_json(f"plans/{OVERRIDES_PLAN}.json", plan)
+    save_plan(session, OVERRIDES_PLAN, plan)
     manifest_cfg = session.config()
     session.update(config={**manifest_cfg, "overrides": overrides}, overrides_value=value)
     sink(Log(f"overrides {overrides or '(none)'}: objective {value:.3f} (best trial {best['trial']}: "

@@ -12,7 +12,7 @@ from pathlib import Path
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, event_from_dict
-from engine.plan import Plan
+from engine.prune.plan import Plan
 from tui.backend import Backend, NewSession
 
 DATA = Path(__file__).resolve().parent / "data"

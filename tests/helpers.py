@@ -7,9 +7,9 @@ import random
 
 import torch
 
-from engine.importance import LayerScores
-from engine.plan import LayerPlan, select
-from engine.structure import decoder_layers, layer_shapes
+from engine.model.structure import decoder_layers, layer_shapes
+from engine.prune.importance import LayerScores
+from engine.prune.plan import LayerPlan, select
 
 
 def random_plan(model, head_mode: str, seed: int = 0, layer_ids=None) -> list[LayerPlan]:

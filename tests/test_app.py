@@ -169,7 +169,7 @@ def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
 
 
 def test_layers_review_override_and_reevaluate(tmp_path):
-    from engine.plan import Plan
+    from engine.prune.plan import Plan
     from engine.review import layer_rows
 
     async def go():

@@ -8,10 +8,12 @@ import torch
 from conftest import make_model
 from typer.testing import CliRunner
 
-from engine.benchmark import BenchConfig, plot_png, plot_text, run_bench, to_csv, to_markdown
+from engine.bench.run import run_bench
+from engine.bench.table import plot_png, plot_text, to_csv, to_markdown
+from engine.config import BenchConfig, SearchConfig
 from engine.errors import AdapruneError
-from engine.search import SearchConfig, create_session, run_search
-from engine.zeroshot import parse_task, sample_indices, zero_shot
+from engine.measure.zeroshot import parse_task, sample_indices, zero_shot
+from engine.search.driver import create_session, run_search
 from tui.cli import app
 
 WORDS = ["pruning", "heads", "channels", "tokens", "layers", "model", "data", "text"]

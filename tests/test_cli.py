@@ -128,7 +128,7 @@ def test_overrides_from_the_command_line(tiny_folder, tmp_path):
 def test_prune_with_reconstruction_end_to_end(tiny_folder, tmp_path):
     """The repaired model is what is measured and saved: lower PPL than slicing alone on the repair's own
     text, biases counted, and the export reloads with the same parameter count."""
-    from engine.models import load
+    from engine.model.load import load
 
     runs = {}
     for name, extra in (("sliced", []), ("repaired", ["--reconstruct", "--reconstruct-calib", "stdlib-docs:16x32",

@@ -6,13 +6,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.api import PruneConfig, export_session, prune
-from engine.models import load
-from engine.recipe import prune_with
-from engine.recover import RecoverConfig, recovered_model, run_recovery
-from engine.search import SearchConfig, create_session
-from engine.session import Session
-from engine.text import load_text, random_windows, tokenize
+from engine.config import PruneConfig, RecoverConfig, SearchConfig
+from engine.data.text import load_text, random_windows, tokenize
+from engine.model.load import load
+from engine.oneshot import prune
+from engine.prune.recipe import prune_with
+from engine.recover.train import recovered_model, run_recovery
+from engine.search.driver import create_session
+from engine.session.store import Session
+from engine.session_export import export_session
 
 pytestmark = pytest.mark.embedded
 

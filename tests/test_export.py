@@ -9,12 +9,12 @@ from helpers import random_plan
 from transformers import AutoModelForCausalLM
 
 from engine.errors import AdapruneError
-from engine.export import export
-from engine.importance import LayerScores
-from engine.models import load
-from engine.plan import select, solve_uniform
-from engine.prune import apply_plan
-from engine.structure import count_params, layer_shapes
+from engine.model.export import export
+from engine.model.load import load
+from engine.model.structure import count_params, layer_shapes
+from engine.prune.importance import LayerScores
+from engine.prune.plan import select, solve_uniform
+from engine.prune.slicing import apply_plan
 
 IDS = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(0))
 

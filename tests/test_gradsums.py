@@ -5,8 +5,8 @@ import torch
 from conftest import make_model
 
 from engine.events import StageStarted
-from engine.gradsums import GradientCache, sum_bytes
-from engine.importance import collect_sample_stats, collect_stats, score_layers
+from engine.prune.gradsums import GradientCache, sum_bytes
+from engine.prune.importance import collect_sample_stats, collect_stats, score_layers
 
 POOL = ("src", 16)
 

@@ -5,8 +5,8 @@ import torch
 from conftest import make_model
 
 from engine.errors import AdapruneError
-from engine.importance import METRICS, check_metric, collect_stats, score_layers
-from engine.structure import decoder_layers
+from engine.model.structure import decoder_layers
+from engine.prune.importance import METRICS, check_metric, collect_stats, score_layers
 
 
 def _windows(n=4, length=16):
@@ -100,7 +100,7 @@ def test_unknown_metric_is_refused():
 
 @pytest.mark.parametrize("metric", ["vector", "taylor2", "wanda"])
 def test_per_sample_cache_equals_direct_scoring(metric):
-    from engine.importance import collect_sample_stats, scores_from_samples
+    from engine.prune.importance import collect_sample_stats, scores_from_samples
 
     model = make_model("qwen2", heads=6, kv_heads=2)
     pool = _windows(6, 16)
@@ -116,7 +116,7 @@ def test_per_sample_cache_equals_direct_scoring(metric):
 
 
 def test_mixing_two_metrics():
-    from engine.importance import LayerScores, mix_scores
+    from engine.prune.importance import LayerScores, mix_scores
 
     a = {0: LayerScores(torch.tensor([1.0, 2.0]), torch.tensor([1.0]), torch.tensor([1.0, 2.0, 3.0]))}
     b = {0: LayerScores(torch.tensor([40.0, 20.0]), torch.tensor([5.0]), torch.tensor([300.0, 200.0, 100.0]))}

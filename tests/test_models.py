@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.errors import AdapruneError
-from engine.models import load, pick_device, pick_dtype
+from engine.model.load import load, pick_device, pick_dtype
 
 
 def test_hub_id_loads_from_the_hub_cache_offline(tiny_folder, tmp_path, monkeypatch):

@@ -5,10 +5,10 @@ import torch
 from conftest import make_model
 
 from engine.errors import AdapruneError
-from engine.importance import LayerScores
-from engine.plan import params_after, select, solve_uniform
-from engine.prune import apply_plan
-from engine.structure import count_params, default_layer_range, layer_shapes
+from engine.model.structure import count_params, default_layer_range, layer_shapes
+from engine.prune.importance import LayerScores
+from engine.prune.plan import params_after, select, solve_uniform
+from engine.prune.slicing import apply_plan
 
 
 def _scores(shapes, ids):
@@ -79,8 +79,8 @@ def test_auto_split_uses_attention_only_when_channels_cannot_reach():
 
 
 def test_overrides_are_respected_and_the_rest_meets_the_target():
-    from engine.plan import parse_overrides, removal_of
-    from engine.recipe import prune_with
+    from engine.prune.plan import parse_overrides, removal_of
+    from engine.prune.recipe import prune_with
 
     model = make_model("llama", layers=4, heads=6, kv_heads=2, intermediate=64)
     shapes, total = layer_shapes(model), count_params(model)
@@ -96,7 +96,7 @@ def test_overrides_are_respected_and_the_rest_meets_the_target():
 
 
 def test_bad_overrides_are_refused():
-    from engine.plan import parse_overrides
+    from engine.prune.plan import parse_overrides
 
     shapes = layer_shapes(make_model("llama", layers=4, heads=6, kv_heads=2))
     with pytest.raises(AdapruneError, match="at least one query head"):
@@ -110,7 +110,7 @@ def test_bad_overrides_are_refused():
 
 
 def test_depth_ramp_moves_channels_but_not_the_total():
-    from engine.plan import ramp_channels
+    from engine.prune.plan import ramp_channels
 
     ids = list(range(4, 28))
     flat = ramp_channels(ids, 521, 1536, 0.0)
@@ -125,7 +125,7 @@ def test_depth_ramp_moves_channels_but_not_the_total():
 
 
 def test_ramped_plan_lands_on_the_same_count():
-    from engine.recipe import prune_with
+    from engine.prune.recipe import prune_with
 
     a, b = make_model("llama", layers=6, intermediate=128), make_model("llama", layers=6, intermediate=128)
     flat = prune_with(a, None, list(range(6)), 0.2, "l2", attn_share="auto")
@@ -141,7 +141,7 @@ def _channel_scores(rows):
 
 
 def test_global_ranking_compares_normalised_scores_and_keeps_the_total():
-    from engine.plan import global_channels
+    from engine.prune.plan import global_channels
 
     # layer 0 has a few essential channels and many weak ones; layer 1 is flat but 1000x larger in raw scale
     skewed = [10.0, 10.0, 10.0, 10.0] + [0.1] * 12
@@ -159,7 +159,7 @@ def test_global_ranking_compares_normalised_scores_and_keeps_the_total():
 
 
 def test_global_plan_lands_on_the_same_count_and_drops_the_lowest_channels():
-    from engine.recipe import prune_with
+    from engine.prune.recipe import prune_with
 
     a, b = make_model("llama", layers=4, intermediate=64), make_model("llama", layers=4, intermediate=64)
     shapes = layer_shapes(a)

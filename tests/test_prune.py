@@ -6,9 +6,9 @@ from conftest import make_model
 from helpers import random_plan, zeroed_copy
 
 from engine.errors import AdapruneError
-from engine.plan import LayerPlan, params_after
-from engine.prune import apply_plan
-from engine.structure import count_params, decoder_layers, layer_shapes
+from engine.model.structure import count_params, decoder_layers, layer_shapes
+from engine.prune.plan import LayerPlan, params_after
+from engine.prune.slicing import apply_plan
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])

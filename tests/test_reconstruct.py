@@ -9,8 +9,8 @@ import torch
 from conftest import make_model
 from helpers import random_plan
 
-from engine.prune import apply_plan
-from engine.reconstruct import (
+from engine.model.structure import count_params, decoder_layers, layer_shapes
+from engine.prune.reconstruct import (
     Moments,
     dense_moments,
     layer_inputs,
@@ -19,7 +19,7 @@ from engine.reconstruct import (
     repair_from_moments,
     ridge_weights,
 )
-from engine.structure import count_params, decoder_layers, layer_shapes
+from engine.prune.slicing import apply_plan
 
 
 def _windows(n: int = 12, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -154,9 +154,9 @@ def test_layer_inputs_reproduce_the_models_own_forward():
 
 
 def _repaired(kind: str, layer_ids, fraction: float = 0.2, attn_share="same", mode: str = "sequential"):
-    from engine.plan import Plan
-    from engine.recipe import prune_with
-    from engine.reconstruct import Repair, repair_model, snapshot_layers
+    from engine.prune.plan import Plan
+    from engine.prune.recipe import prune_with
+    from engine.prune.reconstruct import Repair, repair_model, snapshot_layers
 
     dense = make_model(kind, layers=4)
     model = copy.deepcopy(dense)
@@ -172,7 +172,7 @@ def _repaired(kind: str, layer_ids, fraction: float = 0.2, attn_share="same", mo
 
 @pytest.mark.parametrize("mode", ["sequential", "dense"])
 def test_a_stored_repaired_plan_rebuilds_the_same_model(mode):
-    from engine.reconstruct import apply_stored_plan
+    from engine.prune.reconstruct import apply_stored_plan
 
     dense, model, plan, windows = _repaired("llama", [1, 2], mode=mode)
     assert plan.repair["mode"] == mode
@@ -187,7 +187,7 @@ def test_a_stored_repaired_plan_rebuilds_the_same_model(mode):
 
 
 def test_the_repair_biases_count_toward_the_target():
-    from engine.reconstruct import bias_layout, bias_params
+    from engine.prune.reconstruct import bias_layout, bias_params
 
     dense, model, plan, _ = _repaired("llama", [0, 1, 2, 3])  # every layer, same widths: Llama's full biases
     layout = bias_layout("llama", layer_shapes(dense), plan.layers)
@@ -197,7 +197,7 @@ def test_the_repair_biases_count_toward_the_target():
     assert model.config.attention_bias and model.config.mlp_bias
     # the structures removed pay for the biases: the net count still lands on the target, within the solver's
     # tolerance, and at least as much structure goes as without a repair
-    from engine.recipe import prune_with
+    from engine.prune.recipe import prune_with
 
     plain = prune_with(copy.deepcopy(dense), _windows(8, 20, seed=3), [0, 1, 2, 3], 0.2, "l2", attn_share="same")
     target = 0.2 * plan.params_before
@@ -213,7 +213,7 @@ def _logits(model, ids):
 def test_a_uniform_repaired_llama_exports_for_plain_transformers(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.export import export
+    from engine.model.export import export
 
     _, model, plan, _ = _repaired("llama", [0, 1, 2, 3])
     assert export(model, tokenizer, tmp_path / "out") == "uniform"
@@ -227,8 +227,8 @@ def test_a_uniform_repaired_llama_exports_for_plain_transformers(tokenizer, tmp_
 def test_per_layer_repaired_exports_reload_with_remote_code_and_the_engine(kind, layer_ids, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.export import export
-    from engine.models import load
+    from engine.model.export import export
+    from engine.model.load import load
 
     _, model, plan, _ = _repaired(kind, layer_ids)
     # Qwen2's config has no output biases: even uniform widths need the modeling file
@@ -243,7 +243,7 @@ def test_per_layer_repaired_exports_reload_with_remote_code_and_the_engine(kind,
 
 @pytest.mark.parametrize("layer_ids", [[1, 2], [0, 1, 2, 3]])
 def test_the_layer_review_counts_a_repaired_plans_biases(layer_ids):
-    from engine.reconstruct import bias_layout, bias_params
+    from engine.prune.reconstruct import bias_layout, bias_params
     from engine.review import params_with
 
     dense, _, plan, _ = _repaired("llama", layer_ids)
@@ -254,7 +254,7 @@ def test_the_layer_review_counts_a_repaired_plans_biases(layer_ids):
     locked.layers[1] = type(plan.layers[1])(list(range(s.n_heads)), list(range(s.n_kv_heads)),
                                             list(range(s.intermediate)))
     minimal = bias_params(layer_shapes(dense), locked.layers, bias_layout("", layer_shapes(dense), locked.layers))
-    from engine.plan import params_after
+    from engine.prune.plan import params_after
 
     assert params_with(plan, {1: (0, 0)}) == params_after(layer_shapes(dense), locked.layers,
                                                           plan.params_before) + minimal

@@ -9,23 +9,17 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from engine.config import RecoverConfig, SearchConfig
 from engine.errors import AdapruneError, Cancelled
 from engine.events import RecoveryStep
-from engine.models import load
-from engine.plan import Plan
-from engine.recover import (
-    ADAPTER,
-    RecoverConfig,
-    checkpoint_dir,
-    lr_at,
-    recovered_model,
-    recovery_dir,
-    recovery_state,
-    run_recovery,
-)
-from engine.search import SearchConfig, create_session, run_search, summary
-from engine.session import Session
-from engine.structure import count_params
+from engine.model.load import load
+from engine.model.structure import count_params
+from engine.prune.plan import Plan
+from engine.recover.train import lr_at, recovered_model, run_recovery
+from engine.search.driver import create_session, run_search
+from engine.session.layout import ADAPTER, checkpoint_dir, recovery_dir, recovery_state
+from engine.session.store import Session
+from engine.session.summary import summary
 from tui.cli import app
 
 
@@ -49,8 +43,8 @@ def _cfg(text_file, **kw) -> RecoverConfig:
 
 def _pruned(session: Session):
     from engine.control import Control
-    from engine.reconstruct import apply_stored_plan
-    from engine.search import SearchData
+    from engine.prune.reconstruct import apply_stored_plan
+    from engine.search.data import SearchData
 
     cfg = SearchConfig.from_dict(session.config())
     loaded = load(cfg.model, device="cpu")
@@ -134,7 +128,7 @@ def test_interrupted_recovery_resumes_to_the_same_weights(searched, text_file, t
 
 
 def test_export_of_the_recovered_model_loads_and_matches(searched, text_file, tmp_path):
-    from engine.api import export_session
+    from engine.session_export import export_session
 
     root = searched.path.parent
     run_recovery(root, "r", _cfg(text_file, steps=4))
@@ -151,7 +145,8 @@ def test_export_of_the_recovered_model_loads_and_matches(searched, text_file, tm
 
 
 def test_bench_has_a_recovered_row(searched, text_file):
-    from engine.benchmark import BenchConfig, run_bench
+    from engine.bench.run import run_bench
+    from engine.config import BenchConfig
 
     root = searched.path.parent
     run_recovery(root, "r", _cfg(text_file, steps=3))
@@ -205,7 +200,7 @@ def test_learning_rate_schedule():
 
 
 def test_distil_loss_is_the_kl_divergence():
-    from engine.recover import distil_loss
+    from engine.recover.train import distil_loss
 
     g = torch.Generator().manual_seed(0)
     t, st = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
@@ -216,8 +211,8 @@ def test_distil_loss_is_the_kl_divergence():
 
 
 def test_distillation_moves_the_pruned_model_toward_the_dense_one(searched, text_file):
-    from engine.recover import distil_loss, loss_name
-    from engine.text import load_text, random_windows, tokenize
+    from engine.data.text import load_text, random_windows, tokenize
+    from engine.recover.train import distil_loss, loss_name
 
     root = searched.path.parent
     state = run_recovery(root, "r", _cfg(text_file, distil=1.0, steps=8, eval_every=4))
@@ -239,6 +234,6 @@ def test_distillation_moves_the_pruned_model_toward_the_dense_one(searched, text
 
 def _pruned_windows(session, loaded):
     from engine.control import Control
-    from engine.search import SearchData
+    from engine.search.data import SearchData
 
     return SearchData(session, SearchConfig.from_dict(session.config()), loaded, lambda e: None, Control()).repair_windows

@@ -6,7 +6,7 @@ import re
 from rich.console import Console
 
 from engine.events import BestChanged, StageProgress, StageStarted, TrialFinished, TrialStarted
-from engine.trial_rows import TrialRows
+from engine.search.trial_rows import TrialRows
 from tui.report import RichSink
 
 P = {"calib_source": "stdlib-docs", "calib_n": 32, "calib_len": 128, "calib_select": "typical", "calib_seed": 8,

@@ -6,15 +6,17 @@ import pytest
 import torch
 from conftest import make_model
 
+from engine.config import SearchConfig
 from engine.errors import AdapruneError
-from engine.importance import LayerScores
-from engine.plan import Plan, select
-from engine.prune import apply_plan
-from engine.recipe import prune_with
+from engine.model.structure import count_params, layer_shapes
+from engine.prune.importance import LayerScores
+from engine.prune.plan import Plan, select
+from engine.prune.recipe import prune_with
+from engine.prune.slicing import apply_plan
 from engine.review import check_edit, counts_of, layer_rows, params_with, reevaluate
-from engine.search import SearchConfig, create_session, open_study, run_search
-from engine.session import Session
-from engine.structure import count_params, layer_shapes
+from engine.search.driver import create_session, run_search
+from engine.search.study import open_study
+from engine.session.store import Session
 
 
 def _plan() -> Plan:
@@ -82,7 +84,7 @@ def test_rename_delete_and_follow(searched, tmp_path):
     assert more == [] and offset2 == offset
     moved = searched.rename("renamed")
     assert not (root / "rev").exists() and Session.open(root, "renamed").study_name == "rev"
-    from engine.search import summary
+    from engine.session.summary import summary
 
     assert summary(moved)["done"] == 2  # the study is still found under its first name
     with pytest.raises(AdapruneError, match="exists already"):

@@ -10,23 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.config import SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError, Cancelled
 from engine.events import TrialFinished
-from engine.search import (
-    SearchConfig,
-    _suggest,
-    baseline_params,
-    canonical,
-    completed,
-    create_session,
-    open_study,
-    pick_windows,
-    run_search,
-    space,
-    summary,
-)
-from engine.session import Session
+from engine.search.data import pick_windows
+from engine.search.driver import create_session, run_search
+from engine.search.space import baseline_params, canonical, space, suggest
+from engine.search.study import open_study
+from engine.session.store import Session
+from engine.session.study import completed
+from engine.session.summary import summary
 
 
 @pytest.fixture
@@ -68,8 +62,8 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
     row = summary(session)
     assert row["done"] == 4 and row["best"] == pytest.approx(best["value"])
     # the best plan exports and loads
-    from engine.api import export_session
-    from engine.models import load
+    from engine.model.load import load
+    from engine.session_export import export_session
 
     export_session(tmp_path / "s", "run1", tmp_path / "best")
     assert load(str(tmp_path / "best"), device="cpu").model is not None
@@ -108,7 +102,7 @@ def test_resume_after_kill_reruns_the_interrupted_trial(llama_folder, tmp_path):
     study = open_study(session, cfg)
     # what a kill -9 leaves: a RUNNING trial owned by a dead process, and its stale lock
     t = study.ask()  # trial 0, the queued baseline
-    orphan = _suggest(t, space(cfg, 4), {})
+    orphan = suggest(t, space(cfg, 4), {})
     t.set_user_attr("worker", f"999999999@{__import__('socket').gethostname()}")
     (session.path / "lock").write_text(json.dumps({"pid": 999999999, "host": __import__("socket").gethostname()}))
     with session.lock():
@@ -231,8 +225,9 @@ def test_search_respects_a_locked_layer(llama_folder, tmp_path):
 
 @pytest.mark.parametrize("metric", ["taylor1", "taylor2"])
 def test_a_trial_mixing_two_metrics(llama_folder, tmp_path, metric):
-    from engine.models import load
-    from engine.search import SearchData, run_trial
+    from engine.model.load import load
+    from engine.search.data import SearchData
+    from engine.search.trial import run_trial
 
     cfg = _cfg(llama_folder, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
     session = create_session(tmp_path / "s", "mix", cfg)
@@ -281,7 +276,7 @@ def test_a_trial_whose_worker_died_on_another_host_is_rerun(llama_folder, tmp_pa
 
 
 def test_a_live_remote_trial_is_left_alone(llama_folder, tmp_path):
-    from engine.search import fail_orphans
+    from engine.search.study import fail_orphans
 
     cfg = _cfg(llama_folder, trials=2)
     session = create_session(tmp_path / "s", "alive", cfg)
@@ -349,9 +344,11 @@ def test_workers_share_a_postgresql_study(llama_folder, tmp_path, postgres):
 
 def test_repaired_trials_are_what_exports_and_benchmarks_rebuild(llama_folder, tmp_path):
     """A trial's objective is measured on the repaired model; the export is that very model."""
-    from engine.api import export_session
-    from engine.models import load
-    from engine.search import SearchData, progressive_objective, trial_repair
+    from engine.model.load import load
+    from engine.search.data import SearchData
+    from engine.search.objective import progressive_objective
+    from engine.search.trial import trial_repair
+    from engine.session_export import export_session
 
     cfg = _cfg(llama_folder, trials=3, fixed={"repair": "self", "repair_n": 8, "repair_lambda": 0.3})
     session = create_session(tmp_path / "s", "rep", cfg)

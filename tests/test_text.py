@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from engine import text
+from engine.data import text
+from engine.data.text import eval_windows, load_text, parse_spec, random_windows
 from engine.errors import AdapruneError
-from engine.text import eval_windows, load_text, parse_spec, random_windows
 
 
 def test_parse_spec():

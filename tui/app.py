@@ -13,6 +13,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from engine import api
 from engine.control import Control
 from tui.backend import Backend, NewSession
 from tui.screens.bench import BenchScreen
@@ -37,9 +38,7 @@ class AdapruneApp(App):
     def __init__(self, backend: Backend | None = None, sessions_dir: Path | None = None, new: bool = False,
                  defaults: NewSession | None = None) -> None:
         super().__init__()
-        from engine.session import default_dir
-
-        self.backend = backend or Backend(sessions_dir or default_dir())
+        self.backend = backend or Backend(sessions_dir or api.default_dir())
         self.jobs: dict[str, Control] = {}  # engine work in flight, by job name
         self.searching: str | None = None  # the session whose search this app runs, if any
         self.start_new, self.defaults = new, defaults

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import api
+from engine.config import EMBEDDED, SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, event_from_dict
-from engine.models import EMBEDDED
 
 
 @dataclass
@@ -41,15 +42,10 @@ class Backend:
     # --- sessions -------------------------------------------------------------------------------------------
 
     def sessions(self) -> list[dict]:
-        from engine.search import summary
-        from engine.session import list_sessions
-
-        return [summary(s) for s in list_sessions(self.root)]
+        return [api.summary(s) for s in api.list_sessions(self.root)]
 
     def session(self, name: str):
-        from engine.session import Session
-
-        return Session.open(self.root, name)
+        return api.Session.open(self.root, name)
 
     def rename(self, name: str, new: str) -> None:
         self.session(name).rename(new.strip())
@@ -67,10 +63,6 @@ class Backend:
 
     def check_new(self, form: NewSession) -> dict[str, str]:
         """Field -> problem, for everything checkable without loading a model (the form flags them in place)."""
-        from engine.search import validate
-        from engine.session import check_name
-        from engine.text import parse_spec
-
         problems: dict[str, str] = {}
 
         def check(field_name: str, fn) -> None:
@@ -79,7 +71,7 @@ class Backend:
             except (AdapruneError, ValueError) as e:
                 problems[field_name] = str(e) if isinstance(e, AdapruneError) else "not a number"
 
-        check("name", lambda: check_name(form.name))
+        check("name", lambda: api.check_name(form.name))
         if form.name and (self.root / form.name).exists():
             problems["name"] = f"a session named {form.name!r} exists already"
         if not form.model.strip():
@@ -89,19 +81,17 @@ class Backend:
         check("prune", lambda: _fraction(form.prune))
         check("trials", lambda: _positive(form.trials, "trials"))
         check("layers", lambda: _layers(form.layers))
-        check("sources", lambda: [parse_spec(s) for s in _items(form.sources)] or _empty("calibration sources"))
-        check("objective", lambda: [parse_spec(s) for s in _items(form.objective)] or _empty("objective texts"))
+        check("sources", lambda: [api.check_text_spec(s) for s in _items(form.sources)] or _empty("calibration sources"))
+        check("objective", lambda: [api.check_text_spec(s) for s in _items(form.objective)] or _empty("objective texts"))
         if not form.metrics:
             problems["metrics"] = "choose at least one metric to search"
         if form.device not in ("auto", "cpu") and not form.device.startswith("cuda"):
             problems["device"] = "auto, cpu, cuda or cuda:N"
         if not problems:
-            check("form", lambda: validate(self.search_config(form)))
+            check("form", lambda: api.validate_search(self.search_config(form)))
         return problems
 
     def search_config(self, form: NewSession, n_layers: int | None = None):
-        from engine.search import SearchConfig
-
         fixed = {}
         span = _layers(form.layers)
         if span is not None and n_layers is not None:
@@ -114,22 +104,17 @@ class Backend:
                             fixed=fixed)
 
     def create(self, form: NewSession, sink: Sink) -> str:
-        from engine.models import num_layers
-        from engine.search import create_session
-
         cfg = self.search_config(form)
-        n = num_layers(cfg.model, cfg.trust_remote_code, sink) if _layers(form.layers) else None
-        create_session(self.root, form.name, self.search_config(form, n), sink)
+        n = api.model_layers(cfg.model, cfg.trust_remote_code, sink) if _layers(form.layers) else None
+        api.create_session(self.root, form.name, self.search_config(form, n), sink)
         return form.name
 
     # --- long work (called from worker threads) -------------------------------------------------------------
 
     def run_search(self, name: str, sink: Sink, control: Control) -> dict:
-        from engine.search import run_search
-
         session = self.session(name)
         with session.lock():
-            return run_search(session, sink, control)
+            return api.run_search(session, sink, control)
 
     def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
         rows, offset = self.session(name).follow_events(offset)
@@ -142,41 +127,26 @@ class Backend:
         return events, offset
 
     def best_plan(self, name: str):
-        from engine.plan import Plan
-
-        best = self.session(name).read_json("plan.json")
-        return (Plan.from_dict(best["plan"]), best) if best else (None, None)
+        return api.best_plan(self.session(name))
 
     def reevaluate(self, name: str, edits: dict[int, tuple[int, int]], sink: Sink, control: Control) -> dict:
-        from engine.review import reevaluate
-
-        return reevaluate(self.session(name), edits, sink, control)
+        return api.reevaluate(self.session(name), edits, sink, control)
 
     def bench_results(self, name: str) -> dict | None:
-        from engine.benchmark import RESULTS
-
-        return self.session(name).read_json(RESULTS)
+        return api.bench_results(self.session(name))
 
     def run_bench(self, name: str, cfg, sink: Sink, control: Control) -> dict:
-        from engine.benchmark import run_bench
-
-        return run_bench(self.session(name), cfg, sink, control)
+        return api.run_bench(self.session(name), cfg, sink, control)
 
     def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control,
                recovered: bool = False) -> str:
-        from engine.api import export_session
-
-        return export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control, recovered)
+        return api.export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control, recovered)
 
     def recovery_state(self, name: str) -> dict | None:
-        from engine.recover import recovery_state
-
-        return recovery_state(self.session(name))
+        return api.recovery_state(self.session(name))
 
     def recover(self, name: str, cfg, resume: bool, restart: bool, sink: Sink, control: Control) -> dict:
-        from engine.recover import run_recovery
-
-        return run_recovery(self.root, name, cfg, sink, control, resume=resume, restart=restart)
+        return api.run_recovery(self.root, name, cfg, sink, control, resume=resume, restart=restart)
 
 
 def _fraction(text: str) -> float:

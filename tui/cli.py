@@ -11,9 +11,18 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from engine.api import DEFAULT_CALIB, RECONSTRUCT_CALIB, RECONSTRUCT_LAMBDA, PruneConfig
+from engine import api
+from engine.config import (
+    DEFAULT_CALIB,
+    EMBEDDED,
+    RECONSTRUCT_CALIB,
+    RECONSTRUCT_LAMBDA,
+    BenchConfig,
+    PruneConfig,
+    RecoverConfig,
+    SearchConfig,
+)
 from engine.errors import AdapruneError, Cancelled
-from engine.models import EMBEDDED
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Structured pruning of LLaMA-family models with searched calibration and metrics.")
@@ -104,7 +113,6 @@ def prune_cmd(
                                                                       "mean variance (larger: closer to slicing)"),
 ) -> None:
     """Prune a model once with a fixed recipe, evaluate dense vs pruned, save it."""
-    from engine.api import prune as run_prune
     from tui.report import RichSink, result_table
 
     cfg = PruneConfig(model=model, prune=prune, metric=metric, aggregate=aggregate, calib=calib, evals=list(eval_),
@@ -117,7 +125,7 @@ def prune_cmd(
                       reconstruct_lambda=reconstruct_lambda)
     console = Console()
     with RichSink(console) as sink:
-        result = run_prune(cfg, sink=sink)
+        result = api.prune(cfg, sink=sink)
     console.print(result_table(result))
     if result.out:
         how = "plain transformers" if result.export_format == "uniform" else "trust_remote_code=True"
@@ -130,9 +138,7 @@ SESSIONS_DIR = typer.Option(None, "--sessions-dir", help="where sessions live (d
 
 
 def _root(sessions_dir: Path | None) -> Path:
-    from engine.session import default_dir
-
-    return sessions_dir or default_dir()
+    return sessions_dir or api.default_dir()
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -164,16 +170,15 @@ def _parse_fixed(items: list[str]) -> dict:
 
 
 def _drive(session, worker: bool = False) -> None:
-    from engine.search import run_search
     from tui.report import RichSink
 
     console = Console()
     with RichSink(console) as sink:
         if worker:
-            run_search(session, sink, worker=True)
+            api.run_search(session, sink, worker=True)
         else:
             with session.lock():
-                run_search(session, sink)
+                api.run_search(session, sink)
 
 
 @app.command("search")
@@ -210,8 +215,6 @@ def search_cmd(
 ) -> None:
     """Search calibration data x importance metric x allocation x reconstruction with TPE, in a resumable
     session."""
-    from engine.search import SearchConfig, create_session
-
     cfg = SearchConfig(model=model, prune=prune, trials=trials, seed=seed, sources=list(source),
                        objective=list(objective), objective_windows=objective_windows, fixed=_parse_fixed(fix),
                        head_mode=heads, round_to=round_to, device=device, dtype=dtype, storage=storage,
@@ -220,36 +223,30 @@ def search_cmd(
                        objective_task_weight=objective_task_weight, grad_cache_gb=grad_cache_gb,
                        repair_sources=list(repair_source) if repair_source else None,
                        repair_cache_gb=repair_cache_gb)
-    _drive(create_session(_root(sessions_dir), session, cfg))
+    _drive(api.create_session(_root(sessions_dir), session, cfg))
 
 
 @app.command("resume")
 @clean_errors
 def resume_cmd(name: str, sessions_dir: Path = SESSIONS_DIR) -> None:
     """Continue a session's search after a crash, a kill or a closed SSH connection."""
-    from engine.session import Session
-
-    _drive(Session.open(_root(sessions_dir), name))
+    _drive(api.Session.open(_root(sessions_dir), name))
 
 
 @app.command("worker")
 @clean_errors
 def worker_cmd(name: str, sessions_dir: Path = SESSIONS_DIR) -> None:
     """Join a running session's study as one more worker (another GPU or machine)."""
-    from engine.session import Session
-
-    _drive(Session.open(_root(sessions_dir), name), worker=True)
+    _drive(api.Session.open(_root(sessions_dir), name), worker=True)
 
 
 @app.command("sessions")
 @clean_errors
 def sessions_cmd(sessions_dir: Path = SESSIONS_DIR) -> None:
     """List saved sessions."""
-    from engine.search import summary
-    from engine.session import list_sessions
     from tui.report import sessions_table
 
-    rows = [summary(s) for s in list_sessions(_root(sessions_dir))]
+    rows = [api.summary(s) for s in api.list_sessions(_root(sessions_dir))]
     if not rows:
         Console().print(f"no sessions in {_root(sessions_dir)}")
         return
@@ -269,13 +266,12 @@ def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"),
                                               "LoRA recovery merged in (adaprune recover)"),
                sessions_dir: Path = SESSIONS_DIR) -> None:
     """Export the best plan of a session as a Hugging Face folder."""
-    from engine.api import export_session
     from tui.report import RichSink
 
     session_root = _root(sessions_dir)
     console = Console()
     with RichSink(console) as sink:
-        fmt = export_session(session_root, name, out, force, sink, widths, recovered=recovered)
+        fmt = api.export_session(session_root, name, out, force, sink, widths, recovered=recovered)
     how = "plain transformers" if fmt == "uniform" else "trust_remote_code=True"
     console.print(f"saved to {out} ({fmt} widths; loads with {how})")
 
@@ -312,7 +308,6 @@ def recover_cmd(
     sessions_dir: Path = SESSIONS_DIR,
 ) -> None:
     """Recover quality with LoRA fine-tuning of a session's pruned model (resumable; export merges it)."""
-    from engine.recover import RecoverConfig, run_recovery
     from tui.report import RichSink
 
     cfg = RecoverConfig(data=list(data), plan=plan, steps=steps, batch_size=batch, seq_len=seq_len, lr=lr,
@@ -323,7 +318,7 @@ def recover_cmd(
     console = Console()
     try:
         with RichSink(console) as sink:
-            state = run_recovery(_root(sessions_dir), name, cfg, sink, resume=resume, restart=restart)
+            state = api.run_recovery(_root(sessions_dir), name, cfg, sink, resume=resume, restart=restart)
     except (KeyboardInterrupt, Cancelled):
         err.print(f"recovery stopped; every finished step is saved: `adaprune recover {name} --resume` goes on")
         raise typer.Exit(130) from None
@@ -356,34 +351,31 @@ def bench_cmd(
     sessions_dir: Path = SESSIONS_DIR,
 ) -> None:
     """Benchmark a session's models side by side; with no measure given, show the saved table."""
-    from engine.benchmark import RESULTS, BenchConfig, plot_png, plot_text, run_bench, to_csv, to_markdown
-    from engine.benchmark import validate as validate_bench
-    from engine.session import Session
     from tui.report import RichSink, bench_table
 
-    session = Session.open(_root(sessions_dir), name)
+    session = api.Session.open(_root(sessions_dir), name)
     cfg = BenchConfig(tasks=list(tasks), limit=limit, seed=seed, ppl=list(ppl), seq_lens=list(seq_len),
                       ppl_windows=ppl_windows or None, speed=speed, batches=list(batch),
                       rows=[r.strip() for r in rows.split(",") if r.strip()] if rows else None)
     console = Console()
     if cfg.tasks or cfg.ppl or cfg.speed:
-        validate_bench(cfg)  # bad files and names fail before the model loads
+        api.validate_bench(cfg)  # bad files and names fail before the model loads
         with RichSink(console) as sink:
-            results = run_bench(session, cfg, sink)
+            results = api.run_bench(session, cfg, sink)
     else:
-        results = session.read_json(RESULTS)
+        results = api.bench_results(session)
         if not results:
             raise AdapruneError(f"session {name!r} has no benchmark yet: give --tasks, --ppl or --speed")
     console.print(bench_table(results))
     if len(results.get("rows", {})) > 1 and console.is_terminal:
-        console.print(plot_text(results, width=min(console.width, 100)), highlight=False, markup=False)
-    for path, text in ((markdown, to_markdown), (csv, to_csv)):
+        console.print(api.plot_text(results, width=min(console.width, 100)), highlight=False, markup=False)
+    for path, text in ((markdown, api.to_markdown), (csv, api.to_csv)):
         if path:
             path.write_text(text(results), encoding="utf-8")
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if plot:
-        plot_png(results, plot)
+        api.plot_png(results, plot)
 
 
 @app.command("app")

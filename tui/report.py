@@ -17,7 +17,8 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from engine.api import PruneResult
+from engine import api
+from engine.api import TrialRows
 from engine.events import (
     BestChanged,
     Event,
@@ -31,7 +32,6 @@ from engine.events import (
     TrialFinished,
     TrialStarted,
 )
-from engine.trial_rows import TrialRows
 
 
 class RichSink:
@@ -196,7 +196,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{b / a:.2f}x" if a and b else ""
 
 
-def result_table(r: PruneResult) -> Table:
+def result_table(r: api.PruneResult) -> Table:
     t = Table(title=f"{r.config.model}: {r.plan.removed:,} parameters removed "
                     f"({r.plan.removed / r.plan.params_before:.2%}, target {r.config.prune:.0%})")
     t.add_column("measure")
@@ -222,10 +222,9 @@ def result_table(r: PruneResult) -> Table:
 
 
 def bench_table(results: dict) -> Table:
-    """A session's comparison table (engine.benchmark.table) with numbers right-aligned."""
-    from engine.benchmark import table
+    """A session's comparison table (engine.bench.run.table) with numbers right-aligned."""
 
-    header, body = table(results)
+    header, body = api.table(results)
     t = Table(title="benchmark")
     for i, col in enumerate(header):
         t.add_column(col, justify="left" if i == 0 else "right")

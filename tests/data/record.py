@@ -15,10 +15,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from conftest import make_model, make_tokenizer  # noqa: E402
+from conftest import make_model, make_tokenizer
 
-from engine.benchmark import BenchConfig, run_bench  # noqa: E402
-from engine.search import SearchConfig, create_session, run_search  # noqa: E402
+from engine.bench.run import run_bench
+from engine.config import (
+    BenchConfig,
+    SearchConfig,
+)
+from engine.search.driver import create_session, run_search
 
 
 def main(parts: list[str]) -> None:
@@ -51,7 +55,8 @@ def main(parts: list[str]) -> None:
 
 
 def record_recovery(tmp: Path, session) -> None:
-    from engine.recover import RecoverConfig, run_recovery
+    from engine.config import RecoverConfig
+    from engine.recover.train import run_recovery
 
     events = []
     cfg = RecoverConfig(steps=8, batch_size=2, seq_len=32, lr=3e-3, warmup=2, valid_windows=2, valid_len=32,

@@ -9,7 +9,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Static
 
-from engine.benchmark import BenchConfig, table
+from engine import api
+from engine.config import BenchConfig
 from engine.errors import AdapruneError
 from engine.events import StageProgress, StageStarted
 from tui.jobs import EngineEvent, JobDone, start_job
@@ -38,7 +39,6 @@ class BenchForm(ModalScreen[BenchConfig | None]):
         self.action_run()
 
     def action_run(self) -> None:
-        from engine.benchmark import validate
 
         items = [t.strip() for t in self.query_one("#tasks", Input).value.split(",") if t.strip()]
         ppl = [t.strip() for t in self.query_one("#ppl", Input).value.split(",") if t.strip()]
@@ -48,7 +48,7 @@ class BenchForm(ModalScreen[BenchConfig | None]):
                               speed=self.query_one("#speed", Checkbox).value)
             if not (cfg.tasks or cfg.ppl or cfg.speed):
                 raise AdapruneError("choose something to measure")
-            validate(cfg)
+            api.validate_bench(cfg)
         except (AdapruneError, ValueError) as e:
             self.query_one("#problem", Static).update(str(e) if isinstance(e, AdapruneError) else "limit: a number")
             return
@@ -91,7 +91,7 @@ class BenchScreen(Screen):
         if not results:
             self.query_one("#status", Static).update("no benchmark yet: r runs one")
             return
-        header, body = table(results)
+        header, body = api.table(results)
         for col in header:
             t.add_column(col)
         for line in body:

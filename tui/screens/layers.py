@@ -12,8 +12,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from engine.api import check_edit, counts_of, layer_rows, overrides_to_edits, params_with
 from engine.errors import AdapruneError
-from engine.review import check_edit, counts_of, layer_rows, overrides_to_edits, params_with
 from tui.jobs import EngineEvent, JobDone, start_job
 from tui.screens.dialogs import Ask
 

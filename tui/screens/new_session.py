@@ -10,7 +10,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, SelectionList, Static
 
-from engine.search import SEARCH_METRICS
+from engine.config import SEARCH_METRICS
 from tui.backend import NewSession
 from tui.jobs import EngineEvent, JobDone, start_job
 

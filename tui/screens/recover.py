@@ -19,9 +19,10 @@ from textual.widgets import (
     Static,
 )
 
+from engine import api
+from engine.config import RecoverConfig
 from engine.errors import AdapruneError
 from engine.events import Log, RecoveryStep, StageProgress, StageStarted
-from engine.recover import RecoverConfig, validate
 from tui.jobs import EngineEvent, JobDone, start_job
 
 
@@ -81,7 +82,7 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
             cfg = RecoverConfig(data=[t.strip() for t in value["data"].split(",") if t.strip()],
                                 steps=int(value["steps"]), lr=float(value["lr"]), rank=int(value["rank"]),
                                 alpha=2 * int(value["rank"]), batch_size=int(batch), seq_len=int(seq))
-            validate(cfg)
+            api.validate_recover(cfg)
         except (AdapruneError, ValueError) as e:
             self.query_one("#problem", Static).update(
                 str(e) if isinstance(e, AdapruneError) else "steps, rank: whole numbers; lr: a number; shape: BxL")

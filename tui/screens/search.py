@@ -15,6 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Sparkline, Static
 
+from engine.api import TrialRow, TrialRows
 from engine.errors import AdapruneError
 from engine.events import (
     BestChanged,
@@ -26,7 +27,6 @@ from engine.events import (
     StageStarted,
     event_from_dict,
 )
-from engine.trial_rows import TrialRow, TrialRows
 from tui.jobs import EngineEvent, JobDone, start_job
 from tui.report import calib_text, layout_text, metric_text
 

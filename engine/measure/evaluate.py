@@ -119,11 +119,12 @@ def peak_memory(folder: Path, device: str = "cpu", dtype: str = "float32", promp
                 new_tokens: int = 32, sink: Sink = null_sink, stage: str = "peak memory") -> float:
     """Peak memory (MiB) the model in `folder` needs to generate, measured in a fresh process (see memprobe)."""
     with Stage(sink, stage):
-        cmd = [sys.executable, "-m", "engine.memprobe", str(folder), device, dtype, str(prompt_len), str(new_tokens)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+        cmd = [sys.executable, "-m", "engine.measure.memprobe", str(folder), device, dtype, str(prompt_len),
+               str(new_tokens)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                             os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    from engine.memprobe import MARKER
+    from engine.measure.memprobe import MARKER
 
     lines = [ln.split(MARKER, 1)[1] for ln in proc.stdout.splitlines() if MARKER in ln]
     if proc.returncode != 0 or not lines:

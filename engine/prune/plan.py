@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from engine.errors import AdapruneError
-from engine.importance import LayerScores
-from engine.structure import HeadMode, LayerShape
+from engine.model.structure import HeadMode, LayerShape
+from engine.prune.importance import LayerScores
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Plan:
     recipe: dict = field(default_factory=dict)
     shapes: list[dict] = field(default_factory=list)  # the dense layers' LayerShape, for review without a model
     importance: list[float] = field(default_factory=list)  # per layer, mean channel score / the largest (0..1)
-    repair: dict | None = None  # engine.reconstruct.Repair: how the kept weights are repaired (None: sliced only)
+    repair: dict | None = None  # engine.prune.reconstruct.Repair: how the kept weights are repaired (None: sliced only)
 
     @property
     def removed(self) -> int:

@@ -15,14 +15,14 @@ from typing import Literal
 
 from torch import nn
 
+from engine.config import PROJ_ATTN, PROJ_MLP
 from engine.errors import AdapruneError
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_TEXT = "LLaMA-family decoders with q/k/v/o_proj + gate/up/down_proj (llama, mistral, qwen2)"
 
 HeadMode = Literal["query", "kv"]
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+ATTN, MLP = PROJ_ATTN, PROJ_MLP  # the projections of a decoder layer (one list, in engine.config)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
-from engine.importance import LayerScores, collect_stats, score_layers
-from engine.plan import (
+from engine.model.structure import count_params, layer_shapes
+from engine.prune.importance import LayerScores, collect_stats, score_layers
+from engine.prune.plan import (
     ALLOCATIONS,
     Plan,
     global_channels,
@@ -20,9 +21,8 @@ from engine.plan import (
     select,
     solve_uniform,
 )
-from engine.prune import apply_plan
-from engine.reconstruct import Repair, add_biases, bias_layout, bias_params
-from engine.structure import count_params, layer_shapes
+from engine.prune.reconstruct import Repair, add_biases, bias_layout, bias_params
+from engine.prune.slicing import apply_plan
 
 
 def layer_importance(scores: dict[int, LayerScores], n_layers: int) -> list[float]:
@@ -60,7 +60,7 @@ def prune_with(
     `allocation` spreads the MLP cut over the range: "uniform" (along a depth `ramp`; 0 is LLM-Pruner's
     equal cut) or "global" (one ranking of normalised channel scores across the range). Both land on the
     same parameter count. With a `repair`, the output biases reconstruction adds are counted against the
-    target and put in place (zero until `engine.reconstruct` fills them).
+    target and put in place (zero until `engine.prune.reconstruct` fills them).
     """
     if allocation not in ALLOCATIONS:
         raise AdapruneError(f"allocation {allocation!r}: choose {' or '.join(ALLOCATIONS)}")

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from engine.config import PROJ
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
-from engine.structure import ATTN, MLP, decoder_layers, layer_shape
+from engine.model.structure import ATTN, decoder_layers, layer_shape
 
 METRICS = ("taylor1", "taylor2", "taylor-mix", "vector", "l1", "l2", "random", "wanda")
 AGGREGATES = ("sum", "mean", "max", "prod", "last")
 GRAD_METRICS = {"taylor1", "taylor2", "taylor-mix", "vector"}
 FISHER_METRICS = {"taylor2", "taylor-mix"}
 ACT_METRICS = {"wanda"}
-PROJ = ATTN + MLP
 
 
 @dataclass

@@ -29,17 +29,17 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from engine.config import PROJ_ATTN, PROJ_MLP, RECONSTRUCT_CALIB, RECONSTRUCT_LAMBDA
 from engine.control import Control
+from engine.data.text import draw_windows, parse_spec
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
-from engine.plan import LayerPlan
-from engine.prune import apply_plan, describe_widths, head_rows
-from engine.structure import decoder_layers, layer_shape, layer_shapes
-from engine.text import draw_windows, parse_spec
+from engine.model.structure import decoder_layers, layer_shape, layer_shapes
+from engine.prune.plan import LayerPlan
+from engine.prune.slicing import apply_plan, describe_widths, head_rows
 
 MODES = ("sequential", "dense")
-DEFAULT_CALIB = "self:128x128"  # the model's own sampled text: measured best across held-out domains
-DEFAULT_LAMBDA = 1.0
+DEFAULT_CALIB, DEFAULT_LAMBDA = RECONSTRUCT_CALIB, RECONSTRUCT_LAMBDA
 
 
 @dataclass(frozen=True)
@@ -306,8 +306,6 @@ def pruned_layer_ids(shapes_before: Sequence, plan_layers: Sequence[LayerPlan]) 
 
 # --- where the repaired model carries biases, and a stored plan rebuilt with its repair -------------------
 
-PROJ_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-PROJ_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def bias_layout(model_type: str, shapes: Sequence, plan_layers: Sequence[LayerPlan]) -> dict[int, tuple[str, ...]]:

@@ -2,7 +2,7 @@
 
 Uniform widths -> a standard config that plain `transformers` loads. Per-layer widths -> the dense widths in
 the standard fields, the real ones in `adaprune_layers`, and a modeling file in the folder (`auto_map`), so it
-loads with `trust_remote_code=True` and no adaprune installed; `engine.models.load` reads it without running
+loads with `trust_remote_code=True` and no adaprune installed; `engine.model.load.load` reads it without running
 that file.
 """
 
@@ -21,8 +21,8 @@ from torch import nn
 
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
-from engine.prune import describe_widths, shrink_empty
-from engine.structure import decoder_layers
+from engine.model.structure import decoder_layers
+from engine.prune.slicing import describe_widths, shrink_empty
 
 BASE_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 MODELING_FILE = "modeling_adaprune.py"

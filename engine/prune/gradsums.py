@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from engine.config import PROJ
 from engine.control import Control
 from engine.events import Sink, Stage, null_sink
-from engine.importance import PROJ, CalibStats, gradient_sums
-from engine.structure import ATTN, decoder_layers
+from engine.model.structure import ATTN, decoder_layers
+from engine.prune.importance import CalibStats, gradient_sums
 
 
 @dataclass

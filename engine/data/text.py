@@ -28,13 +28,13 @@ from typing import Literal
 
 import torch
 
+from engine.config import SELF
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
 
 Role = Literal["calib", "eval"]
 
 STDLIB = "stdlib-docs"
-SELF = "self"
 SPLITS = ("calib", "valid", "test")
 
 # name -> (datasets path, config, text builder, {role: split})

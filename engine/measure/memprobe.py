@@ -1,4 +1,4 @@
-"""Run as `python -m engine.memprobe FOLDER DEVICE DTYPE PROMPT_LEN NEW_TOKENS`: prints the peak memory.
+"""Run as `python -m engine.measure.memprobe FOLDER DEVICE DTYPE PROMPT_LEN NEW_TOKENS`: prints the peak memory.
 
 A fresh process, so nothing else the engine holds is counted. The number is the memory the model needs to
 generate (batch 1): on CUDA the peak of allocated tensors; on the CPU the bytes of its weights and buffers plus
@@ -30,7 +30,7 @@ def main() -> None:
     folder, device, dtype, prompt_len, new_tokens = sys.argv[1:6]
     import torch
 
-    from engine.models import load
+    from engine.model.load import load
 
     loaded = load(folder, device=device, dtype=dtype)
     model = loaded.model

@@ -1,0 +1,1 @@
+"""Text: calibration and evaluation sources, token windows, and text sampled from the model itself."""

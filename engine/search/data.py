@@ -1,0 +1,222 @@
+"""Token windows and statistics the trials share, built once per session and cached in its stats/ folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from engine.config import SELF, SearchConfig
+from engine.control import Control
+from engine.data.text import eval_windows, load_text, parse_spec, random_windows, sample_self, tokenize
+from engine.errors import AdapruneError
+from engine.events import (
+    Log,
+    Sink,
+    Stage,
+)
+from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_shot
+from engine.model.load import Loaded
+from engine.model.structure import decoder_layers
+from engine.prune.gradsums import GradientCache
+from engine.prune.importance import CalibStats, collect_sample_stats
+from engine.prune.reconstruct import Repair, dense_moments
+from engine.search.space import CALIB_LENS, SELECTIONS
+from engine.session.store import Session
+
+CALIB_BATCH = 4  # windows per calibration forward/backward (the same as prune_with's default)
+
+
+def slug(spec: str) -> str:
+    return hashlib.sha1(spec.encode()).hexdigest()[:12]
+
+
+class SearchData:
+    """Token windows the trials draw from, built once per session and cached in its stats/ folder."""
+
+    def __init__(self, session: Session, cfg: SearchConfig, loaded: Loaded, sink: Sink, control: Control) -> None:
+        self.session, self.cfg, self.loaded, self.sink, self.control = session, cfg, loaded, sink, control
+        self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.objective: dict[str, torch.Tensor] = {}
+        self.samples: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.grads = GradientCache(int(cfg.grad_cache_gb * 2**30))
+        self.moments: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}  # oldest first
+
+    def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        path = self.session.stats_dir / f"{name}.safetensors"
+        if path.exists():
+            return load_file(path)
+        tensors = build()
+        self.session.stats_dir.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+        return tensors
+
+    def _windows(self, spec: str, role: str, n: int, length: int, seed: int) -> torch.Tensor:
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        if parse_spec(spec).name == SELF:
+            with Stage(self.sink, f"sample self text ({role})", n, "samples") as st:
+                return sample_self(model, tok, n, length, seed, on_batch=st.advance)
+        ids = tokenize(tok, load_text(spec, "calib" if role == "calibration" else "eval"))
+        if role == "calibration":
+            return random_windows(ids, n, length, seed)
+        return eval_windows(ids, length, n)
+
+    def pool(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """pool_size windows of the longest calibration length, with the dense model's loss on each."""
+        if source not in self.pools:
+            cfg = self.cfg
+
+            def build() -> dict[str, torch.Tensor]:
+                ids = self._windows(source, "calibration", cfg.pool_size, max(CALIB_LENS), cfg.seed)
+                return {"ids": ids, "loss": window_losses(self.loaded.model, ids, self.control)}
+
+            with Stage(self.sink, f"calibration pool {source}"):
+                data = self._cached(f"pool-{slug(source)}-{cfg.seed}", build)
+            self.pools[source] = (data["ids"], data["loss"])
+        return self.pools[source]
+
+    def sample_stats(self, source: str, length: int) -> dict[str, torch.Tensor]:
+        """Per-window statistics of a pool at one window length: one backward per window, once per session."""
+        key = (source, length)
+        if key not in self.samples:
+            ids, _ = self.pool(source)
+            model = self.loaded.model
+
+            def build() -> dict[str, torch.Tensor]:
+                # the pass computes every window's gradient anyway: their sum serves later taylor1 trials
+                pool_sum = self.grads.pool_accumulator(key, ids.shape[0], model)
+                return collect_sample_stats(model, ids[:, :length], self.control, self.sink, pool_sum)
+
+            with Stage(self.sink, f"per-sample statistics {source} x{length}"):
+                self.samples[key] = self._cached(f"samples-{slug(source)}-{length}-{self.cfg.seed}", build)
+        return self.samples[key]
+
+    def gradient_stats(self, model, source: str, length: int, subset: torch.Tensor, layer_ids: list[int],
+                       squares: bool) -> CalibStats:
+        """Mean gradient (and Fisher diagonal) of a subset of a pool, from the nearest gradient sum kept."""
+        ids, _ = self.pool(source)
+        return self.grads.stats(model, (source, length), ids[:, :length], subset.tolist(), layer_ids, squares,
+                                CALIB_BATCH, self.control, self.sink)
+
+    def repair_windows(self, repair: Repair) -> torch.Tensor:
+        """A repair's calibration windows, drawn from the dense model once per session (stats/); the draw a
+        calibration pool is made of is that pool."""
+        spec = parse_spec(repair.calib)
+        if (spec.n, spec.seq_len, repair.seed) == (self.cfg.pool_size, max(CALIB_LENS), self.cfg.seed):
+            return self.pool(spec.name)[0][: repair.take]
+        with Stage(self.sink, f"reconstruction text {spec.name}"):
+            data = self._cached(f"repair-{slug(repair.calib)}-{repair.seed}", lambda: {
+                "ids": self._windows(spec.name, "calibration", spec.n, spec.seq_len, repair.seed)})
+        return data["ids"][: repair.take]
+
+    def repair_moments(self, repair: Repair) -> dict[str, torch.Tensor]:
+        """The dense model's o_proj/down_proj input moments on a repair's windows, every layer, kept in memory
+        under `repair_cache_gb` (the oldest dropped first) so repaired trials only solve."""
+        key = (repair.calib, repair.seed, repair.take)
+        if key in self.moments:
+            self.moments[key] = self.moments.pop(key)  # most recently used last
+            return self.moments[key]
+        model = self.loaded.model
+        layers = list(range(len(decoder_layers(model))))
+        windows = self.repair_windows(repair)
+        moments = {k: v.float() if k.endswith(".m2") else v
+                   for k, v in dense_moments(model, layers, windows, CALIB_BATCH, self.control, self.sink).items()}
+        size = sum(v.numel() * v.element_size() for v in moments.values())
+        budget = int(self.cfg.repair_cache_gb * 2**30)
+        while self.moments and size + sum(sum(v.numel() * v.element_size() for v in m.values())
+                                          for m in self.moments.values()) > budget:
+            self.moments.pop(next(iter(self.moments)))
+        if size <= budget:
+            self.moments[key] = moments
+        return moments
+
+    def prepare(self) -> None:
+        """Build every pool and objective text before the first trial, so trial times are trial times."""
+        self.objective_sets()
+        self.dense_accuracy()
+        for source in self.cfg.sources:
+            self.pool(source)
+
+    def objective_accuracy(self, model) -> float | None:
+        """Mean zero-shot accuracy of `model` on the objective's task rows (None without objective tasks)."""
+        if not self.cfg.objective_tasks:
+            return None
+        accs = []
+        for t in self.cfg.objective_tasks:
+            spec = parse_task(t)
+            r = zero_shot(model, self.loaded.tokenizer, [spec], seed=self.cfg.seed, control=self.control,
+                          indices=objective_task_indices(spec, self.cfg))
+            accs.append(r[spec.name].acc)
+        return sum(accs) / len(accs)
+
+    def dense_accuracy(self) -> float | None:
+        if not self.cfg.objective_tasks:
+            return None
+        with Stage(self.sink, "objective tasks (dense)"):
+            data = self._cached(f"objective-acc-{slug(json.dumps(self.cfg.objective_tasks))}-{self.cfg.seed}",
+                                lambda: {"acc": torch.tensor([self.objective_accuracy(self.loaded.model)])})
+        acc = float(data["acc"][0])
+        self.sink(Log(f"dense model's zero-shot accuracy on the objective's task rows: {acc:.3f}"))
+        return acc
+
+    def objective_sets(self) -> dict[str, torch.Tensor]:
+        if not self.objective:
+            cfg = self.cfg
+            for spec in cfg.objective:
+                def build(spec: str = spec) -> dict[str, torch.Tensor]:
+                    # seed + 1: text sampled for the objective is a different draw from any calibration pool
+                    return {"ids": self._windows(spec, "objective", cfg.objective_windows, cfg.objective_len,
+                                                 cfg.seed + 1)}
+
+                with Stage(self.sink, f"objective text {spec}"):
+                    self.objective[spec] = self._cached(f"objective-{slug(spec)}-{cfg.seed}", build)["ids"]
+        return self.objective
+
+
+@torch.inference_mode()
+def window_losses(model, ids: torch.Tensor, control: Control, batch_size: int = 8) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for b in range(0, ids.shape[0], batch_size):
+        control.checkpoint()
+        x = ids[b : b + batch_size].to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+        out.append(nll.cpu())
+    return torch.cat(out)
+
+
+def pick_windows(ids: torch.Tensor, loss: torch.Tensor, n: int, length: int, select: str, seed: int) -> torch.Tensor:
+    """Sample-aware selection from a pool: by seed, or by the dense model's loss on each window."""
+    return ids[pick_indices(loss, n, select, seed), :length]
+
+
+def pick_indices(loss: torch.Tensor, n: int, select: str, seed: int) -> torch.Tensor:
+    ids = loss
+    n = min(n, ids.shape[0])
+    if select == "random":
+        idx = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    elif select == "low-loss":
+        idx = torch.argsort(loss)[:n]
+    elif select == "high-loss":
+        idx = torch.argsort(loss, descending=True)[:n]
+    elif select == "typical":
+        idx = torch.argsort((loss - loss.median()).abs())[:n]
+    elif select == "spread":
+        order = torch.argsort(loss)
+        idx = order[torch.linspace(0, len(order) - 1, n).round().long()]
+    else:
+        raise AdapruneError(f"unknown calibration selection {select!r}: {', '.join(SELECTIONS)}")
+    return idx
+
+
+def objective_task_indices(spec: TaskSpec, cfg: SearchConfig) -> list[int]:
+    """The task rows the objective scores: a seeded draw that benchmarks of the same file leave out."""
+    return sample_indices(spec.rows, cfg.objective_task_rows, cfg.seed + 2) or list(range(spec.rows))
+

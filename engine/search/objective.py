@@ -1,0 +1,45 @@
+"""The search objective: geometric mean PPL over several texts, evaluated a batch at a time so a hopeless
+trial can stop early."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.control import Control
+
+
+@torch.inference_mode()
+def progressive_objective(model, sets: dict[str, torch.Tensor], control: Control, report=None,
+                          batch_size: int = 4) -> float:
+    """Geometric mean of per-domain PPL, computed a batch of every domain at a time.
+
+    `report(step, value)` gets the running value after each step and returns True to stop (trial pruned).
+    """
+    device = next(model.parameters()).device
+    nll = {k: 0.0 for k in sets}
+    count = {k: 0 for k in sets}
+    steps = max((v.shape[0] + batch_size - 1) // batch_size for v in sets.values())
+    value = float("inf")
+    for step in range(steps):
+        control.checkpoint()
+        for name, windows in sets.items():
+            batch = windows[step * batch_size : (step + 1) * batch_size]
+            if not batch.shape[0]:
+                continue
+            x = batch.to(device)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            nll[name] += torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum").item()
+            count[name] += x[:, 1:].numel()
+        mean_log = sum(nll[k] / count[k] for k in sets if count[k]) / sum(1 for k in sets if count[k])
+        value = math.exp(min(mean_log, 700))
+        if report is not None and report(step, value):
+            raise Pruned(value)
+    return value
+
+
+class Pruned(Exception):
+    def __init__(self, value: float) -> None:
+        self.value = value
+

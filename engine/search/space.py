@@ -1,0 +1,199 @@
+"""What the search explores: its dimensions, trial 0 (LLM-Pruner's recipe), the checks on a configuration,
+and a configuration's identity (so a repeated proposal is not evaluated twice)."""
+
+from __future__ import annotations
+
+import json
+
+from engine.config import SEARCH_METRICS, SearchConfig
+from engine.data.text import parse_spec
+from engine.errors import AdapruneError
+from engine.measure.zeroshot import parse_task
+from engine.model.structure import default_layer_range
+from engine.prune.importance import SAMPLE_METRICS
+from engine.prune.plan import ALLOCATIONS, check_attn_share
+
+CALIB_NS = [10, 16, 32]
+
+
+CALIB_LENS = [64, 128]
+
+
+SELECTIONS = ["random", "low-loss", "high-loss", "typical", "spread"]
+
+
+
+
+AGGREGATES = ["sum", "mean", "max", "prod", "last"]
+
+
+ATTN_SHARES = ["auto", "same", "0.1", "0.25"]
+
+
+MIX_METRICS = ["none", "vector", "taylor2", "wanda"]  # second metrics: decomposable, so mixing costs no backward
+
+
+MIX_WEIGHTS = [0.25, 0.5, 0.75]
+
+
+RAMPS = [-0.5, -0.25, 0.0, 0.25, 0.5]  # depth ramp of the MLP cut: > 0 prunes deeper layers more
+
+
+REPAIR_LAMBDAS = [0.3, 1.0, 3.0]  # ridge strength of the reconstruction, relative to mean input variance
+
+
+SAMPLERS = ("tpe", "random")
+
+
+SEEDS = 10  # random draws per (source, n, len) the search may pick from
+
+
+def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]:
+    """The searched dimensions: categorical lists, or inclusive (low, high) integer ranges."""
+    first, end = default_layer_range(n_layers)
+    last = n_layers - end
+    return {
+        "calib_source": list(cfg.sources),
+        "calib_n": CALIB_NS,
+        "calib_len": CALIB_LENS,
+        "calib_select": SELECTIONS,
+        "calib_seed": (0, SEEDS - 1),
+        "metric": list(cfg.metrics or SEARCH_METRICS),
+        "aggregate": AGGREGATES,
+        "metric2": MIX_METRICS,
+        "mix": MIX_WEIGHTS,
+        "attn_share": ATTN_SHARES,
+        "allocation": list(ALLOCATIONS),
+        "ramp": RAMPS,
+        "first_kept": (0, max(1, 2 * first)),
+        "last_kept": (0, max(1, 2 * last)),
+        "repair": ["none", *repair_sources(cfg)],
+        "repair_lambda": REPAIR_LAMBDAS,
+        # the repair text's pool, already drawn: a larger draw of self text costs minutes of sampling on a CPU
+        # (on the embedded model 48 windows gave most of 128's gain; bench/RESULTS.md)
+        "repair_n": [cfg.pool_size],
+    }
+
+
+def repair_sources(cfg: SearchConfig) -> list[str]:
+    return list(cfg.sources if cfg.repair_sources is None else cfg.repair_sources)
+
+
+def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
+    """Trial 0: LLM-Pruner's recipe (taylor1, 10 random 64-token windows, sum, same ratio, its layer range)."""
+    first, end = default_layer_range(n_layers)
+    source = "stdlib-docs" if "stdlib-docs" in cfg.sources else cfg.sources[0]
+    return {"calib_source": source, "calib_n": 10, "calib_len": 64, "calib_select": "random", "calib_seed": 0,
+            "metric": "taylor1", "aggregate": "sum", "metric2": "none", "mix": 0.5, "attn_share": "same",
+            "allocation": "uniform", "ramp": 0.0,
+            "first_kept": first,
+            "last_kept": n_layers - end,
+            "repair": "none", "repair_lambda": 1.0, "repair_n": cfg.pool_size}
+
+
+def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
+    if cfg.trials < 1:
+        raise AdapruneError(f"--trials {cfg.trials}: a search needs at least one trial")
+    if not 0 < cfg.prune <= 0.9:
+        raise AdapruneError(f"--prune {cfg.prune} is outside (0, 0.9]: give the fraction of all parameters to remove")
+    if not cfg.sources:
+        raise AdapruneError("no calibration sources to search: give at least one --source")
+    if not cfg.objective:
+        raise AdapruneError("no objective text: give at least one --objective")
+    if not cfg.grad_cache_gb >= 0:
+        raise AdapruneError(f"--grad-cache-gb {cfg.grad_cache_gb}: give zero or more GiB")
+    if not cfg.repair_cache_gb >= 0:
+        raise AdapruneError(f"--repair-cache-gb {cfg.repair_cache_gb}: give zero or more GiB")
+    for s in repair_sources(cfg):
+        if parse_spec(s).n is not None:
+            raise AdapruneError(f"--repair-source {s!r}: sizes are searched (repair_n); give the source without :NxL")
+    for s in [*cfg.sources, *cfg.objective]:
+        if parse_spec(s).n is not None:
+            raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")
+    if cfg.head_mode not in ("query", "kv"):
+        raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' or 'kv'")
+    if cfg.sampler not in SAMPLERS:
+        raise AdapruneError(f"--sampler {cfg.sampler!r}: choose {' or '.join(SAMPLERS)}")
+    if cfg.metrics is not None:
+        from engine.prune.importance import METRICS
+
+        unknown = [m for m in cfg.metrics if m not in METRICS]
+        if unknown or not cfg.metrics:
+            raise AdapruneError(f"metrics to search {cfg.metrics}: choose among {', '.join(METRICS)}")
+    if cfg.objective_tasks:
+        if cfg.objective_task_rows < 1 or cfg.objective_task_weight < 0:
+            raise AdapruneError("the objective's zero-shot part needs --objective-task-rows >= 1 and a weight >= 0")
+        for t in cfg.objective_tasks:
+            if parse_task(t).path is None:
+                raise AdapruneError(f"--objective-task {t}: give a local task file (its objective rows are then "
+                                    f"left out of benchmarks of that file), not a task name")
+    sp = space(cfg, n_layers or 32)
+    for key, value in cfg.fixed.items():
+        if key not in sp:
+            raise AdapruneError(f"--fix {key}: not a search dimension ({', '.join(sp)})")
+        _check_fixed(key, value)
+    free = [k for k, d in sp.items() if k not in cfg.fixed and (isinstance(d, tuple) and d[0] < d[1] or
+                                                                   not isinstance(d, tuple) and len(d) > 1)]
+    if not free:
+        raise AdapruneError("every search dimension is fixed: nothing left to search (use `adaprune prune`)")
+
+
+def _check_fixed(key: str, value: object) -> None:
+    """A fixed value may lie outside the searched choices (any metric, any size), but must be valid."""
+    from engine.prune.importance import AGGREGATES as ALL_AGGREGATES
+    from engine.prune.importance import METRICS
+
+    choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS,
+               "metric2": ["none", *SAMPLE_METRICS], "allocation": ALLOCATIONS}
+    if key == "repair_lambda" and not (isinstance(value, (int, float)) and value > 0):
+        raise AdapruneError(f"--fix repair_lambda={value}: a positive ridge strength (1 is typical)")
+    if key == "repair_n" and not (isinstance(value, int) and value >= 1):
+        raise AdapruneError(f"--fix repair_n={value}: a positive number of windows")
+    if key == "repair" and value != "none":
+        parse_spec(str(value))
+    if key == "ramp" and not (isinstance(value, (int, float)) and -1 < value < 1):
+        raise AdapruneError(f"--fix ramp={value}: a slope in (-1, 1)")
+    if key == "mix" and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise AdapruneError(f"--fix mix={value}: a weight in [0, 1] for the second metric")
+    if key in choices and value not in choices[key]:
+        raise AdapruneError(f"--fix {key}={value}: choose one of {', '.join(choices[key])}")
+    minimum = {"calib_n": 1, "calib_len": 2, "calib_seed": 0, "first_kept": 0, "last_kept": 0}
+    if key in minimum and (not isinstance(value, int) or value < minimum[key]):
+        raise AdapruneError(f"--fix {key}={value}: must be an integer >= {minimum[key]}")
+    if key == "attn_share":
+        try:
+            check_attn_share(value if value in ("auto", "same") else float(value))
+        except (TypeError, ValueError):
+            raise AdapruneError(f"--fix attn_share={value}: give auto, same, or a number in [0, 1]") from None
+    if key == "calib_source":
+        parse_spec(str(value))
+
+
+def canonical(params: dict) -> str:
+    """A configuration's identity: settings that cannot change the result are normalised away."""
+    p = dict(params)
+    if p.get("calib_select") != "random":
+        p["calib_seed"] = 0  # a deterministic selection ignores the seed
+    if p.get("metric2") in ("none", None) or p.get("metric2") == p.get("metric"):
+        p["metric2"], p["mix"] = "none", None  # no second metric: its weight cannot matter
+    if p.get("allocation") == "global":
+        p["ramp"] = None  # the ranking decides the per-layer widths
+    if p.get("repair", "none") == "none":
+        p["repair"], p["repair_lambda"], p["repair_n"] = "none", None, None  # no repair: its settings cannot matter
+    if p.get("metric") in ("l1", "l2", "random"):
+        for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed"):
+            p[k] = None  # data-free metrics
+    return json.dumps(p, sort_keys=True)
+
+
+def suggest(trial, sp: dict, fixed: dict) -> dict:
+    params = {}
+    for key, dim in sp.items():
+        if key in fixed:
+            params[key] = fixed[key]
+        elif isinstance(dim, tuple):
+            params[key] = trial.suggest_int(key, dim[0], dim[1])
+        else:
+            params[key] = trial.suggest_categorical(key, dim)
+    return params
+

@@ -1,0 +1,156 @@
+"""One trial: prune a copy of the dense model with a configuration (and repair it), then measure the
+objective."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+from engine.config import SearchConfig
+from engine.control import Control
+from engine.errors import AdapruneError
+from engine.events import (
+    Sink,
+    Stage,
+)
+from engine.model.load import Loaded
+from engine.model.structure import count_params, decoder_layers, layer_shapes
+from engine.prune.gradsums import sum_bytes
+from engine.prune.importance import (
+    FISHER_METRICS,
+    SAMPLE_METRICS,
+    mix_scores,
+    score_layers,
+    scores_from_samples,
+)
+from engine.prune.plan import parse_overrides
+from engine.prune.recipe import prune_with
+from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_moments, snapshot_layers
+from engine.search.data import SearchData, pick_indices
+from engine.search.objective import Pruned, progressive_objective
+from engine.search.space import CALIB_LENS
+
+
+def _attn(value: str) -> float | str:
+    return value if value in ("auto", "same") else float(value)
+
+
+@dataclass
+class TrialOutcome:
+    value: float
+    state: str
+    plan: dict | None
+    seconds: float
+    objective_seconds: float
+    params_after: int
+    accuracy: float | None = None  # the objective's zero-shot accuracy, when it has tasks
+
+
+def _recipe(params: dict, mixing: bool) -> dict:
+    calib = (f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
+             f"({params['calib_select']}, seed {params['calib_seed']})")
+    extra = {"metric2": params["metric2"], "mix": params["mix"]} if mixing else {}
+    return {"calib": calib, **extra}
+
+
+def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, control: Control,
+                sink: Sink) -> tuple[dict, float]:
+    """Prune `model` (a copy of the dense one) in place with a trial's configuration.
+
+    Returns the plan and the seconds spent building per-session caches (not the trial's own work).
+    """
+    n_layers = len(decoder_layers(model))
+    overrides = parse_overrides(cfg.overrides, n_layers, layer_shapes(model), cfg.head_mode)
+    layer_ids = [i for i in range(params["first_kept"], n_layers - params["last_kept"]) if i not in overrides]
+    if not layer_ids:
+        raise AdapruneError("the protected first and last layers and the overrides leave nothing to prune")
+    scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
+    _, loss = data.pool(params["calib_source"])
+    idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
+    once = 0.0
+    metric2 = params.get("metric2", "none")
+    allocation = params.get("allocation", "uniform")
+    mixing = metric2 != "none" and metric2 != params["metric"]
+
+    def sample_stats() -> dict:
+        nonlocal once
+        tc = time.perf_counter()
+        cache = data.sample_stats(params["calib_source"], params["calib_len"])
+        once += time.perf_counter() - tc  # built once per session: not this trial's own work
+        return cache
+
+    def cached_scores(metric: str) -> dict:
+        return scores_from_samples(model, sample_stats(), idx, scored, metric, params["aggregate"],
+                                   params["calib_len"], cfg.seed)
+
+    repair = trial_repair(params, cfg)
+    if repair is not None:  # the dense model's statistics, before `model` (which may be the dense one) is cut
+        tc = time.perf_counter()
+        moments = data.repair_moments(repair)
+        once += time.perf_counter() - tc  # built once per session (per text and size)
+    second = cached_scores(metric2) if mixing else None
+    if params["metric"] not in SAMPLE_METRICS and data.grads.fits(sum_bytes(model, squares=True)):
+        # the per-sample pass, which most trials need sooner or later, also sums the whole pool's gradients:
+        # from that sum a large subset's gradient costs only the windows it leaves out
+        sample_stats()
+    if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
+        scores = cached_scores(params["metric"])
+    else:  # taylor1 / taylor-mix: from gradient sums shared between trials
+        stats = data.gradient_stats(model, params["calib_source"], params["calib_len"], idx, scored,
+                                    params["metric"] in FISHER_METRICS)
+        scores = score_layers(model, scored, params["metric"], params["aggregate"], stats, cfg.seed)
+        del stats
+    if second is not None:
+        scores = mix_scores(scores, second, float(params["mix"]))
+    if repair is not None:  # the repair's targets: the dense layers (copied first when `model` is the dense one)
+        dense_shapes = layer_shapes(model)
+        dense_layers = (snapshot_layers(model, range(n_layers)) if model is data.loaded.model
+                        else dict(enumerate(decoder_layers(data.loaded.model))))
+    plan = prune_with(model, None, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
+                      _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
+                      scores=scores, overrides=overrides, allocation=allocation,
+                      ramp=0.0 if allocation == "global" else float(params.get("ramp", 0.0)),
+                      recipe=_recipe(params, mixing), repair=repair)
+    if repair is not None:
+        cut = pruned_layer_ids(dense_shapes, plan.layers)
+        dense_layers = {i: dense_layers[i] for i in cut}
+        with Stage(sink, "reconstruct"):
+            repair_from_moments(model, dense_layers, plan.layers, moments, repair.lam)
+    return plan.to_dict(), once
+
+
+def trial_repair(params: dict, cfg: SearchConfig) -> Repair | None:
+    """A trial's reconstruction, solved toward the sliced weights from the dense model's statistics on the
+    first `repair_n` windows of the repair text's calibration pool (or, for more windows than the pool has, of
+    a draw of their own with seed + 3)."""
+    source = params.get("repair", "none")
+    if source == "none":
+        return None
+    n = int(params.get("repair_n", cfg.pool_size))
+    length = max(CALIB_LENS)
+    if n <= cfg.pool_size:
+        return Repair(f"{source}:{cfg.pool_size}x{length}", float(params["repair_lambda"]), "dense", cfg.seed, n)
+    return Repair(f"{source}:{n}x{length}", float(params["repair_lambda"]), "dense", cfg.seed + 3, n)
+
+
+def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,
+              sink: Sink) -> TrialOutcome:
+    """Prune a copy of the dense model with `params` and measure the objective."""
+    t0 = time.perf_counter()
+    model = copy.deepcopy(dense.model)
+    plan, once = prune_trial(model, data, cfg, params, control, sink)
+    sets = data.objective_sets()
+    t1 = time.perf_counter()
+    accuracy = None
+    try:
+        value = progressive_objective(model, sets, control, report)
+        state = "complete"
+        if cfg.objective_tasks:  # only for trials that survive the PPL steps: the costlier part
+            accuracy = data.objective_accuracy(model)
+            value *= (data.dense_accuracy() / max(accuracy, 1e-3)) ** cfg.objective_task_weight
+    except Pruned as p:
+        value, state = p.value, "pruned"
+    t2 = time.perf_counter()
+    return TrialOutcome(value, state, plan, t2 - t0 - once, t2 - t1, count_params(model), accuracy)
+

@@ -1,0 +1,1 @@
+"""What a session keeps on disk: the folder, manifest, events and lock (store)."""

@@ -1,0 +1,92 @@
+"""Export a session's plan (the best, re-planned with uniform widths, or LoRA-recovered and merged) as a
+Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.control import Control
+from engine.errors import AdapruneError
+from engine.events import Log, Sink, Stage, null_sink
+from engine.model.export import check_out_dir, export
+from engine.model.load import load
+from engine.model.structure import count_params
+from engine.prune.plan import Plan
+
+WIDTHS = ("plan", "uniform")
+
+
+def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink,
+                   widths: str = "plan", control: Control | None = None, recovered: bool = False) -> str:
+    """Export a session's best model as a Hugging Face folder.
+
+    widths="plan": the best plan as searched (per-layer widths unless every layer came out equal);
+    "uniform": re-planned from the best configuration with the same cut in every layer (no protected layers,
+    no ramp or global ranking, no overrides), so a standard config describes it and plain `transformers`
+    loads it — a different, usually slightly worse, model, whose objective is reported in the card.
+    """
+    from engine.config import SearchConfig
+    from engine.prune.reconstruct import apply_stored_plan
+    from engine.search.data import SearchData
+    from engine.search.objective import progressive_objective
+    from engine.search.trial import prune_trial
+    from engine.session.layout import best_record
+    from engine.session.store import Session
+
+    if widths not in WIDTHS:
+        raise AdapruneError(f"--widths {widths!r}: choose plan or uniform")
+    session = Session.open(root, name)
+    check_out_dir(out, force)
+    best = best_record(session)
+    if best is None:
+        raise AdapruneError(f"session {name!r} has no completed trial yet: run or resume its search first")
+    cfg = SearchConfig.from_dict(session.config())
+    if recovered and widths != "plan":
+        raise AdapruneError("--recovered exports the plan its adapter was trained on: leave --widths at plan")
+    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    plan = Plan.from_dict(best["plan"])
+    if plan.params_before != count_params(loaded.model):
+        raise AdapruneError(f"session {name!r}: its model {cfg.model!r} no longer matches the plan (parameter count)")
+    recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
+              "objective": f"{best['value']:.4f}"}
+    if recovered:
+        from engine.config import RecoverConfig
+        from engine.recover.train import loss_name, recovered_model
+        from engine.session.layout import session_plan
+
+        windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
+        loaded.model, state = recovered_model(session, loaded.model, windows_for)
+        plan = Plan.from_dict(session_plan(session, state["plan"]))
+        c = state["config"]
+        recipe["recovery"] = (f"LoRA r={c['rank']} alpha={c['alpha']} on {', '.join(c['targets'])}, {state['step']} "
+                              f"steps of {c['batch_size']}x{c['seq_len']} tokens at lr {c['lr']:g} on "
+                              f"{', '.join(c['data'])}, loss {loss_name(RecoverConfig.from_dict(c))}; merged; "
+                              f"validation PPL {state['valid_ppl_before']:.2f} -> "
+                              f"{state['valid_ppl_after']:.2f}")
+        best = {**best, "plan": plan.to_dict(), "recovery": {k: v for k, v in state.items() if k != "history"}}
+    elif widths == "uniform":
+        control = control or Control()
+        if cfg.overrides:
+            sink(Log("uniform widths ignore the session's per-layer overrides", "warning"))
+        cfg.overrides = {}
+        loaded.model.requires_grad_(False)
+        params = {**best["params"], "first_kept": 0, "last_kept": 0, "allocation": "uniform", "ramp": 0.0}
+        data = SearchData(session, cfg, loaded, sink, control)
+        uniform, _ = prune_trial(loaded.model, data, cfg, params, control, sink)
+        plan = Plan.from_dict(uniform)
+        with Stage(sink, "objective (uniform widths)"):
+            value = progressive_objective(loaded.model, data.objective_sets(), control)
+        sink(Log(f"uniform widths: objective {value:.3f} (the searched plan: {best['value']:.3f})"))
+        recipe.update(objective=f"{value:.4f} (uniform re-plan; searched plan {best['value']:.4f})")
+        best = {**best, "plan": uniform, "value": value, "widths": "uniform"}
+    else:
+        windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
+        apply_stored_plan(loaded.model, plan, windows_for, control, sink)
+    how = " and LoRA-recovered" if recovered else ""
+    card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%}{how} (adaprune search)",
+            "recipe": {**recipe, **plan.recipe}}
+    fmt = export(loaded.model, loaded.tokenizer, out, force, card, sink)
+    (out / "adaprune_plan.json").write_text(json.dumps(best) + "\n", encoding="utf-8")
+    return fmt
+
