@@ -53,4 +53,4 @@ def test_a_gguf_that_is_not_a_model(tmp_path):
         load(str(bad), device="cpu")
     models = Path(os.environ["ADAPRUNE_CACHE"]) / "models"
     left = [p.name for p in models.iterdir()] if models.exists() else []
-    assert not [n for n in left if n.startswith((".convert-", "x-"))]  # nothing half-converted in the cache
+    assert not [n for n in left if n.startswith((".", "x-"))]  # nothing half-converted in the cache

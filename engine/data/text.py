@@ -31,6 +31,7 @@ import torch
 from engine.config import SELF
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
+from engine.files import write_json_atomic
 
 Role = Literal["calib", "eval"]
 
@@ -149,10 +150,7 @@ def stdlib_docs(split: str) -> str:
             docs = None
     if docs is None:
         docs = _stdlib_documents()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(docs), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, docs, indent=None)
     return "\n\n".join(text for name, text in docs if _split_of(name) == split)
 
 

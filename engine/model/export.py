@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from torch import nn
 
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
+from engine.files import atomic_folder
 from engine.model.structure import decoder_layers
 from engine.prune.slicing import describe_widths, shrink_empty
 
@@ -67,39 +65,31 @@ def export(model: nn.Module, tokenizer, out: Path, force: bool = False, card: di
                  "only Llama's config holds repaired output biases): exporting per-layer widths with a modeling "
                  "file instead", "warning"))
     base = getattr(cfg, "adaprune_base_model_type", cfg.model_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        with Stage(sink, f"export to {out}"):
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if per_layer:
-                config_path = tmp / "config.json"
-                data = json.loads(config_path.read_text(encoding="utf-8"))
-                cls = BASE_CLASSES[base]
-                data["adaprune_base_model_type"] = base
-                data["model_type"] = f"adaprune_{base}"
-                data["architectures"] = [f"Adaprune{cls}ForCausalLM"]
-                stem = MODELING_FILE.removesuffix(".py")
-                data["auto_map"] = {"AutoConfig": f"{stem}.Adaprune{cls}Config",
-                                    "AutoModelForCausalLM": f"{stem}.Adaprune{cls}ForCausalLM"}
-                config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-                template = resources.files("engine").joinpath("templates/modeling_adaprune.py.txt").read_text()
-                # the export must load without adaprune: the one shrinking routine is copied in as source
-                source = inspect.getsource(shrink_empty)
-                (tmp / MODELING_FILE).write_text(template.format(module=base, Base=cls, shrink_source=source),
-                                                 encoding="utf-8")
-                card["load"] = ("from transformers import AutoModelForCausalLM\n"
-                                f"model = AutoModelForCausalLM.from_pretrained('{out.name}', trust_remote_code=True)")
-            else:
-                card["load"] = ("from transformers import AutoModelForCausalLM\n"
-                                f"model = AutoModelForCausalLM.from_pretrained('{out.name}')")
-            _write_card(tmp, card)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with Stage(sink, f"export to {out}"), atomic_folder(out, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if per_layer:
+            config_path = tmp / "config.json"
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+            cls = BASE_CLASSES[base]
+            data["adaprune_base_model_type"] = base
+            data["model_type"] = f"adaprune_{base}"
+            data["architectures"] = [f"Adaprune{cls}ForCausalLM"]
+            stem = MODELING_FILE.removesuffix(".py")
+            data["auto_map"] = {"AutoConfig": f"{stem}.Adaprune{cls}Config",
+                                "AutoModelForCausalLM": f"{stem}.Adaprune{cls}ForCausalLM"}
+            config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            template = resources.files("engine").joinpath("templates/modeling_adaprune.py.txt").read_text()
+            # the export must load without adaprune: the one shrinking routine is copied in as source
+            source = inspect.getsource(shrink_empty)
+            (tmp / MODELING_FILE).write_text(template.format(module=base, Base=cls, shrink_source=source),
+                                             encoding="utf-8")
+            card["load"] = ("from transformers import AutoModelForCausalLM\n"
+                            f"model = AutoModelForCausalLM.from_pretrained('{out.name}', trust_remote_code=True)")
+        else:
+            card["load"] = ("from transformers import AutoModelForCausalLM\n"
+                            f"model = AutoModelForCausalLM.from_pretrained('{out.name}')")
+        _write_card(tmp, card)
     return "per-layer" if per_layer else "uniform"
 
 

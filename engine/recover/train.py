@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import secrets
 import time
 import warnings
@@ -27,6 +26,7 @@ from engine.control import Control
 from engine.data.text import eval_windows, load_text, parse_spec, text_hash, tokenize
 from engine.errors import AdapruneError, Cancelled
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
+from engine.files import atomic_folder
 from engine.measure.evaluate import perplexity
 from engine.model.structure import count_params
 from engine.prune.plan import Plan
@@ -140,16 +140,13 @@ def _save(session: Session, peft_model, optimizer, state: dict) -> None:
 
     name = f"ckpt-step-{state['step']}-{secrets.token_hex(4)}"  # a new folder every time, even for one step
     folder = recovery_dir(session) / name
-    tmp = recovery_dir(session) / f".{name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     opt = optimizer.state_dict()
     moments = {f"{i}.{k}": v.detach().cpu().contiguous()
                for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    save_file(adapter, str(tmp / ADAPTER))
-    save_file(moments, str(tmp / OPTIMIZER))
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        save_file(adapter, str(tmp / ADAPTER))
+        save_file(moments, str(tmp / OPTIMIZER))
     state["param_groups"] = [dict(g) for g in opt["param_groups"]]
     state["checkpoint"] = name
     session.write_json(f"{RECOVERY}/{STATE}", state)

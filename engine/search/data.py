@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import torch
 
@@ -17,6 +16,7 @@ from engine.events import (
     Sink,
     Stage,
 )
+from engine.files import write_atomic
 from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_shot
 from engine.model.load import Loaded
 from engine.model.structure import decoder_layers
@@ -51,10 +51,7 @@ class SearchData:
         if path.exists():
             return load_file(path)
         tensors = build()
-        self.session.stats_dir.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
         return tensors
 
     def _windows(self, spec: str, role: str, n: int, length: int, seed: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from engine.errors import AdapruneError
 from engine.events import Event, StageProgress
+from engine.files import write_json_atomic
 
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -35,12 +36,6 @@ def check_name(name: str) -> None:
 
 def default_dir() -> Path:
     return Path(os.environ.get("ADAPRUNE_SESSIONS", "sessions"))
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def pid_alive(pid: int) -> bool:
