@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import AdapruneError
+
 EMBEDDED = "smollm2-135m"  # the default model, shipped inside a PyPI package (engine.model.load)
 SELF = "self"  # calibration text sampled from the dense model itself (engine.data.text)
 PROJ_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -16,6 +18,41 @@ DEFAULT_CALIB = "stdlib-docs:10x64"  # `adaprune prune`'s calibration: LLM-Prune
 RECONSTRUCT_CALIB = "self:128x128"
 RECONSTRUCT_LAMBDA = 1.0
 SEARCH_METRICS = ["taylor1", "taylor2", "taylor-mix", "vector", "wanda"]  # the metrics a search explores by default
+
+
+def from_dict(cls: type, data: dict, what: str):
+    """A stored configuration back as its dataclass; a key it does not know is an error that names it (a newer
+    schema is refused before this, by the session's schema version), never silently dropped."""
+    unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise AdapruneError(f"unknown {what} setting(s) {', '.join(unknown)} in a stored configuration: "
+                            f"the file was edited or written by another adaprune; remove them to go on")
+    return cls(**data)
+
+
+# --- checks every job and form shares (one home per rule) -------------------------------------------------
+
+MAX_PRUNE = 0.9  # beyond this a LLaMA-family model keeps too little to be worth measuring
+
+
+def check_prune(fraction: float) -> float:
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= MAX_PRUNE:
+        raise AdapruneError(f"--prune {fraction} is outside (0, {MAX_PRUNE}]: give the fraction of all parameters "
+                            f"to remove, e.g. 0.20")
+    return float(fraction)
+
+
+def parse_attn_share(value: float | str) -> float | str:
+    """auto (MLP channels first), same (LLM-Pruner's ratio), or the attention's share of the cut in [0, 1]."""
+    if value in ("auto", "same"):
+        return value
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise AdapruneError(f"--attn-share {value!r}: give auto, same, or a number in [0, 1]") from None
+    if not 0 <= share <= 1:
+        raise AdapruneError(f"--attn-share {value} is outside [0, 1]")
+    return share
 
 
 @dataclass
@@ -51,8 +88,7 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return from_dict(cls, data, "search")
 
 
 @dataclass
@@ -81,8 +117,7 @@ class RecoverConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RecoverConfig:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return from_dict(cls, data, "recovery")
 
 
 @dataclass

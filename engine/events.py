@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from engine.errors import Cancelled
+
 
 @dataclass(frozen=True)
 class Event:
@@ -41,6 +43,7 @@ class StageFinished(Event):
     kind: ClassVar[str] = "stage_finished"
     stage: str
     seconds: float
+    outcome: str = "done"  # done, cancelled (a cancel or Ctrl-C) or failed (an error left the stage)
 
 
 @dataclass(frozen=True)
@@ -149,5 +152,7 @@ class Stage:
     def advance(self, done: int) -> None:
         self.sink(StageProgress(self.stage, done, self.total))
 
-    def __exit__(self, *exc: object) -> None:
-        self.sink(StageFinished(self.stage, time.perf_counter() - self._t0))
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        outcome = ("done" if kind is None else
+                   "cancelled" if issubclass(kind, (Cancelled, KeyboardInterrupt)) else "failed")
+        self.sink(StageFinished(self.stage, time.perf_counter() - self._t0, outcome))

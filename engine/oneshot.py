@@ -7,14 +7,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.config import PruneConfig
+from engine.config import PruneConfig, check_prune
 from engine.control import Control
 from engine.data.text import draw_windows, eval_windows, load_text, parse_spec, text_hash, tokenize
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, Sink, null_sink
 from engine.measure.evaluate import Speed, peak_memory, perplexity, speed
 from engine.model.export import check_out_dir, export
-from engine.model.load import Loaded, load
+from engine.model.load import Loaded, load_configured
 from engine.model.structure import count_params, default_layer_range, layer_shapes
 from engine.prune.importance import check_metric
 from engine.prune.plan import ALLOCATIONS, Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
@@ -74,8 +74,7 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 
 def validate(cfg: PruneConfig) -> None:
     """Everything that can be checked before the model is loaded, so a typo costs no time."""
-    if not 0 < cfg.prune <= 0.9:
-        raise AdapruneError(f"--prune {cfg.prune} is outside (0, 0.9]: give the fraction of all parameters to remove")
+    check_prune(cfg.prune)
     check_metric(cfg.metric, cfg.aggregate)
     if cfg.head_mode not in ("query", "kv"):
         raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' (heads inside each KV group) or 'kv'")
@@ -172,7 +171,7 @@ def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = No
     """Load, score, plan, prune physically, evaluate dense vs pruned, export."""
     control = control or Control()
     validate(cfg)
-    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    loaded = load_configured(cfg, sink)
     # fail on an impossible target before any evaluation time is spent
     shapes = layer_shapes(loaded.model)
     overrides = parse_overrides(cfg.overrides, len(shapes), shapes, cfg.head_mode)

@@ -11,12 +11,17 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from engine.config import SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
+from engine.model.load import load_configured
 from engine.model.structure import LayerShape
 from engine.prune.plan import LayerPlan, Plan, parse_overrides
 from engine.prune.reconstruct import bias_layout, bias_params
+from engine.search.data import SearchData
+from engine.search.objective import progressive_objective
+from engine.search.trial import prune_trial
 from engine.session.layout import OVERRIDES_PLAN, best_record, save_plan
 from engine.session.store import Session
 
@@ -123,12 +128,6 @@ def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink =
     The overrides become the session's (later trials respect them) and the plan is saved as
     plans/overrides.json, a row of `adaprune bench`. Returns {"value", "params_after", "plan"}.
     """
-    from engine.config import SearchConfig
-    from engine.model.load import load
-    from engine.search.data import SearchData
-    from engine.search.objective import progressive_objective
-    from engine.search.trial import prune_trial
-
     control = control or Control()
     best = best_record(session)
     if best is None:
@@ -136,8 +135,7 @@ def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink =
     overrides = edits_to_overrides(edits)
     cfg = SearchConfig.from_dict({**session.config(), "overrides": overrides})
     if dense is None:
-        dense = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
-        dense.model.requires_grad_(False)
+        dense = load_configured(cfg, sink, frozen=True)
     data = SearchData(session, cfg, dense, sink, control)
     model = copy.deepcopy(dense.model)
     plan, _ = prune_trial(model, data, cfg, best["params"], control, sink)

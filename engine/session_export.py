@@ -6,13 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.config import RecoverConfig, SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.model.export import check_out_dir, export
-from engine.model.load import load
+from engine.model.load import load_configured
 from engine.model.structure import count_params
 from engine.prune.plan import Plan
+from engine.prune.reconstruct import apply_stored_plan
+from engine.recover.train import loss_name, recovered_model
+from engine.search.data import SearchData
+from engine.search.objective import progressive_objective
+from engine.search.trial import prune_trial
+from engine.session.layout import best_record, session_plan
+from engine.session.store import Session
 
 WIDTHS = ("plan", "uniform")
 
@@ -26,14 +34,6 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     no ramp or global ranking, no overrides), so a standard config describes it and plain `transformers`
     loads it — a different, usually slightly worse, model, whose objective is reported in the card.
     """
-    from engine.config import SearchConfig
-    from engine.prune.reconstruct import apply_stored_plan
-    from engine.search.data import SearchData
-    from engine.search.objective import progressive_objective
-    from engine.search.trial import prune_trial
-    from engine.session.layout import best_record
-    from engine.session.store import Session
-
     if widths not in WIDTHS:
         raise AdapruneError(f"--widths {widths!r}: choose plan or uniform")
     session = Session.open(root, name)
@@ -44,17 +44,13 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     cfg = SearchConfig.from_dict(session.config())
     if recovered and widths != "plan":
         raise AdapruneError("--recovered exports the plan its adapter was trained on: leave --widths at plan")
-    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    loaded = load_configured(cfg, sink)
     plan = Plan.from_dict(best["plan"])
     if plan.params_before != count_params(loaded.model):
         raise AdapruneError(f"session {name!r}: its model {cfg.model!r} no longer matches the plan (parameter count)")
     recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
               "objective": f"{best['value']:.4f}"}
     if recovered:
-        from engine.config import RecoverConfig
-        from engine.recover.train import loss_name, recovered_model
-        from engine.session.layout import session_plan
-
         windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
         loaded.model, state = recovered_model(session, loaded.model, windows_for)
         plan = Plan.from_dict(session_plan(session, state["plan"]))

@@ -97,3 +97,34 @@ def tiny_folder(request, tmp_path, tokenizer) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # one cache per test session: the stdlib corpus is built once, nothing leaks into ~/.cache
     monkeypatch.setenv("ADAPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def searched_template(tmp_path_factory):
+    """A finished 2-trial search on a tiny Llama, run once per test session (per session name: the study is
+    named after it) and copied into each test that needs one, so every test starts from the same files."""
+    import shutil
+
+    from engine.config import SearchConfig
+    from engine.search.driver import create_session, run_search
+    from engine.session.store import Session
+
+    built: dict[str, Path] = {}
+
+    def copy_to(root: Path, name: str) -> Session:
+        if name not in built:
+            base = tmp_path_factory.mktemp(f"searched-{name}")
+            folder = base / "tiny"
+            make_model("llama").save_pretrained(folder)
+            make_tokenizer().save_pretrained(folder)
+            cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
+                               sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("ADAPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+                run_search(create_session(base / "sessions", name, cfg))
+            built[name] = base / "sessions" / name
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(built[name], root / name)
+        return Session.open(root, name)
+
+    return copy_to

@@ -87,15 +87,8 @@ def test_bad_task_files_name_the_line(tmp_path):
 
 
 @pytest.fixture
-def searched(tmp_path, tokenizer):
-    folder = tmp_path / "tiny"
-    make_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
-                       sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
-    session = create_session(tmp_path / "s", "b", cfg)
-    run_search(session)
-    return session
+def searched(tmp_path, searched_template):
+    return searched_template(tmp_path / "s", "b")
 
 
 def test_session_table_rows_files_and_merging(searched, tmp_path, text_file):

@@ -30,11 +30,7 @@ def test_reached_count_is_exact_and_close_to_target(fraction, head_mode, attn_sh
     model = make_model("llama", layers=6, heads=6, kv_heads=2, hidden=48, intermediate=128)
     shapes, total = layer_shapes(model), count_params(model)
     ids = list(range(1, 5))
-    try:
-        b = solve_uniform(shapes, ids, total, fraction, head_mode, attn_share)
-    except AdapruneError as e:  # a split that cannot land near the target must say so, not drift
-        assert "cannot" in str(e)
-        return
+    b = solve_uniform(shapes, ids, total, fraction, head_mode, attn_share)  # every case here is reachable
     plan = select(shapes, _scores(shapes, ids), {i: (b.heads, b.channels) for i in ids}, head_mode)
     assert total - params_after(shapes, plan, total) == b.removed
     apply_plan(model, plan)

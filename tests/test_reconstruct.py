@@ -9,6 +9,7 @@ import torch
 from conftest import make_model
 from helpers import random_plan
 
+from engine.errors import AdapruneError
 from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.prune.reconstruct import (
     Moments,
@@ -182,7 +183,7 @@ def test_a_stored_repaired_plan_rebuilds_the_same_model(mode):
     ids = _windows(2, 16, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
-    with pytest.raises(Exception, match="calibration windows"):
+    with pytest.raises(AdapruneError, match="calibration windows"):
         apply_stored_plan(copy.deepcopy(dense), plan, None)
 
 

@@ -16,7 +16,6 @@ from engine.model.load import load
 from engine.model.structure import count_params
 from engine.prune.plan import Plan
 from engine.recover.train import lr_at, recovered_model, run_recovery
-from engine.search.driver import create_session, run_search
 from engine.session.layout import ADAPTER, checkpoint_dir, recovery_dir, recovery_state
 from engine.session.store import Session
 from engine.session.summary import summary
@@ -24,15 +23,8 @@ from tui.cli import app
 
 
 @pytest.fixture
-def searched(tmp_path, tokenizer):
-    folder = tmp_path / "tiny"
-    make_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
-                       sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
-    session = create_session(tmp_path / "s", "r", cfg)
-    run_search(session)
-    return session
+def searched(tmp_path, searched_template):
+    return searched_template(tmp_path / "s", "r")
 
 
 def _cfg(text_file, **kw) -> RecoverConfig:

@@ -47,18 +47,11 @@ def test_rows_and_edit_arithmetic_match_real_pruning():
 
 
 @pytest.fixture
-def searched(tmp_path, tokenizer):
-    folder = tmp_path / "tiny"
-    make_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    cfg = SearchConfig(model=str(folder), trials=2, objective_windows=2, pool_size=12, device="cpu",
-                       sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
-    session = create_session(tmp_path / "s", "rev", cfg)
-    run_search(session)
-    return session
+def searched(tmp_path, searched_template):
+    return searched_template(tmp_path / "s", "rev")
 
 
-def test_reevaluate_records_overrides_that_later_trials_respect(searched):
+def test_reevaluate_records_overrides_that_later_trials_respect(searched, monkeypatch):
     best = searched.read_json("plan.json")
     plan = Plan.from_dict(best["plan"])
     pruned = next(r.index for r in layer_rows(plan) if r.removed)
@@ -68,7 +61,21 @@ def test_reevaluate_records_overrides_that_later_trials_respect(searched):
     assert abs(out["params_after"] - best["plan"]["params_after"]) < 0.01 * plan.params_before  # still on target
     assert searched.config()["overrides"] == {str(pruned): "lock"} and out["value"] > 0
     searched.update(config={**searched.config(), "trials": 3})
+    import engine.search.driver as driver
+
+    plans = []
+
+    def watched(*args, **kwargs):
+        out = driver_run_trial(*args, **kwargs)
+        plans.append(out.plan)
+        return out
+
+    driver_run_trial = driver.run_trial
+    monkeypatch.setattr(driver, "run_trial", watched)
     run_search(searched)  # the next trial respects the lock
+    assert len(plans) == 1
+    assert plans[0]["layers"][pruned]["keep_channels"] == list(range(64))  # the lock held in the new trial
+    assert any(len(lp["keep_channels"]) < 64 for lp in plans[0]["layers"])  # and it still pruned elsewhere
     newest = max(open_study(searched, SearchConfig.from_dict(searched.config())).get_trials(),
                  key=lambda t: t.number)
     assert newest.state.name in ("COMPLETE", "PRUNED")

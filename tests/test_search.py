@@ -184,6 +184,7 @@ def test_canonical_ignores_what_cannot_matter():
     g = {**p, "allocation": "global", "ramp": 0.25}
     assert canonical(g) == canonical({**g, "ramp": -0.5})  # the ranking, not the ramp, sets the widths
     assert canonical({**g, "allocation": "uniform"}) != canonical({**g, "allocation": "uniform", "ramp": -0.5})
+    assert canonical(p, {}) == canonical(p) != canonical(p, {"3": "lock"})  # locking a layer makes another model
 
 
 def test_bad_sessions(llama_folder, tmp_path):
@@ -249,10 +250,17 @@ def test_sessions_listing_survives_damaged_sessions(llama_folder, tmp_path):
     good.events_path.write_text('{"kind": "log", "message": "a"}\nnot json\n')
     broken = create_session(root, "broken", _cfg(llama_folder))
     broken.manifest_path.write_text("{")
+    edited = create_session(root, "edited", _cfg(llama_folder))
+    data = json.loads(edited.manifest_path.read_text())
+    data["config"]["trails"] = 5  # a hand edit with a typo: named, not silently dropped
+    edited.manifest_path.write_text(json.dumps(data))
     r = CliRunner().invoke(app, ["sessions", "--sessions-dir", str(root)])
     assert r.exit_code == 0, r.output
     assert "good" in r.stdout and "broken" in r.stdout and "unreadable" in r.stdout
     assert "line(s) 2 corrupt" in r.stderr and "broken" in r.stderr
+    assert "unknown search setting(s) trails" in r.stderr
+    with pytest.raises(AdapruneError, match="unknown search setting"):
+        SearchConfig.from_dict(data["config"])
 
 
 def test_a_trial_whose_worker_died_on_another_host_is_rerun(llama_folder, tmp_path):

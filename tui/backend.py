@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import api
-from engine.config import EMBEDDED, SearchConfig
+from engine.config import EMBEDDED, MAX_PRUNE, SearchConfig, check_prune
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, event_from_dict
@@ -150,10 +150,10 @@ class Backend:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 0.9:
-        raise AdapruneError("a fraction of all parameters in (0, 0.9], e.g. 0.20")
-    return value
+    try:
+        return check_prune(float(text))
+    except AdapruneError:  # the same rule, said for a form field rather than a flag
+        raise AdapruneError(f"a fraction of all parameters in (0, {MAX_PRUNE}], e.g. 0.20") from None
 
 
 def _positive(text: str, what: str) -> int:

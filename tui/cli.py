@@ -21,6 +21,7 @@ from engine.config import (
     PruneConfig,
     RecoverConfig,
     SearchConfig,
+    parse_attn_share,
 )
 from engine.errors import AdapruneError, Cancelled
 
@@ -66,15 +67,6 @@ def _run_app(sessions_dir: Path | None, new: bool, no_color: bool) -> None:
     AdapruneApp(sessions_dir=sessions_dir, new=new).run()
 
 
-def _attn_share(value: str) -> float | str:
-    if value in ("same", "auto"):
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise AdapruneError(f"--attn-share {value!r}: give auto, same, or a number in [0, 1]") from None
-
-
 @app.command("prune")
 @clean_errors
 def prune_cmd(
@@ -117,7 +109,7 @@ def prune_cmd(
 
     cfg = PruneConfig(model=model, prune=prune, metric=metric, aggregate=aggregate, calib=calib, evals=list(eval_),
                       eval_seq_len=seq_len, eval_windows=eval_windows or None, layers=layers, head_mode=heads,
-                      attn_share=_attn_share(attn_share), round_to=round_to, allocation=allocation, ramp=ramp,
+                      attn_share=parse_attn_share(attn_share), round_to=round_to, allocation=allocation, ramp=ramp,
                       seed=seed, device=device, dtype=dtype,
                       trust_remote_code=trust_remote_code, measure_speed=speed, measure_memory=memory,
                       out=str(out) if out else None, force=force, overrides=_parse_overrides(override),

@@ -100,7 +100,10 @@ class RichSink:
         elif isinstance(event, StageFinished) and event.stage in self.tasks:
             task = self.tasks.pop(event.stage)
             total = self.totals.pop(task, None) or 1
-            self.progress.update(task, total=total, completed=total)
+            if event.outcome == "done":
+                self.progress.update(task, total=total, completed=total)
+            else:  # the bar stays where the work stopped, and says why
+                self.progress.update(task, description=f"{event.stage} ({event.outcome})")
             self.finished[event.stage] = task
         elif isinstance(event, Log):
             style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")

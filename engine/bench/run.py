@@ -15,17 +15,23 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.config import SELF, BenchConfig, RecoverConfig
+from engine.config import SELF, BenchConfig, RecoverConfig, SearchConfig
 from engine.control import Control
 from engine.data.text import eval_windows, load_text, parse_spec, text_hash, tokenize
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, Sink, null_sink
 from engine.measure.evaluate import peak_memory, perplexity, speed
 from engine.measure.zeroshot import TaskSpec, parse_task, zero_shot
-from engine.model.structure import count_params
+from engine.model.export import export
+from engine.model.load import Loaded, load_configured
+from engine.model.structure import count_params, decoder_layers
+from engine.oneshot import oneshot_config, plan_and_prune
 from engine.prune.plan import Plan
 from engine.prune.reconstruct import apply_stored_plan
 from engine.recover.train import loss_name, recovered_model
+from engine.search.data import SearchData, objective_task_indices
+from engine.search.space import baseline_params
+from engine.search.trial import prune_trial
 from engine.session.layout import (
     RESULTS,
     adapter_id,
@@ -90,14 +96,6 @@ def check_rows(session: Session, wanted: list[str] | None) -> list[str]:
 def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
               control: Control) -> tuple[dict[str, dict | None], dict[str, dict]]:
     """Each row's plan (None for dense): saved ones read, derived ones (trial 0, magnitude, random) made."""
-    from engine.config import SearchConfig
-    from engine.model.load import Loaded
-    from engine.model.structure import decoder_layers
-    from engine.oneshot import oneshot_config, plan_and_prune
-    from engine.search.data import SearchData
-    from engine.search.space import baseline_params
-    from engine.search.trial import prune_trial
-
     cfg = SearchConfig.from_dict(session.config())
     best = best_record(session)
     names = check_rows(session, wanted)
@@ -138,17 +136,11 @@ def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
 
 def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None) -> dict:
     """Measure the rows and merge the numbers into the session's bench.json; returns its contents."""
-    from engine.config import SearchConfig
-    from engine.model.export import export
-    from engine.model.load import load
-    from engine.search.data import SearchData, objective_task_indices
-
     control = control or Control()
     tasks, texts = validate(cfg)
     check_rows(session, cfg.rows)
     scfg = SearchConfig.from_dict(session.config())
-    loaded = load(scfg.model, scfg.device, scfg.dtype, scfg.trust_remote_code, sink=sink)
-    loaded.model.requires_grad_(False)
+    loaded = load_configured(scfg, sink, frozen=True)
     # task rows the search's objective scored are never benchmark rows (the same file, by its hash)
     seen: dict[str, set[int]] = {}
     for t in scfg.objective_tasks:

@@ -18,6 +18,7 @@ from torch import nn
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
+from engine.measure.memprobe import MARKER
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -124,7 +125,6 @@ def peak_memory(folder: Path, device: str = "cpu", dtype: str = "float32", promp
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                             os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    from engine.measure.memprobe import MARKER
 
     lines = [ln.split(MARKER, 1)[1] for ln in proc.stdout.splitlines() if MARKER in ln]
     if proc.returncode != 0 or not lines:

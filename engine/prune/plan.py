@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from engine.config import check_prune, parse_attn_share
 from engine.errors import AdapruneError
 from engine.model.structure import HeadMode, LayerShape
 from engine.prune.importance import LayerScores
@@ -96,8 +97,7 @@ def solve_uniform(
 
     `fixed_removed` parameters are taken already by layers the user set by hand (outside `layer_ids`).
     """
-    if not 0 < fraction <= 0.9:
-        raise AdapruneError(f"--prune {fraction} is outside (0, 0.9]: give the fraction of all parameters to remove")
+    check_prune(fraction)
     check_attn_share(attn_share)
     if not layer_ids:
         raise AdapruneError("the layer range is empty: choose at least one layer to prune")
@@ -188,11 +188,9 @@ def removal_of(shapes: Sequence[LayerShape], counts: Mapping[int, tuple[int, int
 
 
 def check_attn_share(attn_share: float | str) -> None:
-    if isinstance(attn_share, str):
-        if attn_share not in ("auto", "same"):
-            raise AdapruneError(f"--attn-share {attn_share!r}: give auto, same, or a number in [0, 1]")
-    elif not isinstance(attn_share, (int, float)) or not 0 <= attn_share <= 1:
-        raise AdapruneError(f"--attn-share {attn_share} is outside [0, 1]")
+    if isinstance(attn_share, str) and attn_share not in ("auto", "same"):
+        raise AdapruneError(f"--attn-share {attn_share!r}: give auto, same, or a number in [0, 1]")
+    parse_attn_share(attn_share)
 
 
 def _lowest(scores: torch.Tensor, n: int) -> set[int]:

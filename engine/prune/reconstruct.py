@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from engine.config import PROJ_ATTN, PROJ_MLP, RECONSTRUCT_CALIB, RECONSTRUCT_LAMBDA
+from engine.config import PROJ_ATTN, PROJ_MLP, RECONSTRUCT_CALIB, RECONSTRUCT_LAMBDA, from_dict
 from engine.control import Control
 from engine.data.text import draw_windows, parse_spec
 from engine.errors import AdapruneError
@@ -57,10 +57,7 @@ class Repair:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Repair:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise AdapruneError(f"unknown reconstruction setting(s) {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return from_dict(cls, dict(data), "reconstruction")
 
 
 def check_repair(calib: str, lam: float, mode: str = "sequential") -> None:

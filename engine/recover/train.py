@@ -21,16 +21,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.config import PROJ, SELF, RecoverConfig
+from engine.config import PROJ, SELF, RecoverConfig, SearchConfig
 from engine.control import Control
 from engine.data.text import eval_windows, load_text, parse_spec, text_hash, tokenize
 from engine.errors import AdapruneError, Cancelled
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
 from engine.files import atomic_folder
 from engine.measure.evaluate import perplexity
+from engine.model.load import load_configured
 from engine.model.structure import count_params
 from engine.prune.plan import Plan
 from engine.prune.reconstruct import apply_stored_plan
+from engine.search.data import SearchData
 from engine.session.layout import (
     ADAPTER,
     OPTIMIZER,
@@ -182,10 +184,6 @@ def run_recovery(
     resume: bool = False, restart: bool = False,
 ) -> dict:
     """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json)."""
-    from engine.config import SearchConfig
-    from engine.model.load import load
-    from engine.search.data import SearchData
-
     control = control or Control()
     session = Session.open(root, name)
     prior = recovery_state(session)
@@ -212,7 +210,7 @@ def run_recovery(
                             f"(its SHA-256 differs); --restart to train on the new text")
     with session.lock("recovery"):
         scfg = SearchConfig.from_dict(session.config())
-        loaded = load(scfg.model, scfg.device, scfg.dtype, scfg.trust_remote_code, sink=sink)
+        loaded = load_configured(scfg, sink)
         with Stage(sink, "recovery windows"):
             train = _windows(loaded.tokenizer, cfg.data, "calib", cfg.seq_len, None)
             valid = _windows(loaded.tokenizer, cfg.valid, "eval", cfg.valid_len, cfg.valid_windows)

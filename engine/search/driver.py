@@ -8,6 +8,7 @@ hopeless trial early. Trial 0 is LLM-Pruner's recipe, enqueued, so every later t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -29,13 +30,13 @@ from engine.events import (
     TrialStarted,
     null_sink,
 )
-from engine.model.load import load
+from engine.model.load import Loaded, load_configured, num_layers
 from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.prune.plan import parse_overrides
 from engine.search.data import SearchData
 from engine.search.space import baseline_params, canonical, space, suggest, validate
 from engine.search.study import ask_lock, beat_once, fail_orphans, heartbeat, open_study
-from engine.search.trial import run_trial
+from engine.search.trial import TrialOutcome, run_trial
 from engine.session.layout import write_best
 from engine.session.store import Session
 from engine.session.study import (
@@ -45,126 +46,192 @@ from engine.session.study import (
     quiet_optuna,
     rerun_attrs,
     storage_url,
+    trial_state,
 )
 
 MAX_DUPLICATES_IN_A_ROW = 25
 
 
-def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,
-               worker: bool = False) -> dict:
-    """Drive (or, as a worker, join) the session's study until its trial budget is spent."""
-    from optuna.trial import TrialState
+class _Driver:
+    """One process's part of a session's study: claim a trial, reuse a repeated configuration's value, or
+    evaluate it, and record the result. Several processes (workers) may drive the same study at once."""
 
-    control = control or Control()
-    outer = sink
+    def __init__(self, session: Session, cfg: SearchConfig, study, dense: Loaded, data: SearchData, sp: dict,
+                 sink: Sink, control: Control) -> None:
+        self.session, self.cfg, self.study, self.dense, self.data, self.sp = session, cfg, study, dense, data, sp
+        self.sink, self.control = sink, control
+        self.me = f"{os.getpid()}@{socket.gethostname()}"
+        self.current = None  # the trial this process holds, to be failed and queued again if interrupted
+        self.duplicates_in_a_row = 0
 
+    def budget_spent(self, before: int | None = None) -> bool:
+        trials = self.study.get_trials(deepcopy=False)
+        return sum(1 for t in trials if (before is None or t.number < before) and counts_toward_budget(t)) \
+            >= self.cfg.trials
+
+    def claim(self):
+        """Ask for the next trial, owned by this process from its first moment; None when the budget is spent
+        (another worker may take the last slot between our count and our ask)."""
+        from optuna.trial import TrialState
+
+        fail_orphans(self.study, self.sink)
+        with ask_lock(self.session), quiet_optuna():
+            trial = self.study.ask()
+            trial.set_user_attr("worker", self.me)  # orphans are found by owner
+            beat_once(self.study, trial)  # a worker killed before its first trial heartbeat is still found
+        self.current = trial
+        if self.budget_spent(before=trial.number):
+            trial.set_user_attr("over_budget", True)
+            self.close(TrialState.FAIL)
+            return None
+        return trial
+
+    def close(self, state, value: float | None = None) -> None:
+        self.study.tell(self.current, value, state=state)
+        self.current = None
+
+    def reuse(self, trial, params: dict) -> bool:
+        """TPE proposes configurations it has seen: a finished twin's value is reused at no cost, and one
+        another worker is evaluating right now is left to it. True when the trial needs no evaluation."""
+        from optuna.trial import TrialState
+
+        key = canonical(params, self.cfg.overrides)
+        trial.set_user_attr("key", key)
+        earlier = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
+        twin = next((t for t in earlier if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                     and t.user_attrs.get("key") == key), None)
+        if twin is None:
+            if any(t.state == TrialState.RUNNING and t.user_attrs.get("key") == key for t in earlier):
+                trial.set_user_attr("duplicate_of", "running")
+                self.close(TrialState.FAIL)
+                return True
+            self.duplicates_in_a_row = 0
+            return False
+        trial.set_user_attr("duplicate_of", twin.number)
+        if twin.state == TrialState.COMPLETE:
+            self.close(TrialState.COMPLETE, twin.value)
+        else:  # stopped early before: stopped again, without running
+            self.close(TrialState.PRUNED)
+        self.sink(TrialFinished(trial.number, "duplicate", twin.value, params, message=f"same as trial {twin.number}"))
+        self.duplicates_in_a_row += 1
+        return True
+
+    def evaluate(self, trial, params: dict) -> TrialOutcome | None:
+        """Run the trial here; None when it could not be built or another process closed it meanwhile."""
+        from optuna.trial import TrialState
+
+        self.sink(TrialStarted(trial.number, params, self.me, bool(trial.user_attrs.get("baseline"))))
+
+        def report(step: int, value: float) -> bool:
+            trial.report(value, step)
+            return trial.number > 0 and trial.should_prune()
+
+        try:
+            with heartbeat(self.study, trial):
+                out = run_trial(self.dense, self.data, self.cfg, params, report, self.control, self.sink)
+        except AdapruneError as e:  # this configuration cannot be built (e.g. an unreachable split)
+            trial.set_user_attr("error", str(e))
+            self.close(TrialState.FAIL)
+            self.sink(TrialFinished(trial.number, "failed", None, params, message=str(e)))
+            return None
+        if trial_state(self.study, trial.number) != TrialState.RUNNING:
+            # another process judged this trial dead and failed it (its configuration is queued again)
+            self.sink(Log(f"trial {trial.number} was closed by another process while it ran here; its result "
+                          f"is dropped", "warning"))
+            self.current = None
+            return None
+        return out
+
+    def record(self, trial, params: dict, out: TrialOutcome) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("seconds", out.seconds)
+        trial.set_user_attr("objective_seconds", out.objective_seconds)
+        trial.set_user_attr("params_after", out.params_after)
+        if out.accuracy is not None:
+            trial.set_user_attr("objective_accuracy", out.accuracy)
+        state = TrialState.PRUNED if out.state == "pruned" else TrialState.COMPLETE
+        self.close(state, out.value if state == TrialState.COMPLETE else None)
+        self.sink(TrialFinished(trial.number, out.state, out.value, params, out.seconds, out.objective_seconds,
+                                out.params_after,
+                                f"zero-shot accuracy {out.accuracy:.3f}" if out.accuracy is not None else ""))
+        if state == TrialState.COMPLETE and best_trial(self.study) == (trial.number, out.value):
+            write_best(self.session, {"trial": trial.number, "value": out.value, "params": params,
+                                      "plan": out.plan})
+            self.sink(BestChanged(trial.number, out.value, params))
+
+    def run(self) -> None:
+        """Trials until the budget is spent (or the sampler only repeats itself)."""
+        while True:
+            self.control.checkpoint()
+            if self.budget_spent():
+                return
+            trial = self.claim()
+            if trial is None:
+                return
+            params = suggest(trial, self.sp, self.cfg.fixed)
+            if self.reuse(trial, params):
+                if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
+                    self.sink(Log("the sampler keeps proposing evaluated configurations: the space looks exhausted",
+                                  "warning"))
+                    return
+                continue
+            out = self.evaluate(trial, params)
+            if out is not None:
+                self.record(trial, params, out)
+            self.sink(StageProgress("trials", completed(self.study), self.cfg.trials))
+
+    def release(self) -> None:
+        """Interrupted mid-trial: fail the trial held here and queue its configuration, so a resume runs it."""
+        if self.current is None:
+            return
+        from optuna.trial import TrialState
+
+        with contextlib.suppress(Exception):
+            self.study.tell(self.current, state=TrialState.FAIL)
+            self.study.enqueue_trial(self.current.params, user_attrs=rerun_attrs(self.current))
+        self.current = None
+
+
+def _logged(session: Session, outer: Sink) -> Sink:
     def sink(event) -> None:  # every event goes to the session's log too: `attach` and the app read it
         session.append_event(event)
         outer(event)
 
+    return sink
+
+
+def _prepare(session: Session, sink: Sink) -> tuple[SearchConfig, Loaded, dict]:
+    """The session's configuration, checked once without and once with the model; the dense model; the space."""
     cfg = SearchConfig.from_dict(session.config())
     validate(cfg)
-    dense = load(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, sink=sink)
-    dense.model.requires_grad_(False)
+    dense = load_configured(cfg, sink, frozen=True)
     n_layers = len(decoder_layers(dense.model))
     validate(cfg, n_layers)
     parse_overrides(cfg.overrides, n_layers, layer_shapes(dense.model), cfg.head_mode)  # refuse bad ones now
-    sp = space(cfg, n_layers)
-    me = f"{os.getpid()}@{socket.gethostname()}"
+    return cfg, dense, space(cfg, n_layers)
+
+
+def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,
+               worker: bool = False) -> dict:
+    """Drive (or, as a worker, join) the session's study until its trial budget is spent."""
+    control = control or Control()
+    sink = _logged(session, sink)
+    cfg, dense, sp = _prepare(session, sink)
     study = open_study(session, cfg, None if not worker else cfg.seed + os.getpid())
     if not worker:
         fail_orphans(study, sink)
         session.update(status="running", storage=storage_url(session, cfg), dense_params=count_params(dense.model))
     data = SearchData(session, cfg, dense, sink, control)
     data.prepare()
-    duplicates_in_a_row = 0
+    driver = _Driver(session, cfg, study, dense, data, sp, sink, control)
     status = "done"
-    current = None
     # the whole search as one stage: a progress bar with the count of trials and an ETA
     started = time.perf_counter()
     sink(StageStarted("trials", cfg.trials, "trials"))
     sink(StageProgress("trials", completed(study), cfg.trials))
     try:
-        while True:
-            control.checkpoint()
-            trials = study.get_trials(deepcopy=False)
-            if sum(1 for t in trials if counts_toward_budget(t)) >= cfg.trials:
-                break
-            fail_orphans(study, sink)
-            with ask_lock(session), quiet_optuna():
-                current = study.ask()
-                current.set_user_attr("worker", me)  # owned from the first moment: orphans are found by owner
-                beat_once(study, current)  # a worker killed before its first trial heartbeat is still found
-            earlier = [t for t in study.get_trials(deepcopy=False) if t.number < current.number]
-            if sum(1 for t in earlier if counts_toward_budget(t)) >= cfg.trials:
-                # another worker took the last slot between our count and our ask
-                current.set_user_attr("over_budget", True)
-                study.tell(current, state=TrialState.FAIL)
-                current = None
-                break
-            params = suggest(current, sp, cfg.fixed)
-            key = canonical(params)
-            twin = next((t for t in earlier if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                         and t.user_attrs.get("key") == key), None)
-            current.set_user_attr("key", key)
-            if twin is None and any(t.state == TrialState.RUNNING and t.user_attrs.get("key") == key for t in earlier):
-                # another worker is evaluating this very configuration right now
-                current.set_user_attr("duplicate_of", "running")
-                study.tell(current, state=TrialState.FAIL)
-                current = None
-                continue
-            if twin is not None:  # TPE proposes configurations it has seen: reuse the value, spend no time
-                current.set_user_attr("duplicate_of", twin.number)
-                if twin.state == TrialState.COMPLETE:
-                    study.tell(current, twin.value)
-                else:  # stopped early before: stopped again, without running
-                    study.tell(current, state=TrialState.PRUNED)
-                sink(TrialFinished(current.number, "duplicate", twin.value, params, message=f"same as trial {twin.number}"))
-                current = None
-                duplicates_in_a_row += 1
-                if duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
-                    sink(Log("the sampler keeps proposing evaluated configurations: the space looks exhausted", "warning"))
-                    break
-                continue
-            duplicates_in_a_row = 0
-            sink(TrialStarted(current.number, params, me, bool(current.user_attrs.get("baseline"))))
-            trial = current
-
-            def report(step: int, value: float, trial=trial) -> bool:
-                trial.report(value, step)
-                return trial.number > 0 and trial.should_prune()
-
-            try:
-                with heartbeat(study, current):
-                    out = run_trial(dense, data, cfg, params, report, control, sink)
-            except AdapruneError as e:  # this configuration cannot be built (e.g. an unreachable split)
-                current.set_user_attr("error", str(e))
-                study.tell(current, state=TrialState.FAIL)
-                sink(TrialFinished(current.number, "failed", None, params, message=str(e)))
-                current = None
-                continue
-            if study._storage.get_trial(current._trial_id).state != TrialState.RUNNING:
-                # another process judged this trial dead and failed it (its configuration is queued again)
-                sink(Log(f"trial {current.number} was closed by another process while it ran here; its result "
-                         f"is dropped", "warning"))
-                current = None
-                continue
-            current.set_user_attr("seconds", out.seconds)
-            current.set_user_attr("objective_seconds", out.objective_seconds)
-            current.set_user_attr("params_after", out.params_after)
-            if out.accuracy is not None:
-                current.set_user_attr("objective_accuracy", out.accuracy)
-            state = TrialState.PRUNED if out.state == "pruned" else TrialState.COMPLETE
-            study.tell(current, out.value if state == TrialState.COMPLETE else None, state=state)
-            sink(TrialFinished(current.number, out.state, out.value, params, out.seconds, out.objective_seconds,
-                               out.params_after,
-                               f"zero-shot accuracy {out.accuracy:.3f}" if out.accuracy is not None else ""))
-            if state == TrialState.COMPLETE and best_trial(study) == (current.number, out.value):
-                write_best(session, {"trial": current.number, "value": out.value, "params": params,
-                                     "plan": out.plan})
-                sink(BestChanged(current.number, out.value, params))
-            current = None
-            sink(StageProgress("trials", completed(study), cfg.trials))
+        driver.run()
     except (Cancelled, KeyboardInterrupt):
         status = "cancelled"
         raise
@@ -172,25 +239,19 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         status = "failed"
         raise
     finally:
-        if current is not None:  # interrupted mid-trial: fail it so a resume runs it again
-            try:
-                study.tell(current, state=TrialState.FAIL)
-                study.enqueue_trial(current.params, user_attrs=rerun_attrs(current))
-            except Exception:
-                pass
+        driver.release()
         done = completed(study)
         if not worker:
             session.update(status=status if status != "done" or done >= cfg.trials else "stopped")
         b = best_trial(study)
-        sink(StageFinished("trials", time.perf_counter() - started))
+        sink(StageFinished("trials", time.perf_counter() - started,
+                           "done" if status in ("done", "stopped") else status))
         sink(SearchFinished(status, done, cfg.trials, b[0] if b else None, b[1] if b else None))
     return {"completed": done, "best": b}
 
 
 def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_sink) -> Session:
     """Create the session folder and its study, with trial 0 (the LLM-Pruner baseline) queued."""
-    from engine.model.load import num_layers
-
     validate(cfg)
     if (root / name).exists():
         Session.create(root, name, {})  # raises the clear "exists" error

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
-from engine.config import SEARCH_METRICS, SearchConfig
+from engine.config import SEARCH_METRICS, SearchConfig, check_prune, parse_attn_share
 from engine.data.text import parse_spec
 from engine.errors import AdapruneError
 from engine.measure.zeroshot import parse_task
 from engine.model.structure import default_layer_range
-from engine.prune.importance import SAMPLE_METRICS
-from engine.prune.plan import ALLOCATIONS, check_attn_share
+from engine.prune.importance import AGGREGATES as ALL_AGGREGATES
+from engine.prune.importance import METRICS, SAMPLE_METRICS
+from engine.prune.plan import ALLOCATIONS
 
 CALIB_NS = [10, 16, 32]
 
@@ -94,8 +95,7 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
 def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
     if cfg.trials < 1:
         raise AdapruneError(f"--trials {cfg.trials}: a search needs at least one trial")
-    if not 0 < cfg.prune <= 0.9:
-        raise AdapruneError(f"--prune {cfg.prune} is outside (0, 0.9]: give the fraction of all parameters to remove")
+    check_prune(cfg.prune)
     if not cfg.sources:
         raise AdapruneError("no calibration sources to search: give at least one --source")
     if not cfg.objective:
@@ -115,8 +115,6 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
     if cfg.sampler not in SAMPLERS:
         raise AdapruneError(f"--sampler {cfg.sampler!r}: choose {' or '.join(SAMPLERS)}")
     if cfg.metrics is not None:
-        from engine.prune.importance import METRICS
-
         unknown = [m for m in cfg.metrics if m not in METRICS]
         if unknown or not cfg.metrics:
             raise AdapruneError(f"metrics to search {cfg.metrics}: choose among {', '.join(METRICS)}")
@@ -140,9 +138,6 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
 
 def _check_fixed(key: str, value: object) -> None:
     """A fixed value may lie outside the searched choices (any metric, any size), but must be valid."""
-    from engine.prune.importance import AGGREGATES as ALL_AGGREGATES
-    from engine.prune.importance import METRICS
-
     choices = {"metric": METRICS, "aggregate": ALL_AGGREGATES, "calib_select": SELECTIONS,
                "metric2": ["none", *SAMPLE_METRICS], "allocation": ALLOCATIONS}
     if key == "repair_lambda" and not (isinstance(value, (int, float)) and value > 0):
@@ -162,16 +157,19 @@ def _check_fixed(key: str, value: object) -> None:
         raise AdapruneError(f"--fix {key}={value}: must be an integer >= {minimum[key]}")
     if key == "attn_share":
         try:
-            check_attn_share(value if value in ("auto", "same") else float(value))
-        except (TypeError, ValueError):
+            parse_attn_share(value)
+        except AdapruneError:
             raise AdapruneError(f"--fix attn_share={value}: give auto, same, or a number in [0, 1]") from None
     if key == "calib_source":
         parse_spec(str(value))
 
 
-def canonical(params: dict) -> str:
-    """A configuration's identity: settings that cannot change the result are normalised away."""
+def canonical(params: dict, overrides: dict | None = None) -> str:
+    """A configuration's identity: settings that cannot change the result are normalised away. The user's
+    per-layer overrides are part of it (a configuration run before a layer was locked is another model)."""
     p = dict(params)
+    if overrides:
+        p["overrides"] = overrides  # absent without overrides: the keys of earlier sessions still match
     if p.get("calib_select") != "random":
         p["calib_seed"] = 0  # a deterministic selection ignores the seed
     if p.get("metric2") in ("none", None) or p.get("metric2") == p.get("metric"):

@@ -34,17 +34,30 @@ def ask_lock(session: Session):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def beat_once(study, trial) -> None:
+def _beats(study):
+    """The storage that keeps heartbeats, or None. Optuna records them itself only inside `study.optimize`;
+    with ask/tell there is no public call, so this and `_trial_id` are the one place that reaches inside."""
     storage = study._storage
     if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval() is not None:
-        storage.record_heartbeat(trial._trial_id)
+        return storage
+    return None
+
+
+def _trial_id(trial) -> int:
+    return trial._trial_id
+
+
+def beat_once(study, trial) -> None:
+    storage = _beats(study)
+    if storage is not None:
+        storage.record_heartbeat(_trial_id(trial))
 
 
 @contextlib.contextmanager
 def heartbeat(study, trial):
     """Record the trial's heartbeat in the background while this process works on it."""
-    storage = study._storage
-    if not hasattr(storage, "record_heartbeat") or storage.get_heartbeat_interval() is None:
+    storage = _beats(study)
+    if storage is None:
         yield
         return
     stop = threading.Event()
@@ -52,7 +65,7 @@ def heartbeat(study, trial):
     def beat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a missed beat is retried; the trial must not fail for it
-                storage.record_heartbeat(trial._trial_id)
+                storage.record_heartbeat(_trial_id(trial))
             if stop.wait(storage.get_heartbeat_interval()):
                 return
 
@@ -96,13 +109,13 @@ def fail_orphans(study, sink: Sink = null_sink) -> int:
         pid, _, where = owner.partition("@")
         if where != host or not pid.isdigit() or pid_alive(int(pid)):
             continue  # a live worker here, or another machine's (its heartbeat speaks for it)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         requeue(study, t)
         n += 1
-    running = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     with quiet_optuna():
         optuna.storages.fail_stale_trials(study)  # requeues through the storage's callback
-    n += sum(1 for tid in running if study._storage.get_trial(tid).state == TrialState.FAIL)
+    n += sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running)
     if n:
         sink(Log(f"{n} trial(s) left running by a stopped process were marked failed and will run again"))
     return n

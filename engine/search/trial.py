@@ -7,7 +7,7 @@ import copy
 import time
 from dataclasses import dataclass
 
-from engine.config import SearchConfig
+from engine.config import SearchConfig, parse_attn_share
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import (
@@ -30,10 +30,6 @@ from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_momen
 from engine.search.data import SearchData, pick_indices
 from engine.search.objective import Pruned, progressive_objective
 from engine.search.space import CALIB_LENS
-
-
-def _attn(value: str) -> float | str:
-    return value if value in ("auto", "same") else float(value)
 
 
 @dataclass
@@ -108,7 +104,7 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
         dense_layers = (snapshot_layers(model, range(n_layers)) if model is data.loaded.model
                         else dict(enumerate(decoder_layers(data.loaded.model))))
     plan = prune_with(model, None, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
-                      _attn(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
+                      parse_attn_share(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
                       scores=scores, overrides=overrides, allocation=allocation,
                       ramp=0.0 if allocation == "global" else float(params.get("ramp", 0.0)),
                       recipe=_recipe(params, mixing), repair=repair)

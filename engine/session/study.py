@@ -76,6 +76,11 @@ def counts_toward_budget(t) -> bool:
         "duplicate_of" not in t.user_attrs
 
 
+def trial_state(study, number: int):
+    """A trial's state as the storage has it now (another process may have closed it)."""
+    return study.get_trials(deepcopy=False)[number].state
+
+
 def completed(study) -> int:
     from optuna.trial import TrialState
 

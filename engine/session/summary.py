@@ -13,10 +13,10 @@ def summary(session: Session) -> dict:
     """One row of the sessions table; a session whose files are damaged still gets a row saying so."""
     try:
         m = session.manifest()
+        cfg = SearchConfig.from_dict(m["config"])
     except AdapruneError as e:
         return {"name": session.name, "model": "?", "prune": 0.0, "trials": 0, "status": "unreadable",
                 "updated": None, "done": 0, "best": None, "problem": str(e)}
-    cfg = SearchConfig.from_dict(m["config"])
     row = {"name": session.name, "model": cfg.model, "prune": cfg.prune, "trials": cfg.trials,
            "status": m.get("status", "?"), "updated": m.get("updated"), "done": 0, "best": None}
     try:

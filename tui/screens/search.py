@@ -163,7 +163,10 @@ class SearchScreen(Screen):
             self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=event.done)
         elif isinstance(event, StageFinished) and event.stage != "trials":
             bar = self.query_one("#stage-bar", ProgressBar)
-            bar.update(total=bar.total or 1, progress=bar.total or 1)
+            if event.outcome == "done":
+                bar.update(total=bar.total or 1, progress=bar.total or 1)
+            else:
+                self.query_one("#stage", Static).update(_short(f"{event.stage} ({event.outcome})"))
         elif isinstance(event, Log):
             self.query_one("#log", Static).update(_short(event.message, 200))
         elif isinstance(event, SearchFinished) and live:
