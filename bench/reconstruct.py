@@ -35,7 +35,7 @@ from engine.measure.evaluate import perplexity
 from engine.model.load import load
 from engine.model.structure import count_params, default_layer_range, layer_shapes
 from engine.oneshot import calibration_windows, evaluation_sets
-from engine.prune.recipe import prune_with
+from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import (
     Repair,
     dense_moments,
@@ -84,7 +84,7 @@ def main() -> None:
         model = copy.deepcopy(dense.model)
         calib = calib0 if seed == 0 else calibration_windows(dense, base.calib, seed, QUIET, control)[0]
         dense_layers = snapshot_layers(model, layer_ids) if repair else {}
-        plan = prune_with(model, calib, layer_ids, base.prune, seed=seed, repair=repair)
+        plan = prune_with(model, Recipe(base.prune, seed=seed, repair=repair), layer_ids, calib)
         secs = None
         if repair:
             spec = parse_spec(repair.calib)  # the first N windows of the one draw per text

@@ -18,7 +18,7 @@ from engine.model.load import Loaded, load_configured
 from engine.model.structure import count_params, default_layer_range, layer_shapes
 from engine.prune.importance import check_metric
 from engine.prune.plan import ALLOCATIONS, Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
-from engine.prune.recipe import prune_with
+from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import (
     Repair,
     check_repair,
@@ -156,9 +156,9 @@ def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
     shapes = layer_shapes(loaded.model)
     overrides = parse_overrides(cfg.overrides, len(shapes), shapes, cfg.head_mode)
     dense_layers = snapshot_layers(loaded.model, sorted(set(layer_ids) | set(overrides))) if repair else {}
-    plan = prune_with(loaded.model, windows, layer_ids, cfg.prune, cfg.metric, cfg.aggregate, cfg.head_mode,
-                      cfg.attn_share, cfg.round_to, cfg.seed, cfg.calib_batch, control, sink, {"calib": cfg.calib},
-                      overrides=overrides, ramp=cfg.ramp, allocation=cfg.allocation, repair=repair)
+    recipe = Recipe(cfg.prune, cfg.metric, cfg.aggregate, cfg.head_mode, cfg.attn_share, cfg.round_to, cfg.seed,
+                    cfg.ramp, cfg.allocation, repair, cfg.calib_batch, {"calib": cfg.calib})
+    plan = prune_with(loaded.model, recipe, layer_ids, windows, overrides=overrides, control=control, sink=sink)
     if repair:
         cut = pruned_layer_ids(shapes, plan.layers)
         reconstruct(loaded.model, {i: dense_layers[i] for i in cut}, plan.layers, repair_win, repair.lam,

@@ -10,7 +10,7 @@ from engine.config import PruneConfig, RecoverConfig, SearchConfig
 from engine.data.text import load_text, random_windows, tokenize
 from engine.model.load import load
 from engine.oneshot import prune
-from engine.prune.recipe import prune_with
+from engine.prune.recipe import Recipe, prune_with
 from engine.recover.train import recovered_model, run_recovery
 from engine.search.driver import create_session
 from engine.session.store import Session
@@ -48,7 +48,7 @@ def test_embedded_model_recovers_with_lora_and_exports_merged(tmp_path):
     loaded = load("smollm2-135m", device="cpu")
     windows = random_windows(tokenize(loaded.tokenizer, load_text("stdlib-docs", "calib")), 2, 32, 0)
     # the session's plan from one real taylor1 pruning instead of a search (minutes on 2 cores)
-    plan = prune_with(loaded.model, windows, list(range(4, 28)), 0.20)
+    plan = prune_with(loaded.model, Recipe(0.20), list(range(4, 28)), windows)
     session.write_json("plan.json", {"trial": 0, "value": 0.0, "params": {}, "plan": plan.to_dict()})
     cfg = RecoverConfig(steps=2, batch_size=1, seq_len=64, warmup=1, lr=1e-3, valid_windows=1, valid_len=64)
     state = run_recovery(tmp_path / "s", "smol", cfg)

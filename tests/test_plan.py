@@ -76,14 +76,14 @@ def test_auto_split_uses_attention_only_when_channels_cannot_reach():
 
 def test_overrides_are_respected_and_the_rest_meets_the_target():
     from engine.prune.plan import parse_overrides, removal_of
-    from engine.prune.recipe import prune_with
+    from engine.prune.recipe import Recipe, prune_with
 
     model = make_model("llama", layers=4, heads=6, kv_heads=2, intermediate=64)
     shapes, total = layer_shapes(model), count_params(model)
     ov = parse_overrides({"1": "lock", "2": {"heads": 1, "channels": 10}}, 4, shapes, "query")
     assert ov == {1: (0, 0), 2: (1, 10)} and removal_of(shapes, ov, "query") > 0
     windows = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0))
-    plan = prune_with(model, windows, [0, 1, 2, 3], 0.2, "taylor1", attn_share="auto", overrides=ov)
+    plan = prune_with(model, Recipe(0.2, "taylor1", attn_share="auto"), [0, 1, 2, 3], windows, overrides=ov)
     assert plan.layers[1].widths() == (6, 2, 64)
     assert plan.layers[2].widths() == (4, 2, 54)
     assert plan.layers[0].widths() == plan.layers[3].widths() != (6, 2, 64)
@@ -121,11 +121,11 @@ def test_depth_ramp_moves_channels_but_not_the_total():
 
 
 def test_ramped_plan_lands_on_the_same_count():
-    from engine.prune.recipe import prune_with
+    from engine.prune.recipe import Recipe, prune_with
 
     a, b = make_model("llama", layers=6, intermediate=128), make_model("llama", layers=6, intermediate=128)
-    flat = prune_with(a, None, list(range(6)), 0.2, "l2", attn_share="auto")
-    ramped = prune_with(b, None, list(range(6)), 0.2, "l2", attn_share="auto", ramp=0.5)
+    flat = prune_with(a, Recipe(0.2, "l2", attn_share="auto"), list(range(6)))
+    ramped = prune_with(b, Recipe(0.2, "l2", attn_share="auto", ramp=0.5), list(range(6)))
     assert flat.params_after == ramped.params_after == count_params(b)
     widths = [lp.widths()[2] for lp in ramped.layers]
     assert widths[0] > widths[-1]  # deeper layers lose more
@@ -155,18 +155,18 @@ def test_global_ranking_compares_normalised_scores_and_keeps_the_total():
 
 
 def test_global_plan_lands_on_the_same_count_and_drops_the_lowest_channels():
-    from engine.prune.recipe import prune_with
+    from engine.prune.recipe import Recipe, prune_with
 
     a, b = make_model("llama", layers=4, intermediate=64), make_model("llama", layers=4, intermediate=64)
     shapes = layer_shapes(a)
     scores = _scores(shapes, range(4))
     scores[2].channels *= 0.01  # layer 2's channels are uniformly weaker: normalisation must not single it out
     scores[1].channels = torch.cat([torch.full((48,), 0.001), torch.ones(16)])  # 48 weak channels in layer 1
-    uniform = prune_with(a, None, list(range(4)), 0.2, "l2", attn_share="auto", scores=scores)
-    ranked = prune_with(b, None, list(range(4)), 0.2, "l2", attn_share="auto", scores=scores, allocation="global")
+    uniform = prune_with(a, Recipe(0.2, "l2", attn_share="auto"), list(range(4)), scores=scores)
+    ranked = prune_with(b, Recipe(0.2, "l2", attn_share="auto", allocation="global"), list(range(4)), scores=scores)
     assert ranked.params_after == uniform.params_after == count_params(b)
     kept = [len(lp.keep_channels) for lp in ranked.layers]
     assert kept[1] == min(kept) and set(ranked.layers[1].keep_channels) <= set(range(48, 64))
     assert ranked.recipe["allocation"] == "global"
     with pytest.raises(AdapruneError, match="give one of them"):
-        prune_with(make_model("llama", layers=4), None, list(range(4)), 0.2, "l2", allocation="global", ramp=0.3)
+        prune_with(make_model("llama", layers=4), Recipe(0.2, "l2", allocation="global", ramp=0.3), list(range(4)))

@@ -156,7 +156,7 @@ def test_layer_inputs_reproduce_the_models_own_forward():
 
 def _repaired(kind: str, layer_ids, fraction: float = 0.2, attn_share="same", mode: str = "sequential"):
     from engine.prune.plan import Plan
-    from engine.prune.recipe import prune_with
+    from engine.prune.recipe import Recipe, prune_with
     from engine.prune.reconstruct import Repair, repair_model, snapshot_layers
 
     dense = make_model(kind, layers=4)
@@ -165,7 +165,7 @@ def _repaired(kind: str, layer_ids, fraction: float = 0.2, attn_share="same", mo
     repair = Repair("test:8x20", lam=0.5, mode=mode)
     moments = dense_moments(dense, list(layer_ids), windows) if mode == "dense" else None
     dense_layers = snapshot_layers(model, list(layer_ids))
-    plan = prune_with(model, windows, list(layer_ids), fraction, "l2", attn_share=attn_share, repair=repair)
+    plan = prune_with(model, Recipe(fraction, "l2", attn_share=attn_share, repair=repair), list(layer_ids), windows)
     cut = pruned_layer_ids(layer_shapes(dense), plan.layers)
     repair_model(model, {i: dense_layers[i] for i in cut}, plan.layers, repair, windows, moments)
     return dense, model, Plan.from_dict(plan.to_dict()), windows
@@ -198,9 +198,9 @@ def test_the_repair_biases_count_toward_the_target():
     assert model.config.attention_bias and model.config.mlp_bias
     # the structures removed pay for the biases: the net count still lands on the target, within the solver's
     # tolerance, and at least as much structure goes as without a repair
-    from engine.prune.recipe import prune_with
+    from engine.prune.recipe import Recipe, prune_with
 
-    plain = prune_with(copy.deepcopy(dense), _windows(8, 20, seed=3), [0, 1, 2, 3], 0.2, "l2", attn_share="same")
+    plain = prune_with(copy.deepcopy(dense), Recipe(0.2, "l2", attn_share="same"), [0, 1, 2, 3], _windows(8, 20, seed=3))
     target = 0.2 * plan.params_before
     assert abs(plan.removed - target) <= max(abs(plain.removed - target), 0.002 * plan.params_before)
     assert plan.removed + added >= plain.removed

@@ -11,7 +11,7 @@ from engine.errors import AdapruneError
 from engine.model.structure import count_params, layer_shapes
 from engine.prune.importance import LayerScores
 from engine.prune.plan import Plan, select
-from engine.prune.recipe import prune_with
+from engine.prune.recipe import Recipe, prune_with
 from engine.prune.slicing import apply_plan
 from engine.review import check_edit, counts_of, layer_rows, params_with, reevaluate
 from engine.search.driver import create_session, run_search
@@ -21,7 +21,7 @@ from engine.session.store import Session
 
 def _plan() -> Plan:
     model = make_model("llama", layers=4, heads=6, kv_heads=2, intermediate=64)
-    return prune_with(model, None, [1, 2], 0.2, "l2", attn_share="same")
+    return prune_with(model, Recipe(0.2, "l2", attn_share="same"), [1, 2])
 
 
 def test_rows_and_edit_arithmetic_match_real_pruning():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -32,40 +33,53 @@ def layer_importance(scores: dict[int, LayerScores], n_layers: int) -> list[floa
     return [m / top for m in means]
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is pruned: the target, the metric and how its scores combine, how the cut is shared between
+    attention and MLP and over the layers, and the repair. `notes` go into the plan's provenance as they are."""
+
+    fraction: float  # of all parameters
+    metric: str = "taylor1"
+    aggregate: str = "sum"
+    head_mode: str = "query"
+    attn_share: float | str = "auto"
+    round_to: int = 1
+    seed: int = 0
+    ramp: float = 0.0  # with uniform: > 0 prunes deeper layers more, at the same total
+    allocation: str = "uniform"  # or global: one ranking of normalised channel scores across the range
+    repair: Repair | None = None
+    calib_batch: int = 4
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise AdapruneError(f"allocation {self.allocation!r}: choose {' or '.join(ALLOCATIONS)}")
+        if self.allocation == "global" and self.ramp:
+            raise AdapruneError("a depth ramp and a global ranking both decide per-layer widths: give one of them")
+
+
 def prune_with(
     model: nn.Module,
-    windows: Tensor | None,
+    recipe: Recipe,
     layer_ids: Sequence[int],
-    fraction: float,
-    metric: str = "taylor1",
-    aggregate: str = "sum",
-    head_mode: str = "query",
-    attn_share: float | str = "auto",
-    round_to: int = 1,
-    seed: int = 0,
-    calib_batch: int = 4,
-    control: Control | None = None,
-    sink: Sink = null_sink,
-    recipe: dict | None = None,
+    windows: Tensor | None = None,
     scores: dict[int, LayerScores] | None = None,
     overrides: dict[int, tuple[int, int]] | None = None,
-    ramp: float = 0.0,
-    allocation: str = "uniform",
-    repair: Repair | None = None,
+    control: Control | None = None,
+    sink: Sink = null_sink,
 ) -> Plan:
-    """Prune `model` in place to remove `fraction` of its parameters; returns the plan it applied.
+    """Prune `model` in place to remove `recipe.fraction` of its parameters; returns the plan it applied.
 
-    Group scores come from `windows` with the metric, or ready-made in `scores` (a search's cached statistics).
-    `overrides` are the user's per-layer (heads, channels) removals; the range's uniform amounts fill the rest.
-    `allocation` spreads the MLP cut over the range: "uniform" (along a depth `ramp`; 0 is LLM-Pruner's
-    equal cut) or "global" (one ranking of normalised channel scores across the range). Both land on the
-    same parameter count. With a `repair`, the output biases reconstruction adds are counted against the
-    target and put in place (zero until `engine.prune.reconstruct` fills them).
+    Group scores come from `windows` with the recipe's metric, or ready-made in `scores` (a search's cached
+    statistics). `overrides` are the user's per-layer (heads, channels) removals; the range's uniform amounts
+    fill the rest. The allocation spreads the MLP cut over the range: "uniform" (along a depth ramp; 0 is
+    LLM-Pruner's equal cut) or "global"; both land on the same parameter count. With a repair, the output
+    biases reconstruction adds are counted against the target and put in place (zero until
+    `engine.prune.reconstruct` fills them).
     """
-    if allocation not in ALLOCATIONS:
-        raise AdapruneError(f"allocation {allocation!r}: choose {' or '.join(ALLOCATIONS)}")
-    if allocation == "global" and ramp:
-        raise AdapruneError("a depth ramp and a global ranking both decide per-layer widths: give one of them")
+    r = recipe
+    fraction, metric, aggregate, head_mode, attn_share = r.fraction, r.metric, r.aggregate, r.head_mode, r.attn_share
+    round_to, seed, ramp, allocation, repair = r.round_to, r.seed, r.ramp, r.allocation, r.repair
     control = control or Control()
     shapes = layer_shapes(model)
     total = count_params(model)
@@ -76,7 +90,7 @@ def prune_with(
                   removal_of(shapes, overrides, head_mode))
     scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
     if scores is None:
-        stats = collect_stats(model, windows, scored, metric, calib_batch, control, sink)
+        stats = collect_stats(model, windows, scored, metric, r.calib_batch, control, sink)
         scores = score_layers(model, scored, metric, aggregate, stats, seed)
         del stats
     width = shapes[layer_ids[0]].intermediate
@@ -106,7 +120,7 @@ def prune_with(
                    "heads_removed_per_layer": budget.heads, "channels_removed_per_layer": budget.channels,
                    "round_to": round_to, "ramp": ramp, "allocation": allocation,
                    "overrides": {str(i): list(kc) for i, kc in overrides.items()},
-                   **(recipe or {})}
+                   **r.notes}
     plan = Plan(head_mode, plan_layers, total, after, round(fraction * total), full_recipe,
                 [s.to_dict() for s in shapes], layer_importance(scores, len(shapes)),
                 repair.to_dict() if repair else None)

@@ -25,7 +25,7 @@ from engine.prune.importance import (
     scores_from_samples,
 )
 from engine.prune.plan import parse_overrides
-from engine.prune.recipe import prune_with
+from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_moments, snapshot_layers
 from engine.search.data import SearchData, pick_indices
 from engine.search.objective import Pruned, progressive_objective
@@ -103,11 +103,11 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
         dense_shapes = layer_shapes(model)
         dense_layers = (snapshot_layers(model, range(n_layers)) if model is data.loaded.model
                         else dict(enumerate(decoder_layers(data.loaded.model))))
-    plan = prune_with(model, None, layer_ids, cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
-                      parse_attn_share(params["attn_share"]), cfg.round_to, cfg.seed, control=control, sink=sink,
-                      scores=scores, overrides=overrides, allocation=allocation,
-                      ramp=0.0 if allocation == "global" else float(params.get("ramp", 0.0)),
-                      recipe=_recipe(params, mixing), repair=repair)
+    recipe = Recipe(cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
+                    parse_attn_share(params["attn_share"]), cfg.round_to, cfg.seed,
+                    0.0 if allocation == "global" else float(params.get("ramp", 0.0)), allocation, repair,
+                    notes=_recipe(params, mixing))
+    plan = prune_with(model, recipe, layer_ids, scores=scores, overrides=overrides, control=control, sink=sink)
     if repair is not None:
         cut = pruned_layer_ids(dense_shapes, plan.layers)
         dense_layers = {i: dense_layers[i] for i in cut}
