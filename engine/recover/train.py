@@ -179,18 +179,15 @@ def _wrap(model: nn.Module, cfg: RecoverConfig):
         return get_peft_model(model, _lora_config(cfg))
 
 
-def run_recovery(
-    root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink, control: Control | None = None,
-    resume: bool = False, restart: bool = False,
-) -> dict:
-    """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json)."""
-    control = control or Control()
-    session = Session.open(root, name)
+def _settle(session: Session, cfg: RecoverConfig, resume: bool, restart: bool) -> tuple[RecoverConfig, dict | None]:
+    """The configuration to train with (a resumed run takes its saved one) and the recovery on disk, if any;
+    every contradiction between the two is refused here."""
+    name = session.name
     prior = recovery_state(session)
     if resume and restart:
         raise AdapruneError("--resume continues a recovery and --restart discards it: give one of them")
     if not resume:
-        validate(cfg)  # what the user typed is checked first; a resumed run takes its saved configuration
+        validate(cfg)  # what the user typed is checked first
     if resume:
         if prior is None:
             raise AdapruneError(f"session {name!r} has no recovery to resume: run `adaprune recover {name}`")
@@ -202,10 +199,93 @@ def run_recovery(
         raise AdapruneError(f"session {name!r} already has a recovery ({prior['step']}/{prior['config']['steps']} "
                             f"steps, {prior['status']}): --resume to continue it, or --restart to train again")
     validate(cfg)
+    return cfg, (prior if resume else None)
+
+
+def _student(session: Session, scfg: SearchConfig, loaded, plan: Plan, cfg: RecoverConfig, sink: Sink,
+             control: Control):
+    """The pruned model wrapped for LoRA, and the dense model as the teacher when distilling (else None)."""
+    model = loaded.model
+    teacher = None
+    if cfg.distil > 0:  # the dense model, kept whole as the teacher (memory: one more copy of the weights)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    # a repaired plan's windows come from the dense model (self text is sampled from it) before it is cut
+    apply_stored_plan(model, plan, SearchData(session, scfg, loaded, sink, control).repair_windows, control, sink)
+    model.requires_grad_(False)
+    peft_model = _wrap(model, cfg)
+    if cfg.grad_checkpointing:  # transformers 5 renamed it; older versions have only the first name
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return peft_model, teacher
+
+
+def _loss(peft_model, teacher, x: torch.Tensor, cfg: RecoverConfig) -> torch.Tensor:
+    """The language-modelling loss, the KL divergence to the teacher, or their mix (`cfg.distil`)."""
+    if teacher is None:
+        return peft_model(input_ids=x, labels=x).loss
+    out = peft_model(input_ids=x, labels=x if cfg.distil < 1 else None)
+    with torch.no_grad():
+        target = teacher(input_ids=x).logits
+    loss = cfg.distil * distil_loss(out.logits, target)
+    return loss + (1 - cfg.distil) * out.loss if cfg.distil < 1 else loss
+
+
+def _train(session: Session, cfg: RecoverConfig, state: dict, peft_model, teacher, optimizer, params,
+           train: torch.Tensor, valid: torch.Tensor, sink: Sink, control: Control) -> None:
+    """Steps from `state["step"]` to the end, a checkpoint every `save_every`; a cancel saves and re-raises."""
+    device = next(peft_model.parameters()).device
+    done = state["step"]
+    try:
+        with Stage(sink, "recovery", cfg.steps, "steps") as stage:
+            stage.advance(done)
+            for step in range(done, cfg.steps):
+                control.checkpoint()
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a resumed run draws the same masks
+                lr = lr_at(cfg, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                peft_model.train()
+                x = train[batch_indices(train.shape[0], step, cfg.batch_size, cfg.seed)].to(device)
+                loss = _loss(peft_model, teacher, x, cfg)
+                if not torch.isfinite(loss):
+                    raise AdapruneError(f"the recovery loss is not finite at step {step + 1}: lower --lr "
+                                        f"(now {cfg.lr:g})")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                entry = {"step": done, "loss": loss.item(), "lr": lr}
+                state["history"].append(entry)
+                state["step"] = done
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    peft_model.eval()
+                    entry["valid_ppl"] = perplexity(peft_model, valid, control=control)
+                sink(RecoveryStep(done, cfg.steps, entry["loss"], lr, entry.get("valid_ppl")))
+                stage.advance(done)
+                if done % cfg.save_every == 0 and done < cfg.steps:
+                    _save(session, peft_model, optimizer, state)
+    except (Cancelled, KeyboardInterrupt):
+        state["status"] = "stopped"
+        _save(session, peft_model, optimizer, state)  # every finished step is kept: --resume goes on
+        raise
+
+
+def run_recovery(
+    root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink, control: Control | None = None,
+    resume: bool = False, restart: bool = False,
+) -> dict:
+    """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json)."""
+    control = control or Control()
+    session = Session.open(root, name)
+    cfg, prior = _settle(session, cfg, resume, restart)
     plan_dict = session_plan(session, cfg.plan)
     with Stage(sink, "recovery text"):  # a missing file or an unreachable hub fails before the model loads
         hashes = {"data": _texts_hash(cfg.data, "calib"), "valid": _texts_hash(cfg.valid, "eval")}
-    if resume and any(prior.get(k) != v for k, v in hashes.items()):
+    if prior is not None and any(prior.get(k) != v for k, v in hashes.items()):
         raise AdapruneError(f"session {name!r}: the recovery's training or validation text changed since it began "
                             f"(its SHA-256 differs); --restart to train on the new text")
     with session.lock("recovery"):
@@ -217,34 +297,19 @@ def run_recovery(
         plan = Plan.from_dict(plan_dict)
         if plan.params_before != count_params(loaded.model):
             raise AdapruneError(f"session {name!r}: its model {scfg.model!r} no longer matches the plan")
-        if resume and prior.get("plan_id") != plan_id(plan_dict):
+        if prior is not None and prior.get("plan_id") != plan_id(plan_dict):
             raise AdapruneError(f"session {name!r}: the {cfg.plan} plan changed since the recovery began; "
                                 f"--restart to train on the new one")
-        model = loaded.model
-        teacher = None
-        if cfg.distil > 0:  # the dense model, kept whole as the teacher (memory: one more copy of the weights)
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        # a repaired plan's windows come from the dense model (self text is sampled from it) before it is cut
-        apply_stored_plan(model, plan, SearchData(session, scfg, loaded, sink, control).repair_windows, control, sink)
-        model.requires_grad_(False)
-        peft_model = _wrap(model, cfg)
-        if cfg.grad_checkpointing:  # transformers 5 renamed it; older versions have only the first name
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if resume:
+        peft_model, teacher = _student(session, scfg, loaded, plan, cfg, sink, control)
+        if prior is not None:
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(peft_model, load_file(str(checkpoint_dir(session, prior) / ADAPTER)))
         params = [p for _, p in _trainable(peft_model)]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        if resume:
+        if prior is not None:
             _load_optimizer(optimizer, checkpoint_dir(session, prior), prior)
-        device = next(model.parameters()).device
-        if resume:
             state = prior
         else:
             peft_model.eval()
@@ -252,54 +317,12 @@ def run_recovery(
             state = {"config": asdict(cfg), "plan": cfg.plan, "plan_id": plan_id(plan_dict), "step": 0,
                      "status": "running", "valid_ppl_before": before, "valid_ppl_after": None, "history": [],
                      "train_windows": int(train.shape[0]), **hashes,
-                     "trainable_params": sum(p.numel() for p in params), "params": count_params(model),
+                     "trainable_params": sum(p.numel() for p in params), "params": count_params(loaded.model),
                      "started": time.time()}
             sink(Log(f"recovery: {state['trainable_params']:,} LoRA parameters, {train.shape[0]} sequences of "
                      f"{cfg.seq_len} tokens; validation PPL before {before:.2f}"))
         state["status"] = "running"
-        done = state["step"]
-        try:
-            with Stage(sink, "recovery", cfg.steps, "steps") as stage:
-                stage.advance(done)
-                for step in range(done, cfg.steps):
-                    control.checkpoint()
-                    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a resumed run draws the same masks
-                    lr = lr_at(cfg, step)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    peft_model.train()
-                    x = train[batch_indices(train.shape[0], step, cfg.batch_size, cfg.seed)].to(device)
-                    if teacher is None:
-                        loss = peft_model(input_ids=x, labels=x).loss
-                    else:
-                        out = peft_model(input_ids=x, labels=x if cfg.distil < 1 else None)
-                        with torch.no_grad():
-                            target = teacher(input_ids=x).logits
-                        loss = cfg.distil * distil_loss(out.logits, target)
-                        if cfg.distil < 1:
-                            loss = loss + (1 - cfg.distil) * out.loss
-                    if not torch.isfinite(loss):
-                        raise AdapruneError(f"the recovery loss is not finite at step {step + 1}: lower --lr "
-                                            f"(now {cfg.lr:g})")
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    done = step + 1
-                    entry = {"step": done, "loss": loss.item(), "lr": lr}
-                    state["history"].append(entry)
-                    state["step"] = done
-                    if done % cfg.eval_every == 0 or done == cfg.steps:
-                        peft_model.eval()
-                        entry["valid_ppl"] = perplexity(peft_model, valid, control=control)
-                    sink(RecoveryStep(done, cfg.steps, entry["loss"], lr, entry.get("valid_ppl")))
-                    stage.advance(done)
-                    if done % cfg.save_every == 0 and done < cfg.steps:
-                        _save(session, peft_model, optimizer, state)
-        except (Cancelled, KeyboardInterrupt):
-            state["status"] = "stopped"
-            _save(session, peft_model, optimizer, state)  # every finished step is kept: --resume goes on
-            raise
+        _train(session, cfg, state, peft_model, teacher, optimizer, params, train, valid, sink, control)
         state["status"] = "done"
         state["valid_ppl_after"] = state["history"][-1].get("valid_ppl")
         state["finished"] = time.time()
