@@ -134,6 +134,38 @@ def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
     return plans, derived
 
 
+def _objective_rows(scfg: SearchConfig) -> dict[str, set[int]]:
+    """Task rows the search's objective scored, by file hash: they are never benchmark rows."""
+    seen: dict[str, set[int]] = {}
+    for t in scfg.objective_tasks:
+        o = parse_task(t)
+        if o.path is not None:
+            seen[o.sha256] = set(objective_task_indices(o, scfg))
+    return seen
+
+
+def _ppl_windows(tokenizer, texts: dict[str, str], cfg: BenchConfig) -> dict[str, tuple]:
+    """'SPEC@LEN' -> (windows, text hash, spec, length) for every PPL text and window length."""
+    windows = {}
+    for spec, text in texts.items():
+        ids = tokenize(tokenizer, text)
+        for n in cfg.seq_lens:
+            windows[f"{spec}@{n}"] = (eval_windows(ids, n, cfg.ppl_windows), text_hash(text), spec, n)
+    return windows
+
+
+def _row_model(session: Session, name: str, plan: dict | None, dense_model, windows_for, control: Control,
+               sink: Sink):
+    """The model a row measures: the dense one itself, a copy cut to the row's plan, or the recovered one."""
+    if name == "recovered":
+        return recovered_model(session, copy.deepcopy(dense_model), windows_for)[0]
+    if plan is None:
+        return dense_model
+    model = copy.deepcopy(dense_model)
+    apply_stored_plan(model, Plan.from_dict(plan), windows_for, control, sink)
+    return model
+
+
 def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None) -> dict:
     """Measure the rows and merge the numbers into the session's bench.json; returns its contents."""
     control = control or Control()
@@ -141,23 +173,14 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
     check_rows(session, cfg.rows)
     scfg = SearchConfig.from_dict(session.config())
     loaded = load_configured(scfg, sink, frozen=True)
-    # task rows the search's objective scored are never benchmark rows (the same file, by its hash)
-    seen: dict[str, set[int]] = {}
-    for t in scfg.objective_tasks:
-        o = parse_task(t)
-        if o.path is not None:
-            seen[o.sha256] = set(objective_task_indices(o, scfg))
+    seen = _objective_rows(scfg)
     dense_params = count_params(loaded.model)
     plans, derived = row_plans(session, loaded, cfg.rows, sink, control)
     results = session.read_json(RESULTS) or {"rows": {}}
     env = environment(loaded)
-    windows = {}
-    for spec, text in texts.items():
-        ids = tokenize(loaded.tokenizer, text)
-        for n in cfg.seq_lens:
-            windows[f"{spec}@{n}"] = (eval_windows(ids, n, cfg.ppl_windows), text_hash(text), spec, n)
+    windows = _ppl_windows(loaded.tokenizer, texts, cfg)
 
-    def save() -> None:
+    def save() -> None:  # after every number: an interrupted run keeps what it measured
         session.write_json(RESULTS, results)
 
     dense_model = loaded.model
@@ -167,12 +190,7 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
         ident = plan_id(plan) + (f"+lora-{adapter_id(session)}" if name == "recovered" else "")
         if row.get("plan_id") != ident:
             row = {}  # a different plan now (e.g. a new best): its old numbers describe another model
-        model = dense_model
-        if name == "recovered":
-            model, _ = recovered_model(session, copy.deepcopy(dense_model), windows_for)
-        elif plan is not None:
-            model = copy.deepcopy(dense_model)
-            apply_stored_plan(model, Plan.from_dict(plan), windows_for, control, sink)
+        model = _row_model(session, name, plan, dense_model, windows_for, control, sink)
         if name == "recovered":
             row["recovery_loss"] = loss_name(RecoverConfig.from_dict(recovery_state(session)["config"]))
         row.update(plan_id=ident, params=count_params(model), env=env,
@@ -180,27 +198,21 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
                    params_config=derived.get(name))
         results["rows"][name] = row
         save()
-        label = name
         for key, (w, digest, spec, n) in windows.items():
-            value = perplexity(model, w, control=control, sink=sink, stage=f"PPL {key} ({label})")
-            sink(Metric(f"ppl:{key}", value, label))
+            value = perplexity(model, w, control=control, sink=sink, stage=f"PPL {key} ({name})")
+            sink(Metric(f"ppl:{key}", value, name))
             row.setdefault("ppl", {})[key] = {"value": value, "text": spec, "sha256": digest, "seq_len": n,
                                               "windows": int(w.shape[0]), "tokens": int(w.numel())}
             save()
         for spec in tasks:
             skip = seen.get(spec.sha256, set()) if spec.path is not None else set()
             r = zero_shot(model, loaded.tokenizer, [spec], cfg.limit, cfg.seed, cfg.batch_size, control, sink,
-                          label, exclude=skip)[spec.name]
-            sink(Metric(f"acc:{spec.name}", r.acc, label))
+                          name, exclude=skip)[spec.name]
+            sink(Metric(f"acc:{spec.name}", r.acc, name))
             row.setdefault("zeroshot", {})[spec.name] = {**r.to_dict(), "objective_rows_left_out": len(skip)}
             save()
         if cfg.speed:
-            runs = [speed(model, model.config.vocab_size, batch=b, sink=sink, stage=f"speed b{b} ({label})")
-                    for b in cfg.batches]
-            row["speed"] = {"prefill_tok_s": {str(s.batch): s.prefill_tok_s for s in runs},
-                            "decode_tok_s": runs[0].decode_tok_s, "ttft_ms": runs[0].ttft_s * 1e3,
-                            "prompt_len": runs[0].prompt_len, "new_tokens": runs[0].new_tokens,
-                            "repeats": runs[0].repeats, "statistic": "median after one warm-up"}
+            row["speed"] = _speed(model, cfg, name, sink)
             save()
             row["memory_mib"] = _memory(loaded, model, name, sink, export)
             save()
@@ -209,6 +221,15 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
     results["dense_params"] = dense_params
     save()
     return results
+
+
+def _speed(model, cfg: BenchConfig, name: str, sink: Sink) -> dict:
+    runs = [speed(model, model.config.vocab_size, batch=b, sink=sink, stage=f"speed b{b} ({name})")
+            for b in cfg.batches]
+    return {"prefill_tok_s": {str(s.batch): s.prefill_tok_s for s in runs},
+            "decode_tok_s": runs[0].decode_tok_s, "ttft_ms": runs[0].ttft_s * 1e3,
+            "prompt_len": runs[0].prompt_len, "new_tokens": runs[0].new_tokens,
+            "repeats": runs[0].repeats, "statistic": "median after one warm-up"}
 
 
 def _memory(loaded, model, name: str, sink: Sink, export) -> float | None:
