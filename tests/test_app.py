@@ -32,6 +32,15 @@ def text_of(app, selector: str) -> str:
     return str(app.screen.query_one(selector, Static).content)
 
 
+async def until(pilot, condition, timeout: float = 10.0) -> None:
+    """Wait for a condition instead of a fixed time (a loaded CI machine is slower; a fast one waits less)."""
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await pilot.pause(0.02)
+    assert condition(), "the app did not get there in time"
+
+
 async def settle(app, pilot) -> None:
     await app.workers.wait_for_complete()
     await pilot.pause()
@@ -107,7 +116,7 @@ def test_pause_resume_and_cancel_a_running_search(tmp_path):
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("r")
-            await pilot.pause(0.1)
+            await until(pilot, lambda: "search" in app.jobs)
             control = app.jobs["search"]
             await pilot.press("p")
             assert control.paused and "paused" in text_of(app, "#title")
@@ -130,7 +139,7 @@ def test_leaving_and_reopening_a_running_search_keeps_control_of_it(tmp_path):
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("r")
-            await pilot.pause(0.2)
+            await until(pilot, lambda: "search" in app.jobs)
             control = app.jobs["search"]
             await pilot.press("escape")
             assert isinstance(app.screen, SessionsScreen) and app.jobs  # still running behind
@@ -142,8 +151,8 @@ def test_leaving_and_reopening_a_running_search_keeps_control_of_it(tmp_path):
             assert control.paused
             await pilot.press("c")
             await settle(app, pilot)
-            await pilot.pause(0.7)
-            assert control.cancelled and not app.jobs and screen.control is None
+            await until(pilot, lambda: not app.jobs and screen.control is None)
+            assert control.cancelled
 
     run(go())
 
@@ -160,8 +169,7 @@ def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
             assert isinstance(screen, SearchScreen) and screen.view_mode == "attach" and not app.jobs
             assert screen.query_one(DataTable).row_count == 0
             backend.store["beta"]["log"].extend(recorded_events())  # the headless process writes its log
-            await pilot.pause(0.8)
-            assert screen.query_one(DataTable).row_count == N_TRIALS
+            await until(pilot, lambda: screen.query_one(DataTable).row_count == N_TRIALS)
             await pilot.press("c")  # nothing of ours to cancel
             assert not any(c[0] == "search" for c in backend.calls)
 
@@ -272,7 +280,7 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
             app.screen.query_one("#steps", Input).value = "8"
             app.screen.query_one("#shape", Input).value = "2x32"
             await pilot.press("ctrl+s")
-            await pilot.pause(0.2)
+            await until(pilot, lambda: "recover" in app.jobs)
             control = app.jobs["recover"]
             await pilot.press("p")
             assert control.paused and "paused" in text_of(app, "#status")
@@ -304,7 +312,7 @@ def test_quit_asks_while_work_runs_and_engine_errors_do_not_crash(tmp_path):
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("r")
-            await pilot.pause(0.1)
+            await until(pilot, lambda: "search" in app.jobs)
             control = app.jobs["search"]
             await pilot.press("ctrl+q")
             assert isinstance(app.screen, Confirm)
@@ -352,10 +360,8 @@ def test_real_engine_from_the_form_to_a_finished_search(tmp_path, tokenizer):
             await pilot.pause()
             assert isinstance(app.screen, NewSessionScreen)
             await pilot.press("ctrl+s")  # one key from the pre-filled form to a running search
-            for _ in range(600):
-                await pilot.pause(0.1)
-                if isinstance(app.screen, SearchScreen) and app.screen.view_mode == "view" and not app.jobs:
-                    break
+            await until(pilot, lambda: isinstance(app.screen, SearchScreen) and app.screen.view_mode == "view"
+                        and not app.jobs, timeout=600)
             table = app.screen.query_one(DataTable)
             assert table.row_count == 2 and str(table.get_row_at(0)[0]) == "0 base"
             assert (tmp_path / "sessions" / "real" / "plan.json").exists()
