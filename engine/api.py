@@ -30,7 +30,7 @@ __all__ = [
     "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "model_layers",
     "overrides_to_edits", "params_with", "plot_png", "plot_text", "prune", "recovery_state", "reevaluate",
     "run_bench", "run_recovery", "run_search", "summary", "table", "to_csv", "to_markdown",
-    "validate_bench", "validate_recover", "validate_search",
+    "validate_bench", "validate_recover", "validate_search", "warm_up",
 ]
 
 
@@ -48,6 +48,14 @@ def best_plan(session: Session) -> tuple[Plan | None, dict | None]:
 
     best = best_record(session)
     return (Plan.from_dict(best["plan"]), best) if best else (None, None)
+
+
+def warm_up() -> None:
+    """Import what the jobs and the layer review need (torch among them), e.g. in a background thread while a
+    UI shows its first screen, so the first plan or form that needs them opens without a pause."""
+    import engine.bench.run
+    import engine.review
+    import engine.search.driver  # noqa: F401
 
 
 # --- checks before any heavy work -------------------------------------------------------------------------

@@ -44,6 +44,8 @@ class AdapruneApp(App):
         self.start_new, self.defaults = new, defaults
 
     def on_mount(self) -> None:
+        # torch and the feature modules load in the background: the list shows at once, a plan opens quickly
+        self.run_worker(api.warm_up, thread=True, group="warm-up", exit_on_error=False)
         self.push_screen(SessionsScreen())
         if self.start_new:
             self.open_new_session()
