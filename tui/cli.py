@@ -15,6 +15,7 @@ from engine import api
 from engine.config import (
     DEFAULT_CALIB,
     EMBEDDED,
+    MAX_PRUNE,
     RECONSTRUCT_CALIB,
     RECONSTRUCT_LAMBDA,
     BenchConfig,
@@ -71,7 +72,7 @@ def _run_app(sessions_dir: Path | None, new: bool, no_color: bool) -> None:
 @clean_errors
 def prune_cmd(
     model: str = typer.Option(EMBEDDED, help=f"hub id, local HF folder, local .gguf, or {EMBEDDED} (embedded)"),
-    prune: float = typer.Option(0.20, help="fraction of ALL parameters to remove, in (0, 0.9]"),
+    prune: float = typer.Option(0.20, help=f"fraction of ALL parameters to remove, in (0, {MAX_PRUNE}]"),
     metric: str = typer.Option("taylor1", help="taylor1, taylor2, taylor-mix, vector, l1, l2, random, wanda"),
     aggregate: str = typer.Option("sum", help="how a group's matrices combine: sum, mean, max, prod, last"),
     calib: str = typer.Option(DEFAULT_CALIB, help="calibration text SOURCE[/SPLIT]:NxL (N windows of L tokens)"),
@@ -178,7 +179,7 @@ def _drive(session, worker: bool = False) -> None:
 def search_cmd(
     session: str = typer.Option(..., help="session name (a folder under --sessions-dir)"),
     model: str = typer.Option(EMBEDDED, help=f"hub id, local HF folder, local .gguf, or {EMBEDDED}"),
-    prune: float = typer.Option(0.20, help="fraction of ALL parameters to remove, in (0, 0.9]"),
+    prune: float = typer.Option(0.20, help=f"fraction of ALL parameters to remove, in (0, {MAX_PRUNE}]"),
     trials: int = typer.Option(20, help="trials to evaluate (duplicates proposed by TPE are free)"),
     seed: int = typer.Option(0, help="sampler and data seed; the same seed proposes the same trials"),
     source: list[str] = typer.Option(["stdlib-docs", "self"], help="calibration sources to search over"),

@@ -43,7 +43,7 @@ class TrialOutcome:
     accuracy: float | None = None  # the objective's zero-shot accuracy, when it has tasks
 
 
-def _recipe(params: dict, mixing: bool) -> dict:
+def _notes(params: dict, mixing: bool) -> dict:
     calib = (f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
              f"({params['calib_select']}, seed {params['calib_seed']})")
     extra = {"metric2": params["metric2"], "mix": params["mix"]} if mixing else {}
@@ -106,7 +106,7 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     recipe = Recipe(cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                     parse_attn_share(params["attn_share"]), cfg.round_to, cfg.seed,
                     0.0 if allocation == "global" else float(params.get("ramp", 0.0)), allocation, repair,
-                    notes=_recipe(params, mixing))
+                    notes=_notes(params, mixing))
     plan = prune_with(model, recipe, layer_ids, scores=scores, overrides=overrides, control=control, sink=sink)
     if repair is not None:
         cut = pruned_layer_ids(dense_shapes, plan.layers)
