@@ -25,7 +25,8 @@ from prune_recipes import WIKITEXT, _record, cpu_name
 
 from engine.config import PruneConfig, SearchConfig
 from engine.control import Control
-from engine.data.text import eval_windows, load_text, tokenize
+from engine.data.text import load_text
+from engine.data.windows import eval_windows, tokenize
 from engine.measure.evaluate import perplexity
 from engine.model.load import Loaded, load
 from engine.oneshot import evaluation_sets, oneshot_config, plan_and_prune

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,14 @@ from engine.config import BenchConfig, PruneConfig, RecoverConfig, SearchConfig
 from engine.control import Control
 from engine.events import Sink, null_sink
 from engine.search.trial_rows import TrialRow, TrialRows
-from engine.session.layout import RESULTS, best_record, recovery_state
+from engine.session.layout import (
+    OVERRIDES_PLAN,
+    RESULTS,
+    best_record,
+    recovery_state,
+    saved_plans,
+    session_plan,
+)
 from engine.session.store import Session, check_name, default_dir, list_sessions
 from engine.session.summary import summary
 
@@ -26,10 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
-    "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_text_spec", "counts_of",
+    "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
     "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "model_layers",
-    "overrides_to_edits", "params_with", "plot_png", "plot_text", "prune", "recovery_state", "reevaluate",
-    "run_bench", "run_recovery", "run_search", "summary", "table", "to_csv", "to_markdown",
+    "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "reevaluate",
+    "OVERRIDES_PLAN", "PlanChoice", "plan_choices", "run_bench", "run_recovery", "run_search", "saved_plans", "session_plan", "summary", "table", "to_csv", "to_markdown",
     "validate_bench", "validate_recover", "validate_search", "warm_up",
 ]
 
@@ -50,6 +58,37 @@ def best_plan(session: Session) -> tuple[Plan | None, dict | None]:
     return (Plan.from_dict(best["plan"]), best) if best else (None, None)
 
 
+@dataclass(frozen=True)
+class PlanChoice:
+    """A plan a user can export, bench or recover: the best trial's, or a saved one."""
+
+    name: str  # "best" or "plan:NAME"
+    label: str
+    plan: Plan
+    value: float | None  # its objective, when measured
+
+
+def plan_choices(session: Session) -> list[PlanChoice]:
+    """The best trial's plan, then the re-evaluated edits (plan:overrides), then other saved plans."""
+    from engine.prune.plan import Plan
+
+    plan, best = best_plan(session)
+    out = [PlanChoice("best", f"best trial {best['trial']}", plan, best["value"])] if plan is not None else []
+    for n in sorted(saved_plans(session), key=lambda n: (n != OVERRIDES_PLAN, n)):
+        edited = n == OVERRIDES_PLAN
+        value = session.manifest().get("overrides_value") if edited else None
+        out.append(PlanChoice(f"plan:{n}", "your edited plan (plan:overrides)" if edited else f"plan:{n}",
+                              Plan.from_dict(session_plan(session, f"plan:{n}")), value))
+    return out
+
+
+def plan_summary(plan) -> str:
+    """A plan in one line, in what it keeps."""
+    from engine.review import plan_summary as summary
+
+    return summary(plan)
+
+
 def warm_up() -> None:
     """Import what the jobs and the layer review need (torch among them), e.g. in a background thread while a
     UI shows its first screen, so the first plan or form that needs them opens without a pause."""
@@ -61,11 +100,20 @@ def warm_up() -> None:
 # --- checks before any heavy work -------------------------------------------------------------------------
 
 
-def check_text_spec(spec: str) -> None:
-    """Refuse a text spec (SOURCE[/SPLIT][:NxL]) that cannot be read."""
-    from engine.data.text import parse_spec
+def check_text_spec(spec: str, role: str = "calib") -> None:
+    """Refuse a text spec (SOURCE[/SPLIT][:NxL]) that cannot be read: a missing, empty, binary or malformed
+    file, an unknown source name, a split that does not exist."""
+    from engine.data.text import check_source
 
-    parse_spec(spec)
+    check_source(spec, role)  # type: ignore[arg-type]
+
+
+def check_model(spec: str) -> str:
+    """Refuse a model spec that names nothing (a path typo, a folder without a supported config), without
+    loading anything; the kind it names otherwise (embedded, gguf, folder, hub)."""
+    from engine.model.spec import check_model as check
+
+    return check(spec)
 
 
 def model_layers(spec: str, trust_remote_code: bool = False, sink: Sink = null_sink) -> int:
@@ -133,11 +181,13 @@ def run_recovery(root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_si
 
 
 def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink,
-                   widths: str = "plan", control: Control | None = None, recovered: bool = False) -> str:
-    """A session's plan as a Hugging Face folder; returns the format written."""
+                   widths: str = "plan", control: Control | None = None, recovered: bool = False,
+                   plan_name: str | None = None) -> str:
+    """A session's plan (best, or plan:NAME) as a Hugging Face folder; returns the format written."""
     from engine.session_export import export_session as export
 
-    return export(root, name, out, force, sink, widths, control, recovered)
+    return export(root, name, out, force, sink, widths, control, recovered, plan_name)
+
 
 
 # --- review of a plan, layer by layer -----------------------------------------------------------------------

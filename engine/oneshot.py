@@ -7,14 +7,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.config import PruneConfig, check_prune
+from engine.config import SELF, PruneConfig, check_prune
 from engine.control import Control
-from engine.data.text import draw_windows, eval_windows, load_text, parse_spec, text_hash, tokenize
+from engine.data.text import check_source, load_text, parse_spec, text_hash
+from engine.data.windows import draw_windows, eval_windows, tokenize
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, Sink, null_sink
 from engine.measure.evaluate import Speed, peak_memory, perplexity, speed
 from engine.model.export import check_out_dir, export
 from engine.model.load import Loaded, load_configured
+from engine.model.spec import check_model
 from engine.model.structure import count_params, default_layer_range, layer_shapes
 from engine.prune.importance import check_metric
 from engine.prune.plan import ALLOCATIONS, Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
@@ -88,14 +90,17 @@ def validate(cfg: PruneConfig) -> None:
     spec = parse_spec(cfg.calib)
     if spec.n is None:
         raise AdapruneError(f"--calib {cfg.calib!r} needs a size: add :NxL, e.g. {spec.name}:10x64")
+    check_source(cfg.calib, "calib")
     for e in cfg.evals:
-        parse_spec(e)
+        if check_source(e, "eval").name == SELF:
+            raise AdapruneError(f"--eval {e}: 'self' is sampled calibration text, not an evaluation text")
     if cfg.reconstruct:
         check_repair(cfg.reconstruct_calib, cfg.reconstruct_lambda)
     if cfg.eval_seq_len < 2 or (cfg.eval_windows is not None and cfg.eval_windows < 1):
         raise AdapruneError("evaluation needs windows of at least 2 tokens and at least one window")
     if cfg.out:
         check_out_dir(Path(cfg.out), cfg.force)
+    check_model(cfg.model)  # last: the options above are refused even when the model is missing too
 
 
 def oneshot_config(scfg, repaired: bool = False) -> PruneConfig:

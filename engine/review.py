@@ -84,6 +84,28 @@ def layer_rows(plan: Plan, edits: dict[int, tuple[int, int]] | None = None) -> l
     return rows
 
 
+def _span(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def plan_summary(plan: Plan) -> str:
+    """The plan in one line, in what is kept: what a user reads before exporting it."""
+    rows = layer_rows(plan)
+    cut = [r for r in rows if r.removed]
+    head = f"{plan.removed:,} of {plan.params_before:,} parameters removed ({plan.removed / plan.params_before:.1%})"
+    if not cut:
+        return head
+    ids = [r.index for r in cut]
+    where = f"layers {ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else f"{len(ids)} layers"
+    if plan.head_mode == "kv":
+        heads = f"{_span([r.kv_kept for r in cut])}/{cut[0].kv_total} KV groups"
+    else:
+        heads = f"{_span([r.heads_kept for r in cut])}/{cut[0].heads_per_group} query heads per KV group"
+    channels = f"{_span([r.channels_kept for r in cut])}/{cut[0].channels} MLP channels"
+    return f"{head}; {where} keep {heads} and {channels}" + ("; kept weights repaired" if plan.repair else "")
+
+
 def params_with(plan: Plan, edits: dict[int, tuple[int, int]]) -> int:
     """The parameter count if the edited layers had their edits and every other layer kept its plan (with the
     output biases a repaired plan adds where its layers are cut)."""

@@ -19,15 +19,18 @@ from engine.recover.train import loss_name, recovered_model
 from engine.search.data import SearchData
 from engine.search.objective import progressive_objective
 from engine.search.trial import prune_trial
-from engine.session.layout import best_record, session_plan
+from engine.session.layout import OVERRIDES_PLAN, best_record, recovery_state, session_plan
 from engine.session.store import Session
 
 WIDTHS = ("plan", "uniform")
 
 
 def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink,
-                   widths: str = "plan", control: Control | None = None, recovered: bool = False) -> str:
-    """Export a session's best model as a Hugging Face folder.
+                   widths: str = "plan", control: Control | None = None, recovered: bool = False,
+                   plan_name: str | None = None) -> str:
+    """Export a session's model as a Hugging Face folder: the best trial's plan, or with `plan_name`
+    "plan:NAME" a saved plan (plan:overrides is the one the Layers screen re-evaluated with the user's edits);
+    by default the best, or with `recovered` the plan the recovery trained on.
 
     widths="plan": the best plan as searched (per-layer widths unless every layer came out equal);
     "uniform": re-planned from the best configuration with the same cut in every layer (no protected layers,
@@ -44,12 +47,28 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     cfg = SearchConfig.from_dict(session.config())
     if recovered and widths != "plan":
         raise AdapruneError("--recovered exports the plan its adapter was trained on: leave --widths at plan")
+    state = recovery_state(session) if recovered else None
+    trained = state["plan"] if state else "best"
+    plan_name = plan_name or (trained if recovered else "best")
+    if plan_name != "best" and widths != "plan":
+        raise AdapruneError(f"--widths uniform re-plans the best trial's configuration; it cannot apply to "
+                            f"{plan_name}: leave --widths at plan")
+    chosen = session_plan(session, plan_name)  # refuses an unknown name, listing the saved ones
+    if state and plan_name != trained and chosen != session_plan(session, trained):
+        raise AdapruneError(f"the recovery was trained on {trained}, not {plan_name}: export {trained} "
+                            f"with --recovered, or {plan_name} without it")
     loaded = load_configured(cfg, sink)
-    plan = Plan.from_dict(best["plan"])
+    plan = Plan.from_dict(chosen)
     if plan.params_before != count_params(loaded.model):
         raise AdapruneError(f"session {name!r}: its model {cfg.model!r} no longer matches the plan (parameter count)")
-    recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
-              "objective": f"{best['value']:.4f}"}
+    if plan_name == "best":
+        recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
+                  "objective": f"{best['value']:.4f}"}
+    else:
+        value = session.manifest().get("overrides_value") if plan_name == f"plan:{OVERRIDES_PLAN}" else None
+        recipe = {"base model": cfg.model, "session": name, "plan": plan_name,
+                  **({"objective": f"{value:.4f}"} if value is not None else {})}
+        best = {"plan_name": plan_name, "value": value, "params": best["params"], "plan": chosen}
     if recovered:
         windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
         loaded.model, state = recovered_model(session, loaded.model, windows_for)

@@ -102,6 +102,39 @@ def test_bad_calibration_files(tiny_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt", "e.txt", "m.jsonl", tiny_folder.name]
 
 
+def test_bad_inputs_are_refused_before_the_model_loads(tiny_folder, tmp_path, monkeypatch):
+    """Every input checkable without the model fails first, in one line: a typo costs seconds, not a load."""
+    import engine.oneshot
+    import engine.search.driver
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(engine.oneshot, "load_configured", loaded)
+    monkeypatch.setattr(engine.search.driver, "num_layers", loaded)
+    empty, binary, bad = tmp_path / "e.txt", tmp_path / "b.txt", tmp_path / "m.jsonl"
+    empty.write_text("")
+    binary.write_bytes(bytes(range(256)) * 10)
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    for args, msg in (
+        (["--calib", f"{tmp_path}/missing.txt:2x16"], "neither a file nor a known name"),
+        (["--calib", "nosuchsource:2x16"], "neither a file nor a known name"),
+        (["--calib", f"{empty}:2x16"], "is empty"), (["--calib", f"{binary}:2x16"], "looks binary"),
+        (["--calib", f"{bad}:2x16"], "m.jsonl:2"), (["--calib", "stdlib-docs/nosplit:2x16"], "has splits"),
+        (["--eval", "nosuchsource"], "neither a file nor a known name"),
+        (["--reconstruct", "--reconstruct-calib", f"{empty}:4x16"], "is empty"),
+    ):
+        _one_line_error(_run("prune", "--model", tiny_folder, *args), msg)
+    for model in ("../nope/model", "./models/missing", "nope", "x/y.safetensors"):
+        _one_line_error(_run("prune", "--model", model), "does not exist")
+    root = tmp_path / "sessions"
+    for args, msg in ((["--source", "nosuchsource"], "neither a file nor a known name"),
+                      (["--objective", f"{empty}"], "is empty"),
+                      (["--model", "../nope/model"], "does not exist")):
+        _one_line_error(_run("search", "--session", "s", "--model", tiny_folder, "--sessions-dir", root, *args), msg)
+    assert not root.exists() or not any(root.iterdir())
+
+
 def test_existing_output_refused_before_work(tiny_folder, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

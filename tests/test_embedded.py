@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.config import PruneConfig, RecoverConfig, SearchConfig
-from engine.data.text import load_text, random_windows, tokenize
+from engine.data.text import load_text
+from engine.data.windows import random_windows, tokenize
 from engine.model.load import load
 from engine.oneshot import prune
 from engine.prune.recipe import Recipe, prune_with

@@ -49,6 +49,9 @@ def test_devices_and_dtypes():
 def test_a_gguf_that_is_not_a_model(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf at all" * 100)
+    with pytest.raises(AdapruneError, match="not a GGUF file"):  # refused by its header, before any loading
+        load(str(bad), device="cpu")
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"truncated" * 100)
     with pytest.raises(AdapruneError, match="cannot read .* as a GGUF model"):
         load(str(bad), device="cpu")
     models = Path(os.environ["ADAPRUNE_CACHE"]) / "models"

@@ -203,7 +203,8 @@ def test_distil_loss_is_the_kl_divergence():
 
 
 def test_distillation_moves_the_pruned_model_toward_the_dense_one(searched, text_file):
-    from engine.data.text import load_text, random_windows, tokenize
+    from engine.data.text import load_text
+    from engine.data.windows import random_windows, tokenize
     from engine.recover.train import distil_loss, loss_name
 
     root = searched.path.parent

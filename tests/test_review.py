@@ -81,6 +81,33 @@ def test_reevaluate_records_overrides_that_later_trials_respect(searched, monkey
     assert newest.state.name in ("COMPLETE", "PRUNED")
 
 
+def test_export_writes_the_edited_plan_when_asked(searched, tmp_path):
+    """A plan you edit is the plan you export: plan:overrides writes the re-evaluated edits, not the best."""
+    from engine.model.load import load
+    from engine.session_export import export_session
+
+    best = searched.read_json("plan.json")
+    plan = Plan.from_dict(best["plan"])
+    pruned = next(r.index for r in layer_rows(plan) if r.removed)
+    reevaluate(searched, {pruned: (0, 0)})
+    edited = json.loads((searched.path / "plans" / "overrides.json").read_text())
+    root = searched.path.parent
+    for name, expected in (("best", best["plan"]), ("plan:overrides", edited)):
+        out = tmp_path / name.replace(":", "-")
+        export_session(root, searched.name, out, plan_name=name)
+        written = json.loads((out / "adaprune_plan.json").read_text())
+        assert written["plan"] == expected
+        model = load(str(out), device="cpu", trust_remote_code=True).model
+        assert count_params(model) == expected["params_after"]
+        assert model.model.layers[pruned].mlp.down_proj.in_features == (64 if name != "best" else
+                                                                        len(expected["layers"][pruned]["keep_channels"]))
+    with pytest.raises(AdapruneError, match="no plan 'plan:nope'.*plan:overrides"):
+        export_session(root, searched.name, tmp_path / "x", plan_name="plan:nope")
+    with pytest.raises(AdapruneError, match="uniform re-plans the best"):
+        export_session(root, searched.name, tmp_path / "y", widths="uniform", plan_name="plan:overrides")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_rename_delete_and_follow(searched, tmp_path):
     root = searched.path.parent
     events, offset = searched.follow_events(0)

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from engine.data import text
-from engine.data.text import eval_windows, load_text, parse_spec, random_windows
+from engine.data import text, windows
+from engine.data.text import load_text, parse_spec
+from engine.data.windows import eval_windows, random_windows
 from engine.errors import AdapruneError
 
 
@@ -118,8 +119,8 @@ def test_self_text_is_sampled_from_the_model(tokenizer, monkeypatch):
     monkeypatch.setattr(gen.logger, "warning", lambda msg, *a, **k: warned.append(msg))
     model = make_model("llama")
     model.config.pad_token_id = tokenizer.bos_token_id  # the prompt is all BOS: it must not read as padding
-    a = text.sample_self(model, tokenizer, 3, 10, seed=5)
-    b = text.sample_self(model, tokenizer, 3, 10, seed=5)
+    a = windows.sample_self(model, tokenizer, 3, 10, seed=5)
+    b = windows.sample_self(model, tokenizer, 3, 10, seed=5)
     assert a.shape == (3, 10) and torch.equal(a, b)
     assert not [m for m in warned if "padding" in str(m)]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from engine.config import SELF, BenchConfig, RecoverConfig, SearchConfig
 from engine.control import Control
-from engine.data.text import eval_windows, load_text, parse_spec, text_hash, tokenize
+from engine.data.text import load_text, parse_spec, text_hash
+from engine.data.windows import eval_windows, tokenize
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, Sink, null_sink
 from engine.measure.evaluate import peak_memory, perplexity, speed

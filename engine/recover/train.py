@@ -23,7 +23,8 @@ from torch import nn
 
 from engine.config import PROJ, SELF, RecoverConfig, SearchConfig
 from engine.control import Control
-from engine.data.text import eval_windows, load_text, parse_spec, text_hash, tokenize
+from engine.data.text import check_source, load_text, text_hash
+from engine.data.windows import eval_windows, tokenize
 from engine.errors import AdapruneError, Cancelled
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
 from engine.files import atomic_folder
@@ -69,8 +70,8 @@ def validate(cfg: RecoverConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise AdapruneError(message)
-    for spec in [*cfg.data, *cfg.valid]:
-        if parse_spec(spec).name == SELF:
+    for spec, role in [*((s, "calib") for s in cfg.data), *((s, "eval") for s in cfg.valid)]:
+        if check_source(spec, role).name == SELF:
             raise AdapruneError(f"{spec!r}: recovery reads text from files, the built-in corpus or the hub, not "
                                 f"'self'; sample text into a file first")
 

@@ -9,7 +9,8 @@ import torch
 
 from engine.config import SELF, SearchConfig
 from engine.control import Control
-from engine.data.text import eval_windows, load_text, parse_spec, random_windows, sample_self, tokenize
+from engine.data.text import load_text, parse_spec
+from engine.data.windows import eval_windows, random_windows, sample_self, tokenize
 from engine.errors import AdapruneError
 from engine.events import (
     Log,

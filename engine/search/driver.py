@@ -153,8 +153,7 @@ class _Driver:
         state = TrialState.PRUNED if out.state == "pruned" else TrialState.COMPLETE
         self.close(state, out.value if state == TrialState.COMPLETE else None)
         self.sink(TrialFinished(trial.number, out.state, out.value, params, out.seconds, out.objective_seconds,
-                                out.params_after,
-                                f"zero-shot accuracy {out.accuracy:.3f}" if out.accuracy is not None else ""))
+                                out.params_after, out.message))
         if state == TrialState.COMPLETE and best_trial(self.study) == (trial.number, out.value):
             write_best(self.session, {"trial": trial.number, "value": out.value, "params": params,
                                       "plan": out.plan})

@@ -35,11 +35,14 @@ def progressive_objective(model, sets: dict[str, torch.Tensor], control: Control
         mean_log = sum(nll[k] / count[k] for k in sets if count[k]) / sum(1 for k in sets if count[k])
         value = math.exp(min(mean_log, 700))
         if report is not None and report(step, value):
-            raise Pruned(value)
+            raise Pruned(value, step + 1, steps)
     return value
 
 
 class Pruned(Exception):
-    def __init__(self, value: float) -> None:
-        self.value = value
+    """Stopped early: `value` is the running objective over the first `done` of `steps` batches, not
+    comparable with a whole objective."""
+
+    def __init__(self, value: float, done: int = 0, steps: int = 0) -> None:
+        self.value, self.done, self.steps = value, done, steps
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 from engine.config import SEARCH_METRICS, SearchConfig, check_prune, parse_attn_share
-from engine.data.text import parse_spec
+from engine.data.text import check_source
 from engine.errors import AdapruneError
 from engine.measure.zeroshot import parse_task
+from engine.model.spec import check_model
 from engine.model.structure import default_layer_range
 from engine.prune.importance import AGGREGATES as ALL_AGGREGATES
 from engine.prune.importance import METRICS, SAMPLE_METRICS
@@ -95,6 +96,7 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
 def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
     if cfg.trials < 1:
         raise AdapruneError(f"--trials {cfg.trials}: a search needs at least one trial")
+    check_model(cfg.model)
     check_prune(cfg.prune)
     if not cfg.sources:
         raise AdapruneError("no calibration sources to search: give at least one --source")
@@ -105,10 +107,10 @@ def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
     if not cfg.repair_cache_gb >= 0:
         raise AdapruneError(f"--repair-cache-gb {cfg.repair_cache_gb}: give zero or more GiB")
     for s in repair_sources(cfg):
-        if parse_spec(s).n is not None:
+        if check_source(s, "calib").n is not None:
             raise AdapruneError(f"--repair-source {s!r}: sizes are searched (repair_n); give the source without :NxL")
-    for s in [*cfg.sources, *cfg.objective]:
-        if parse_spec(s).n is not None:
+    for s, role in [*((s, "calib") for s in cfg.sources), *((s, "eval") for s in cfg.objective)]:
+        if check_source(s, role).n is not None:
             raise AdapruneError(f"{s!r}: sizes are searched (calib_n, calib_len); give the source without :NxL")
     if cfg.head_mode not in ("query", "kv"):
         raise AdapruneError(f"--heads {cfg.head_mode!r}: choose 'query' or 'kv'")
@@ -145,7 +147,7 @@ def _check_fixed(key: str, value: object) -> None:
     if key == "repair_n" and not (isinstance(value, int) and value >= 1):
         raise AdapruneError(f"--fix repair_n={value}: a positive number of windows")
     if key == "repair" and value != "none":
-        parse_spec(str(value))
+        check_source(str(value), "calib")
     if key == "ramp" and not (isinstance(value, (int, float)) and -1 < value < 1):
         raise AdapruneError(f"--fix ramp={value}: a slope in (-1, 1)")
     if key == "mix" and not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -161,7 +163,7 @@ def _check_fixed(key: str, value: object) -> None:
         except AdapruneError:
             raise AdapruneError(f"--fix attn_share={value}: give auto, same, or a number in [0, 1]") from None
     if key == "calib_source":
-        parse_spec(str(value))
+        check_source(str(value), "calib")
 
 
 def canonical(params: dict, overrides: dict | None = None) -> str:

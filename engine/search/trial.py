@@ -41,6 +41,7 @@ class TrialOutcome:
     objective_seconds: float
     params_after: int
     accuracy: float | None = None  # the objective's zero-shot accuracy, when it has tasks
+    message: str = ""
 
 
 def _notes(params: dict, mixing: bool) -> dict:
@@ -147,6 +148,9 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, 
             value *= (data.dense_accuracy() / max(accuracy, 1e-3)) ** cfg.objective_task_weight
     except Pruned as p:
         value, state = p.value, "pruned"
+        message = f"stopped early: objective over {p.done}/{p.steps} batches"
+    else:
+        message = f"zero-shot accuracy {accuracy:.3f}" if accuracy is not None else ""
     t2 = time.perf_counter()
-    return TrialOutcome(value, state, plan, t2 - t0 - once, t2 - t1, count_params(model), accuracy)
+    return TrialOutcome(value, state, plan, t2 - t0 - once, t2 - t1, count_params(model), accuracy, message)
 

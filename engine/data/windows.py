@@ -1,0 +1,86 @@
+"""Token windows cut from text: tokenising, random calibration windows, evaluation windows, self-sampled text.
+
+The text itself (specs, sources, files) is `engine.data.text`, which needs no torch, so inputs can be checked
+before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.config import SELF
+from engine.data.text import load_text, parse_spec, text_hash
+from engine.errors import AdapruneError
+from engine.events import Sink, Stage, null_sink
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All of `text` as one 1-D id tensor (no special tokens), tokenised in chunks to bound memory."""
+    ids: list[int] = []
+    chunk = 200_000
+    for start in range(0, len(text), chunk):
+        ids.extend(tokenizer(text[start : start + chunk], add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """n windows of seq_len tokens at random offsets (LLM-Pruner's calibration sampling), reproducible by seed."""
+    if ids.numel() < seq_len + 1:
+        raise AdapruneError(
+            f"calibration text has {ids.numel()} tokens, fewer than one {seq_len}-token window: give more text"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows; with a limit, evenly spaced ones so a prefix of the text does not decide."""
+    total = ids.numel() // seq_len
+    if total == 0:
+        raise AdapruneError(f"evaluation text has {ids.numel()} tokens, fewer than one {seq_len}-token window")
+    windows = ids[: total * seq_len].view(total, seq_len)
+    if max_windows is not None and max_windows < total:
+        pick = torch.linspace(0, total - 1, max_windows).round().long()
+        windows = windows[pick]
+    return windows
+
+
+def sample_self(
+    model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """n sequences of seq_len tokens sampled from the model itself, starting from BOS (or EOS if none)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise AdapruneError("'self' text needs a tokenizer with a BOS or EOS token")
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            # an explicit mask: a prompt that is all BOS (= the pad id here) otherwise reads as right-padding
+            seq = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=1.0, top_k=0, temperature=1.0,
+                max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=start,
+            )
+        out.append(seq[:, 1 : seq_len + 1].cpu())
+        if on_batch:
+            on_batch(i + b)
+    return torch.cat(out)
+
+
+def draw_windows(model, tokenizer, spec_text: str, seed: int, sink: Sink = null_sink,
+                 stage: str = "sample self text") -> tuple[torch.Tensor, str]:
+    """The N random windows of L tokens a calibration spec `SOURCE:NxL` names (sampled from `model` for
+    `self`), and the hash of the text they came from ("self" for sampled text)."""
+    spec = parse_spec(spec_text)
+    if spec.name == SELF:
+        with Stage(sink, stage, spec.n, "samples") as st:
+            return sample_self(model, tokenizer, spec.n, spec.seq_len, seed, on_batch=st.advance), SELF
+    text = load_text(spec, "calib")
+    return random_windows(tokenize(tokenizer, text), spec.n, spec.seq_len, seed), text_hash(text)

