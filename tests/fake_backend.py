@@ -33,6 +33,7 @@ class FakeBackend(Backend):
         self.calls: list[tuple] = []
         self.running: set[str] = set()
         self.delay = 0.0
+        self.fail_export: str | None = None
 
     def sessions(self) -> list[dict]:
         return [{"name": n, "model": s["config"]["model"], "prune": s["config"]["prune"],
@@ -95,6 +96,7 @@ class FakeBackend(Backend):
 
         self._get(name)["config"]["overrides"] = edits_to_overrides(edits)
         plan = self._get(name)["plan"]["plan"]
+        self._get(name)["edited"] = plan
         return {"value": 41.25, "params_after": plan["params_after"], "plan": plan}
 
     def bench_results(self, name: str) -> dict | None:
@@ -104,9 +106,24 @@ class FakeBackend(Backend):
         self.calls.append(("bench", name, cfg))
         return self._get(name)["bench"]
 
+    def plans(self, name: str) -> list:
+        from engine.api import PlanChoice
+
+        s = self._get(name)
+        if s["plan"] is None:
+            return []
+        out = [PlanChoice("best", f"best trial {s['plan']['trial']}", Plan.from_dict(s["plan"]["plan"]),
+                          s["plan"]["value"])]
+        if "edited" in s:
+            out.append(PlanChoice("plan:overrides", "your edited plan (plan:overrides)",
+                                  Plan.from_dict(s["edited"]), 41.25))
+        return out
+
     def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control,
-               recovered: bool = False) -> str:
-        self.calls.append(("export", name, out, force, widths, recovered))
+               recovered: bool = False, plan: str = "best") -> str:
+        self.calls.append(("export", name, out, force, widths, recovered, plan))
+        if self.fail_export:
+            raise AdapruneError(self.fail_export)
         return "uniform" if widths == "uniform" else "per-layer"
 
     def recovery_state(self, name: str) -> dict | None:

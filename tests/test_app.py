@@ -56,11 +56,13 @@ def test_sessions_table_rename_and_delete(tmp_path):
             assert app.screen.query_one(DataTable).row_count == 2
             await pilot.press("e")
             assert isinstance(app.screen, Ask)
-            app.screen.query_one(Input).value = "beta"  # taken: the error shows, nothing changes
+            app.screen.query_one(Input).value = "beta"  # taken: the error shows in the dialog, which stays open
             await pilot.press("enter")
             await pilot.pause()
             assert set(backend.store) == {"alpha", "beta"}
-            await pilot.press("e")
+            assert isinstance(app.screen, Ask) and "exists already" in text_of(app, "#problem")
+            await pilot.press("d")  # typed into the dialog, not a delete on the list behind it
+            assert isinstance(app.screen, Ask) and "d" in app.screen.query_one(Input).value
             app.screen.query_one(Input).value = "gamma"
             await pilot.press("enter")
             await pilot.pause()
@@ -85,6 +87,23 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
             screen = app.screen
             assert isinstance(screen, NewSessionScreen)
             assert screen.query_one("#model", Input).value == "smollm2-135m"  # the embedded default
+            for field in ("name", "model", "prune", "layers", "sources", "trials", "objective", "device"):
+                box = screen.query_one(f"#{field}", Input)  # every field's value is on screen at 80x24
+                assert box.region.height >= 1 and app.screen.region.contains_region(box.region), field
+            assert app.focused is screen.query_one("#name", Input)  # at the top, not on Start
+            await pilot.press("enter")
+            assert not backend.calls  # a stray Enter starts nothing
+            for field, value, problem in (("model", "../nope/model", "does not exist"),
+                                          ("model", "./models/missing", "does not exist"),
+                                          ("sources", "nosuchsource", "neither a file nor a known name"),
+                                          ("sources", f"{tmp_path}/missing.txt", "neither a file"),
+                                          ("objective", "stdlib-docs/nosplit", "has splits")):
+                screen.query_one(f"#{field}", Input).value = value
+                await pilot.pause()
+                assert problem in text_of(app, f"#{field}-problem"), (field, value)
+                assert screen.query_one(f"#{field}-problem", Static).region.height >= 1  # visible beside it
+                screen.query_one(f"#{field}", Input).value = {"model": "smollm2-135m", "sources": "stdlib-docs",
+                                                               "objective": "stdlib-docs/valid"}[field]
             screen.query_one("#prune", Input).value = "2"
             screen.query_one("#name", Input).value = "bad name"
             await pilot.pause()
@@ -247,17 +266,37 @@ def test_export_writes_the_chosen_folder(tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("x")
             assert isinstance(app.screen, ExportScreen)
-            assert "widths" in text_of(app, "#format")
+            assert "widths" in text_of(app, "#format") and "parameters removed" in text_of(app, "#format")
             app.screen.query_one("#out", Input).value = str(tmp_path / "out")
-            await pilot.press("enter")
+            await pilot.press("enter")  # moves on: only ctrl+s or the button writes
+            assert not [c for c in backend.calls if c[0] == "export"]
+            await pilot.press("ctrl+s")
             await settle(app, pilot)
-            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", False)
-            assert "saved to" in text_of(app, "#status") and "trust_remote_code" in text_of(app, "#status")
+            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", False, "best")
+            status = app.screen.query_one("#status", Static)
+            assert "saved best to" in str(status.content) and "trust_remote_code" in str(status.content)
+            assert app.screen.region.contains_region(status.region)  # the outcome is on screen at 80x24
             assert app.screen.query_one("#lora").disabled  # no recovery yet
             app.screen.query_one("#uniform").value = True
-            await pilot.press("enter")
+            await pilot.press("ctrl+s")
             await settle(app, pilot)
             assert backend.calls[-1][4] == "uniform" and "plain transformers" in text_of(app, "#status")
+            backend.fail_export = "folder exists: pass --force"
+            await pilot.press("ctrl+s")
+            await settle(app, pilot)
+            assert "error: folder exists" in text_of(app, "#status")  # a refused export is not silent
+            backend.fail_export = None
+            await pilot.press("escape")
+            # edits re-evaluated on the Layers screen are what Export writes by default, and it says so
+            await pilot.press("l", "v")
+            await settle(app, pilot)
+            await pilot.press("escape", "x")
+            await pilot.pause()
+            assert "edited plan" in str(app.screen.query_one("#choice-1").label)
+            assert app.screen.query_one("#choice-1").value and app.screen.query_one("#uniform").disabled
+            await pilot.press("ctrl+s")
+            await settle(app, pilot)
+            assert backend.calls[-1][-1] == "plan:overrides" and "saved plan:overrides" in text_of(app, "#status")
 
     run(go())
 
@@ -295,9 +334,9 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
             lora = app.screen.query_one("#lora")
             assert not lora.disabled and lora.value
             app.screen.query_one("#out", Input).value = str(tmp_path / "out")
-            await pilot.press("enter")
+            await pilot.press("ctrl+s")
             await settle(app, pilot)
-            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", True)
+            assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", True, "best")
             await pilot.press("escape", "escape")
             assert isinstance(app.screen, SessionsScreen)
             assert "done, LoRA" in str(app.screen.query_one(DataTable).get_cell("alpha", "status"))
@@ -370,8 +409,14 @@ def test_real_engine_from_the_form_to_a_finished_search(tmp_path, tokenizer):
     assert backend.sessions()[0]["done"] == 2
 
 
-@pytest.mark.parametrize("keys", [[], ["enter"], ["l"], ["b"], ["f"]],
-                         ids=["sessions", "search", "layers", "bench", "recover"])
+SCREENS = {"sessions": [], "search": ["enter"], "layers": ["l"], "bench": ["b"], "recover": ["f"], "export": ["x"],
+           "new-session": ["n"], "help": ["question_mark"], "help-end": ["question_mark", "end"],
+           "rename": ["e"], "delete": ["d"], "bench-form": ["b", "r"], "recover-form": ["f", "r"],
+           "layer-channels": ["l", "c"]}
+
+
+@pytest.mark.parametrize("keys", list(SCREENS.values()), ids=list(SCREENS))
 def test_snapshots_of_the_main_screens(snap_compare, tmp_path, keys):
+    """Every screen, form and dialog at 80x24 (the SVGs in __snapshots__ are what a user sees)."""
     app = AdapruneApp(FakeBackend(tmp_path))
     assert snap_compare(app, press=keys, terminal_size=SIZE)

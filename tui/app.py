@@ -7,6 +7,7 @@ stream; engine work runs in worker threads (`tui.jobs`), so the app answers keys
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 from textual.app import App, SystemCommand
@@ -15,9 +16,10 @@ from textual.screen import Screen
 
 from engine import api
 from engine.control import Control
+from tui import keys
 from tui.backend import Backend, NewSession
 from tui.screens.bench import BenchScreen
-from tui.screens.dialogs import Confirm, Help
+from tui.screens.dialogs import HELP_INTRO, Confirm, Help
 from tui.screens.export import ExportScreen
 from tui.screens.layers import LayersScreen
 from tui.screens.new_session import NewSessionScreen
@@ -29,10 +31,10 @@ from tui.screens.sessions import SessionsScreen
 class AdapruneApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "adaprune"
-    SUB_TITLE = "structured pruning with searched calibration and metrics"
+    SUB_TITLE = "structured pruning, searched"
     BINDINGS = [
-        Binding("ctrl+q", "quit_app", "Quit", priority=True),
-        Binding("f1,question_mark", "help", "Help"),
+        Binding("ctrl+q", "quit_app", "Quit", priority=True, id="app.quit", tooltip="quit (asks first while work is running)"),
+        Binding("f1,question_mark", "help", "Help", id="app.help", tooltip="this help"),
     ]
 
     def __init__(self, backend: Backend | None = None, sessions_dir: Path | None = None, new: bool = False,
@@ -42,8 +44,13 @@ class AdapruneApp(App):
         self.jobs: dict[str, Control] = {}  # engine work in flight, by job name
         self.searching: str | None = None  # the session whose search this app runs, if any
         self.start_new, self.defaults = new, defaults
+        self.keymap: dict[str, str] = {}
 
     def on_mount(self) -> None:
+        self.keymap, problem = keys.load_keymap()
+        self.set_keymap(self.keymap)
+        if problem:
+            self.notify(problem, severity="warning", timeout=10)
         # torch and the feature modules load in the background: the list shows at once, a plan opens quickly
         self.run_worker(api.warm_up, thread=True, group="warm-up", exit_on_error=False)
         self.push_screen(SessionsScreen())
@@ -87,26 +94,36 @@ class AdapruneApp(App):
         self.push_screen(RecoverScreen(name))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
+        """The palette: Textual's own (theme, keys, screenshot), then every key of this screen and the app,
+        from their bindings (so the palette, the help and the footer cannot disagree)."""
+        for command in super().get_system_commands(screen):
+            if command.title != "Quit":  # Textual's quits at once; ours asks while work runs
+                yield command
         yield SystemCommand("New session", "Open the new-session form", self.open_new_session)
-        yield SystemCommand("Help", "Keys and screens", self.action_help)
-        for action, title in (("open", "Open session"), ("resume", "Resume session"),
-                              ("attach", "Attach to session"), ("layers", "Review layers"),
-                              ("bench", "Benchmarks"), ("recover", "Recover with LoRA"), ("export", "Export"),
-                              ("rename", "Rename session"),
-                              ("delete", "Delete session"), ("pause", "Pause / resume search"),
-                              ("cancel", "Cancel search"), ("reevaluate", "Re-evaluate overrides"),
-                              ("restore", "Restore proposed plan"), ("run", "Run benchmark"),
-                              ("train", "Start or continue recovery")):
-            if hasattr(screen, f"action_{action}"):
-                yield SystemCommand(title, f"{title} ({type(screen).__name__.removesuffix('Screen')})",
-                                    getattr(screen, f"action_{action}"))
+        for owner in (screen, self):
+            for b in keys.bindings(type(owner)):
+                action = b.action.partition("(")[0]
+                if not hasattr(owner, f"action_{action}") or owner.check_action(action, ()) is False:
+                    continue
+                yield SystemCommand(b.description, f"{b.tooltip or b.description} · key "
+                                    f"{keys.keys_of(b, self.keymap)}",
+                                    partial(self.call_later, owner.run_action, b.action))
+
+    def help_text(self) -> str:
+        sections = [("Anywhere", AdapruneApp), ("Sessions", SessionsScreen), ("New session", NewSessionScreen),
+                    ("Search", SearchScreen), ("Layers", LayersScreen), ("Benchmarks", BenchScreen),
+                    ("Recover", RecoverScreen), ("Export", ExportScreen)]
+        return HELP_INTRO + "\n" + keys.help_text(sections, self.keymap) + (
+            f"Keys are remapped by binding id in {keys.keymap_path()}, e.g. {{\"sessions.delete\": \"D\"}}.")
 
     # --- app-wide actions -----------------------------------------------------------------------------------
 
     def action_help(self) -> None:
         if not isinstance(self.screen, Help):
-            self.push_screen(Help())
+            self.push_screen(Help(self.help_text()))
+
+    async def action_quit(self) -> None:
+        self.action_quit_app()  # every way out asks while work runs
 
     def action_quit_app(self) -> None:
         if not self.jobs:

@@ -74,15 +74,12 @@ class Backend:
         check("name", lambda: api.check_name(form.name))
         if form.name and (self.root / form.name).exists():
             problems["name"] = f"a session named {form.name!r} exists already"
-        if not form.model.strip():
-            problems["model"] = "give the embedded model, a hub id, a folder or a .gguf file"
-        elif not (form.model == EMBEDDED or "/" in form.model or Path(form.model).expanduser().exists()):
-            problems["model"] = f"no folder or file {form.model!r}; a hub id looks like org/name"
+        check("model", lambda: api.check_model(form.model))
         check("prune", lambda: _fraction(form.prune))
         check("trials", lambda: _positive(form.trials, "trials"))
         check("layers", lambda: _layers(form.layers))
         check("sources", lambda: [api.check_text_spec(s) for s in _items(form.sources)] or _empty("calibration sources"))
-        check("objective", lambda: [api.check_text_spec(s) for s in _items(form.objective)] or _empty("objective texts"))
+        check("objective", lambda: [api.check_text_spec(s, "eval") for s in _items(form.objective)] or _empty("objective texts"))
         if not form.metrics:
             problems["metrics"] = "choose at least one metric to search"
         if form.device not in ("auto", "cpu") and not form.device.startswith("cuda"):
@@ -129,6 +126,10 @@ class Backend:
     def best_plan(self, name: str):
         return api.best_plan(self.session(name))
 
+    def plans(self, name: str) -> list:
+        """The plans the session can export: best first, then the re-evaluated edits, then saved ones."""
+        return api.plan_choices(self.session(name))
+
     def reevaluate(self, name: str, edits: dict[int, tuple[int, int]], sink: Sink, control: Control) -> dict:
         return api.reevaluate(self.session(name), edits, sink, control)
 
@@ -139,8 +140,9 @@ class Backend:
         return api.run_bench(self.session(name), cfg, sink, control)
 
     def export(self, name: str, out: str, force: bool, widths: str, sink: Sink, control: Control,
-               recovered: bool = False) -> str:
-        return api.export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control, recovered)
+               recovered: bool = False, plan: str = "best") -> str:
+        return api.export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control, recovered,
+                                  plan)
 
     def recovery_state(self, name: str) -> dict | None:
         return api.recovery_state(self.session(name))

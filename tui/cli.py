@@ -257,14 +257,18 @@ def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"),
                                           "layer, loads in plain transformers"),
                recovered: bool = typer.Option(False, "--recovered", help="the plan with the session's finished "
                                               "LoRA recovery merged in (adaprune recover)"),
+               plan: str = typer.Option(None, "--plan", help="best (the best trial), or plan:NAME, a saved plan "
+                                        "(plan:overrides: the app's re-evaluated edits); default best, or the "
+                                        "recovery's plan with --recovered"),
                sessions_dir: Path = SESSIONS_DIR) -> None:
-    """Export the best plan of a session as a Hugging Face folder."""
+    """Export a session's plan (by default its best trial's) as a Hugging Face folder."""
     from tui.report import RichSink
 
     session_root = _root(sessions_dir)
     console = Console()
     with RichSink(console) as sink:
-        fmt = api.export_session(session_root, name, out, force, sink, widths, recovered=recovered)
+        fmt = api.export_session(session_root, name, out, force, sink, widths, recovered=recovered,
+                                 plan_name=plan)
     how = "plain transformers" if fmt == "uniform" else "trust_remote_code=True"
     console.print(f"saved to {out} ({fmt} widths; loads with {how})")
 

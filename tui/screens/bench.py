@@ -7,36 +7,42 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, ProgressBar, Static
 
 from engine import api
 from engine.config import BenchConfig
 from engine.errors import AdapruneError
 from engine.events import StageProgress, StageStarted
 from tui.jobs import EngineEvent, JobDone, start_job
+from tui.screens.dialogs import field_row
 
 
 class BenchForm(ModalScreen[BenchConfig | None]):
-    BINDINGS = [Binding("ctrl+s", "run", "Run", priority=True), Binding("escape", "cancel", "Cancel")]
+    BINDINGS = [Binding("ctrl+s", "run", "Run", priority=True, id="bench-form.run", tooltip="run the benchmark"),
+                Binding("escape", "cancel", "Cancel", id="bench-form.cancel", tooltip="close the form")]
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label("Zero-shot tasks (lm-eval names or .jsonl files, comma-separated)")
-            yield Input("", id="tasks", placeholder="piqa, ../shared/data/tasks/boolq.jsonl")
-            yield Label("Rows per task (empty: all)")
-            yield Input("100", id="limit")
-            yield Label("PPL texts (wikitext2, ptb, c4, stdlib-docs, files)")
-            yield Input("stdlib-docs", id="ppl")
-            yield Checkbox("speed and memory", value=False, id="speed")
+            yield Static("Benchmark the dense model against the session's plans; results already measured are "
+                         "kept and extended.", markup=False, classes="question")
+            yield field_row("Tasks", Input("", id="tasks", placeholder="piqa, tasks/boolq.jsonl", compact=True))
+            yield Static("zero-shot: lm-eval names (need the hub) or local .jsonl files, comma-separated",
+                         markup=False, classes="dim hintline")
+            yield field_row("Rows/task", Input("100", id="limit", placeholder="all", compact=True))
+            yield field_row("PPL texts", Input("stdlib-docs", id="ppl", compact=True))
+            yield Static("wikitext2, ptb, c4 (need the hub), stdlib-docs, or .txt/.jsonl/.parquet files",
+                         markup=False, classes="dim hintline")
+            yield Checkbox("speed and memory (prefill and decode; slow on a CPU)", value=False, id="speed",
+                           compact=True)
             yield Static("", markup=False, id="problem", classes="error")
             with Horizontal(classes="buttons"):
-                yield Button("Run (ctrl+s)", variant="primary", id="run")
+                yield Button("Run (ctrl+s)", variant="primary", id="run", compact=True)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_run()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.action_run()
+        self.focus_next()  # Enter moves on; the work starts on ctrl+s or the button, never by accident
 
     def action_run(self) -> None:
 
@@ -59,7 +65,8 @@ class BenchForm(ModalScreen[BenchConfig | None]):
 
 
 class BenchScreen(Screen):
-    BINDINGS = [Binding("r", "run", "Run / extend"), Binding("escape", "back", "Back")]
+    BINDINGS = [Binding("r", "run", "Run / extend", id="bench.run", tooltip="run or extend the table (a form)"),
+                Binding("escape", "back", "Back", id="bench.back", tooltip="back")]
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -74,7 +81,7 @@ class BenchScreen(Screen):
             yield Static("", markup=False, id="stage", classes="barlabel")
             yield ProgressBar(id="stage-bar", show_eta=True)
         yield Static("", markup=False, id="status", classes="dim")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#stage-row").display = False  # shown while a benchmark runs

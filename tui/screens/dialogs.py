@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Static
+
+
+def field_row(label: str, widget: Widget) -> Horizontal:
+    """A one-line form field: a short label, then the (compact) input; forms fit 80x24 this way."""
+    return Horizontal(Label(label, classes="rowlabel"), widget, classes="row")
 
 
 class Confirm(ModalScreen[bool]):
@@ -20,7 +26,7 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="question")
+            yield Static(self.question, markup=False, classes="question")
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", variant="error", id="yes")
                 yield Button("No (n)", variant="primary", id="no")
@@ -36,7 +42,8 @@ class Confirm(ModalScreen[bool]):
 
 
 class Ask(ModalScreen[str | None]):
-    """One value, checked by `check` (returns a problem or None) before the dialog closes."""
+    """One value, checked (or applied) by `check`, which returns a problem or None: with a problem the dialog
+    stays open and shows it in place, so keys typed next still go to the dialog."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
@@ -46,7 +53,7 @@ class Ask(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="question")
+            yield Static(self.question, markup=False, classes="question")
             yield Input(self.value, id="answer")
             yield Static("", markup=False, id="problem", classes="error")
 
@@ -61,30 +68,28 @@ class Ask(ModalScreen[str | None]):
         self.dismiss(None)
 
 
-HELP = """\
-adaprune prunes whole attention heads and MLP channels, choosing calibration data and importance metrics by
-Bayesian optimisation (TPE). Keyboard first: every action has a key, shown in the footer for the screen
-you are on; ctrl+p opens the command palette with all of them.
-
-Sessions   enter open · n new · r resume · a attach (follow a headless run) · e rename · d delete
-           l layers · b benchmarks · f recover (LoRA) · x export · F5 refresh
-New        tab between fields (problems are flagged in place) · ctrl+s start · escape back
-Search     p pause/resume · c cancel (the session stays resumable) · l layers · b benchmarks · escape back
-Layers     k lock/unlock layer · h heads · c channels · r restore proposed plan · v re-evaluate
-Benchmarks r run or extend the table
-Recover    r start or continue · p pause/resume · c cancel (finished steps are kept) · x export
-Export     enter write the folder (with the LoRA recovery merged in, once it has finished)
-Anywhere   ctrl+p command palette · F1 or ? help · ctrl+q quit (asks first while work is running)
-"""
+HELP_INTRO = (
+    "adaprune prunes whole attention heads and MLP channels, choosing calibration data and importance metrics "
+    "by Bayesian optimisation (TPE). Every action has a key (the footer shows the main ones); ctrl+p opens the "
+    "command palette with all of them. Arrows and page keys scroll this help.\n"
+)
 
 
 class Help(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,f1,question_mark", "close", "Close")]
 
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog help"):
-            yield Static(HELP, markup=False)
-            yield Label("escape closes", classes="dim")
+            with VerticalScroll(id="help-text"):
+                yield Static(self.text, markup=False)
+            yield Label("escape closes; arrows scroll", classes="dim")
+
+    def on_mount(self) -> None:
+        self.query_one("#help-text").focus()
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -1,112 +1,159 @@
-"""Export: write the session's best plan as a Hugging Face folder, with progress."""
+"""Export: choose the plan (the best trial's, your edited one, or another saved plan) and write it as a Hugging
+Face folder, with progress; the status line under the form says what is written and what went wrong."""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, RadioButton, RadioSet, Static
 
+from engine import api
 from engine.errors import AdapruneError
 from tui.jobs import EngineEvent, JobDone, start_job
 
 
 class ExportScreen(Screen):
-    BINDINGS = [Binding("escape", "back", "Back")]
+    BINDINGS = [Binding("ctrl+s", "export", "Export", priority=True, id="export.write", tooltip="write the folder"),
+                Binding("escape", "back", "Back", id="export.back", tooltip="back")]
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.session_name = name
         self.running = False
+        self.choices: list = []  # api.PlanChoice, in the order of the radio buttons
+        self.trained: str | None = None  # the plan a finished recovery was trained on
+        self.index = 0  # the chosen plan
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Vertical(id="export"):
-            yield Static("", markup=False, id="format")
-            yield Label("Folder to write")
-            yield Input(f"out/{self.session_name}-best", id="out")
-            with RadioSet(id="widths"):
-                yield RadioButton("the searched plan (per-layer widths: trust_remote_code)", value=True, id="plan")
-                yield RadioButton("uniform widths, re-planned (plain transformers)", id="uniform")
-            yield Checkbox("replace the folder if it exists", id="force")
+        with VerticalScroll(id="export"):
+            yield Static(f"export session {self.session_name}", markup=False, id="title")
+            yield Label("Plan to write", classes="field")
+            yield RadioSet(id="plans", compact=True)
+            yield Static("", markup=False, id="format", classes="dim")
+            yield Label("Widths", classes="field")
+            with RadioSet(id="widths", compact=True):
+                yield RadioButton("as planned (per-layer widths load with trust_remote_code)", value=True, id="plan")
+                yield RadioButton("uniform widths, re-planned from the best trial (plain transformers)", id="uniform")
+            with Horizontal(classes="row"):
+                yield Label("Folder", classes="rowlabel")
+                yield Input(f"out/{self.session_name}", id="out", compact=True)
+            yield Checkbox("replace the folder if it exists", id="force", compact=True)
             yield Checkbox("with the LoRA recovery merged in (f on the sessions screen trains it)", id="lora",
-                           disabled=True)
-            yield Button("Export (enter)", variant="primary", id="go")
-            yield Static("", markup=False, id="status")
-        yield Footer()
+                           disabled=True, compact=True)
+            with Horizontal(classes="buttons"):
+                yield Button("Export (ctrl+s)", variant="primary", id="go", compact=True)
+        yield Static("", markup=False, id="status")
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         try:
-            plan, best = self.app.backend.best_plan(self.session_name)
+            self.choices = self.app.backend.plans(self.session_name)
         except AdapruneError as e:
-            self.query_one("#format", Static).update(f"error: {e}")
-            return
-        if plan is None:
-            self.query_one("#format", Static).update("no completed trial yet: nothing to export")
+            self.query_one("#status", Static).update(f"error: {e}")
             self.query_one("#go", Button).disabled = True
             return
-        fmt = ("its widths are uniform: a standard config, loads in plain transformers" if plan.uniform else
-               "its widths differ per layer: it loads with trust_remote_code=True (modeling_adaprune.py in the "
-               "folder) or with adaprune; 'uniform' re-plans the same cut in every layer instead")
-        self.query_one("#format", Static).update(
-            f"best trial {best['trial']} (objective {best['value']:.3f}), {plan.params_after:,} parameters — {fmt}")
+        if not self.choices:
+            self.query_one("#status", Static).update("no completed trial yet: nothing to export")
+            self.query_one("#go", Button).disabled = True
+            return
+        plans = self.query_one("#plans", RadioSet)
+        # your edits, once re-evaluated, are what you meant to export: chosen by default (and said so)
+        default = next((i for i, c in enumerate(self.choices) if c.name == f"plan:{api.OVERRIDES_PLAN}"), 0)
+        for i, c in enumerate(self.choices):
+            value = f", objective {c.value:.3f}" if c.value is not None else ""
+            plans.mount(RadioButton(f"{c.label}{value}: {c.plan.params_after:,} parameters", value=i == default,
+                                    id=f"choice-{i}", compact=True))
+        self.index = default
+        self.show_lora()
+        self.show_choice()
+        out = self.query_one("#out", Input)
+        out.focus()
+        out.cursor_position = len(out.value)
+
+    def chosen(self):
+        return self.choices[self.index]
+
+    def show_choice(self) -> None:
+        c = self.chosen()
+        fmt = ("Its widths are uniform: a standard config, plain transformers loads it" if c.plan.uniform else
+               "Its widths differ per layer: it loads with trust_remote_code=True (modeling_adaprune.py in the "
+               "folder) or with adaprune")
+        self.query_one("#format", Static).update(f"{api.plan_summary(c.plan)}. {fmt}")
+        uniform = self.query_one("#uniform", RadioButton)
+        uniform.disabled = c.name != "best"  # uniform widths re-plan the best trial's configuration
+        if uniform.disabled and uniform.value:
+            self.query_one("#plan", RadioButton).value = True
+        out = self.query_one("#out", Input)
+        if out.value.startswith(f"out/{self.session_name}"):  # still the suggestion: name it after the plan
+            out.value = f"out/{self.session_name}-{c.name.removeprefix('plan:')}"
+
+    def show_lora(self) -> None:
         try:
             state = self.app.backend.recovery_state(self.session_name)
         except AdapruneError:
             state = None
         lora = self.query_one("#lora", Checkbox)
         if state is not None and state["status"] == "done":
+            self.trained = state.get("plan", "best")
             lora.disabled, lora.value = False, True
-            lora.label = (f"with the LoRA recovery merged in ({state['step']} steps, validation PPL "
-                          f"{state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f})")
+            lora.label = (f"with the LoRA recovery merged in (trained on {self.trained}, {state['step']} steps, "
+                          f"validation PPL {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f})")
         elif state is not None:
             lora.label = f"LoRA recovery stopped at step {state['step']}: finish it first (f on the sessions screen)"
-        self.query_one("#out", Input).focus()
+
+    def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
+        if event.radio_set.id == "plans":
+            self.index = event.index
+            self.show_choice()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.export()
+        self.focus_next()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "go":
-            self.export()
+            self.action_export()
 
-    def export(self) -> None:
-        if self.running:
+    def say(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    def action_export(self) -> None:
+        if self.running or not self.choices:
             return
         out = self.query_one("#out", Input).value.strip()
         if not out:
-            self.query_one("#status", Static).update("give a folder")
+            self.say("give a folder to write")
             return
-        self.running = True
         force, name = self.query_one("#force", Checkbox).value, self.session_name
         widths = "uniform" if self.query_one("#uniform", RadioButton).value else "plan"
         lora = self.query_one("#lora", Checkbox)
         recovered = lora.value and not lora.disabled
-        if recovered and widths == "uniform":
-            self.running = False
-            self.query_one("#status", Static).update("the recovery was trained on the searched plan: export that "
-                                                     "plan, or clear the LoRA box for uniform widths")
+        plan = self.chosen().name
+        if recovered and plan != self.trained:
+            self.say(f"the LoRA recovery was trained on {self.trained}: choose that plan, or clear the LoRA box")
             return
-        self.query_one("#status", Static).update(f"writing {out}…")
+        self.running = True
+        self.say(f"writing {plan} to {out}…")
         start_job(self, "export", lambda sink, control: self.app.backend.export(name, out, force, widths, sink,
-                                                                                 control, recovered))
+                                                                                 control, recovered, plan))
 
     def on_engine_event(self, message: EngineEvent) -> None:
         stage = getattr(message.event, "stage", None)
         if stage:
-            self.query_one("#status", Static).update(f"{stage}…")
+            self.say(f"{stage}…")
 
     def on_job_done(self, message: JobDone) -> None:
         if message.job != "export":
             return
         self.running = False
         if message.error:
-            self.query_one("#status", Static).update(f"error: {message.error}")
+            self.say(f"error: {message.error}")
             return
         out = self.query_one("#out", Input).value.strip()
         how = "plain transformers" if message.result == "uniform" else "trust_remote_code=True"
-        self.query_one("#status", Static).update(f"saved to {out} ({message.result} widths; loads with {how})")
+        self.say(f"saved {self.chosen().name} to {out} ({message.result} widths; loads with {how})")
         self.notify(f"exported to {out}")
 
     def action_back(self) -> None:

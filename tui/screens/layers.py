@@ -23,12 +23,12 @@ BAR = 10
 
 class LayersScreen(Screen):
     BINDINGS = [
-        Binding("k", "lock", "Lock"),
-        Binding("h", "heads", "Heads"),
-        Binding("c", "channels", "Channels"),
-        Binding("r", "restore", "Restore"),
-        Binding("v", "reevaluate", "Re-evaluate"),
-        Binding("escape", "back", "Back"),
+        Binding("k", "lock", "Lock", id="layers.lock", tooltip="keep the layer whole, or unlock it"),
+        Binding("h", "heads", "Heads", id="layers.heads", tooltip="how many heads the layer keeps"),
+        Binding("c", "channels", "Channels", id="layers.channels", tooltip="how many MLP channels the layer keeps"),
+        Binding("r", "restore", "Restore", id="layers.restore", tooltip="drop the edits: the proposed plan"),
+        Binding("v", "reevaluate", "Re-evaluate", id="layers.reevaluate", tooltip="prune with the edits, measure, save them as a plan"),
+        Binding("escape", "back", "Back", id="layers.back", tooltip="back"),
     ]
 
     def __init__(self, name: str) -> None:
@@ -44,7 +44,7 @@ class LayersScreen(Screen):
         yield Static("", markup=False, id="summary")
         yield DataTable(id="layers", cursor_type="row", zebra_stripes=True)
         yield Static("", markup=False, id="status", classes="dim")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

@@ -14,20 +14,23 @@ from engine.config import SEARCH_METRICS
 from tui.backend import NewSession
 from tui.jobs import EngineEvent, JobDone, start_job
 
-LABELS = {
-    "name": "Session name",
-    "model": "Model (smollm2-135m, hub id, folder or .gguf)",
-    "prune": "Target: fraction of all parameters to remove",
-    "layers": "Layers to prune ('search', or A-B)",
-    "sources": "Calibration sources (comma-separated)",
-    "trials": "Trial budget",
-    "objective": "Objective texts (comma-separated)",
-    "device": "Device (auto, cpu, cuda, cuda:N)",
+# (short label, what to give: shown below the form for the focused field)
+FIELDS = {
+    "name": ("Session", "the session's name: letters, digits, '-', '_' and '.' (a folder under the sessions dir)"),
+    "model": ("Model", "smollm2-135m (embedded), a hub id org/name, a local model folder or a .gguf file"),
+    "prune": ("Prune", "the fraction of ALL parameters to remove, e.g. 0.20"),
+    "layers": ("Layers", "'search' (the search picks the first and last kept layers) or a range A-B"),
+    "sources": ("Calibration", "texts to calibrate on, comma-separated: stdlib-docs, self, files (.txt .jsonl .parquet)"),
+    "metrics": ("Metrics", "importance metrics the search may choose (space toggles)"),
+    "trials": ("Trials", "the trial budget: 20 takes about 10 minutes for the embedded model on 2 CPU cores"),
+    "objective": ("Objective", "texts the objective measures PPL on, comma-separated (held-out splits)"),
+    "device": ("Device", "auto, cpu, cuda or cuda:N"),
 }
 
 
 class NewSessionScreen(Screen):
-    BINDINGS = [Binding("ctrl+s", "start", "Start", priority=True), Binding("escape", "back", "Back")]
+    BINDINGS = [Binding("ctrl+s", "start", "Start", priority=True, id="new.start", tooltip="create the session and start its search"),
+                Binding("escape", "back", "Back", id="new.back", tooltip="back, nothing created")]
 
     def __init__(self, defaults: NewSession | None = None) -> None:
         super().__init__()
@@ -37,25 +40,33 @@ class NewSessionScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll(id="form"):
+            yield Static("New search session: fields are checked as you type; ctrl+s starts it.", markup=False,
+                         classes="dim")
             for f in fields(NewSession):
-                if f.name == "metrics":
-                    yield Label("Metrics to search", classes="field")
-                    yield SelectionList[str](*[(m, m, m in self.defaults.metrics) for m in SEARCH_METRICS],
-                                             id="metrics")
-                    yield Static("", markup=False, id="metrics-problem", classes="error")
-                    continue
-                yield Label(LABELS[f.name], classes="field")
-                yield Input(str(getattr(self.defaults, f.name)), id=f.name)
-                yield Static("", markup=False, id=f"{f.name}-problem", classes="error")
-            yield Static("", markup=False, id="form-problem", classes="error")
+                label, _ = FIELDS[f.name]
+                with Horizontal(classes="row"):
+                    yield Label(label, classes="rowlabel")
+                    if f.name == "metrics":
+                        yield SelectionList[str](*[(m, m, m in self.defaults.metrics) for m in SEARCH_METRICS],
+                                                 id="metrics", compact=True)
+                    else:
+                        yield Input(str(getattr(self.defaults, f.name)), id=f.name, compact=True)
+                yield Static("", markup=False, id=f"{f.name}-problem", classes="error problem")
+            yield Static("", markup=False, id="form-problem", classes="error problem")
             with Horizontal(classes="buttons"):
-                yield Button("Start (ctrl+s)", variant="primary", id="start")
-        yield Static("", markup=False, id="status", classes="dim")
-        yield Footer()
+                yield Button("Start (ctrl+s)", variant="primary", id="start", compact=True)
+        yield Static("", markup=False, id="hint", classes="dim")
+        yield Static("", markup=False, id="status")
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self.query_one("#start", Button).focus()  # one key away from starting with the defaults
+        # the first field, at the top: a search runs for minutes, so nothing starts on a stray Enter
+        self.query_one("#name", Input).focus()
         self.check()
+
+    def on_descendant_focus(self, event) -> None:
+        name = getattr(event.widget, "id", None)
+        self.query_one("#hint", Static).update(FIELDS[name][1] if name in FIELDS else "")
 
     def form(self) -> NewSession:
         values = {f.name: self.query_one(f"#{f.name}", Input).value for f in fields(NewSession) if f.name != "metrics"}
@@ -64,7 +75,9 @@ class NewSessionScreen(Screen):
     def check(self) -> dict[str, str]:
         problems = self.app.backend.check_new(self.form())
         for name in [*(f.name for f in fields(NewSession)), "form"]:
-            self.query_one(f"#{name}-problem", Static).update(problems.get(name, ""))
+            line = self.query_one(f"#{name}-problem", Static)
+            line.update(problems.get(name, ""))
+            line.display = name in problems  # no blank line under a good field: the form fits 80x24
         for f in fields(NewSession):
             if f.name != "metrics":
                 self.query_one(f"#{f.name}", Input).set_class(f.name in problems, "invalid")
@@ -105,6 +118,7 @@ class NewSessionScreen(Screen):
         self.busy = False
         if message.error:
             self.query_one("#form-problem", Static).update(message.error)
+            self.query_one("#form-problem", Static).display = True
             self.query_one("#status", Static).update("")
             return
         self.app.pop_screen()

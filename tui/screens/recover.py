@@ -15,6 +15,8 @@ from textual.widgets import (
     Input,
     Label,
     ProgressBar,
+    RadioButton,
+    RadioSet,
     Sparkline,
     Static,
 )
@@ -24,16 +26,19 @@ from engine.config import RecoverConfig
 from engine.errors import AdapruneError
 from engine.events import Log, RecoveryStep, StageProgress, StageStarted
 from tui.jobs import EngineEvent, JobDone, start_job
+from tui.screens.dialogs import field_row
 
 
 class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
     """What to train on and for how long; (config, resume, restart) or None."""
 
-    BINDINGS = [Binding("ctrl+s", "run", "Start", priority=True), Binding("escape", "cancel", "Cancel")]
+    BINDINGS = [Binding("ctrl+s", "run", "Start", priority=True, id="recover-form.start", tooltip="start the recovery"),
+                Binding("escape", "cancel", "Cancel", id="recover-form.cancel", tooltip="close the form")]
 
-    def __init__(self, state: dict | None) -> None:
+    def __init__(self, state: dict | None, choices: list | None = None) -> None:
         super().__init__()
         self.state = state
+        self.choices = choices or []  # api.PlanChoice: the plans it can train (best first)
 
     def compose(self) -> ComposeResult:
         d = RecoverConfig()
@@ -45,31 +50,31 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
                 yield Checkbox("continue where it stopped (its own settings)", value=True, id="resume")
             elif self.state is not None:
                 yield Static("a finished recovery exists: starting discards it", markup=False, classes="error")
-            yield Label("Training text (stdlib-docs, files, hub names; comma-separated)")
-            yield Input(", ".join(d.data), id="data")
-            with Horizontal(classes="pair"):
-                with Vertical():
-                    yield Label("Steps")
-                    yield Input(str(d.steps), id="steps")
-                with Vertical():
-                    yield Label("Learning rate")
-                    yield Input(f"{d.lr:g}", id="lr")
-            with Horizontal(classes="pair"):
-                with Vertical():
-                    yield Label("LoRA rank")
-                    yield Input(str(d.rank), id="rank")
-                with Vertical():
-                    yield Label("Sequences x tokens per step")
-                    yield Input(f"{d.batch_size}x{d.seq_len}", id="shape")
+            yield Static("LoRA fine-tuning of the pruned model (LLM-Pruner's recipe), resumable; export merges "
+                         "it in.", markup=False, classes="question")
+            if self.choices:
+                yield Label("Plan to train", classes="field")
+                with RadioSet(id="plan", compact=True):
+                    for i, c in enumerate(self.choices):
+                        value = f", objective {c.value:.3f}" if c.value is not None else ""
+                        yield RadioButton(f"{c.label}{value}", value=i == 0, id=f"plan-{i}", compact=True)
+            yield field_row("Text", Input(", ".join(d.data), id="data", compact=True))
+            yield Static("stdlib-docs, .txt/.jsonl/.parquet files, or hub names; comma-separated", markup=False,
+                         classes="dim hintline")
+            yield field_row("Steps", Input(str(d.steps), id="steps", compact=True))
+            yield field_row("LR", Input(f"{d.lr:g}", id="lr", compact=True))
+            yield field_row("LoRA rank", Input(str(d.rank), id="rank", compact=True))
+            yield field_row("Batch", Input(f"{d.batch_size}x{d.seq_len}", id="shape", compact=True))
+            yield Static("sequences x tokens per step", markup=False, classes="dim hintline")
             yield Static("", markup=False, id="problem", classes="error")
             with Horizontal(classes="buttons"):
-                yield Button("Start (ctrl+s)", variant="primary", id="run")
+                yield Button("Start (ctrl+s)", variant="primary", id="run", compact=True)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_run()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.action_run()
+        self.focus_next()  # Enter moves on; the work starts on ctrl+s or the button, never by accident
 
     def action_run(self) -> None:
         resume = self.query("#resume") and self.query_one("#resume", Checkbox).value
@@ -79,7 +84,10 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
         value = {k: self.query_one(f"#{k}", Input).value.strip() for k in ("data", "steps", "lr", "rank", "shape")}
         try:
             batch, _, seq = value["shape"].partition("x")
-            cfg = RecoverConfig(data=[t.strip() for t in value["data"].split(",") if t.strip()],
+            plan = "best"
+            if self.choices:
+                plan = self.choices[max(self.query_one("#plan", RadioSet).pressed_index, 0)].name
+            cfg = RecoverConfig(plan=plan, data=[t.strip() for t in value["data"].split(",") if t.strip()],
                                 steps=int(value["steps"]), lr=float(value["lr"]), rank=int(value["rank"]),
                                 alpha=2 * int(value["rank"]), batch_size=int(batch), seq_len=int(seq))
             api.validate_recover(cfg)
@@ -95,11 +103,11 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
 
 class RecoverScreen(Screen):
     BINDINGS = [
-        Binding("r", "train", "Recover"),
-        Binding("p", "pause", "Pause/resume"),
-        Binding("c", "cancel", "Cancel"),
-        Binding("x", "export", "Export"),
-        Binding("escape", "back", "Back"),
+        Binding("r", "train", "Recover", id="recover.train", tooltip="start or continue the recovery (a form)"),
+        Binding("p", "pause", "Pause", id="recover.pause", tooltip="pause or resume at the next step"),
+        Binding("c", "cancel", "Cancel", id="recover.cancel", tooltip="stop (finished steps are kept; r continues)"),
+        Binding("x", "export", "Export", id="recover.export", tooltip="export with the adapter merged in"),
+        Binding("escape", "back", "Back", id="recover.back", tooltip="back (the recovery keeps running)"),
     ]
 
     def __init__(self, name: str) -> None:
@@ -118,7 +126,7 @@ class RecoverScreen(Screen):
             yield ProgressBar(id="stage-bar", show_eta=True)
         yield DataTable(id="validation", cursor_type="row", zebra_stripes=True)
         yield Static("", markup=False, id="status", classes="dim")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         t = self.query_one(DataTable)
@@ -151,7 +159,7 @@ class RecoverScreen(Screen):
         c = state["config"]
         before, after = state.get("valid_ppl_before"), state.get("valid_ppl_after")
         ppl = f"validation PPL {before:.2f}" + (f" -> {after:.2f}" if after is not None else "") if before else ""
-        summary.update(f"{state['status']}: step {state['step']} of {c['steps']}, rank {c['rank']}, lr {c['lr']:g}, "
+        summary.update(f"{state['status']} on {state.get('plan', 'best')}: step {state['step']} of {c['steps']}, rank {c['rank']}, lr {c['lr']:g}, "
                        f"{c['batch_size']}x{c['seq_len']} tokens per step; {ppl}")
         history = state.get("history", [])
         self.losses = [h["loss"] for h in history]
@@ -167,7 +175,12 @@ class RecoverScreen(Screen):
         if "recover" in self.app.jobs:
             self.notify("a recovery is running", severity="warning")
             return
-        state = self.app.backend.recovery_state(self.session_name)
+        try:
+            state = self.app.backend.recovery_state(self.session_name)
+            choices = self.app.backend.plans(self.session_name)
+        except AdapruneError as e:
+            self.query_one("#status", Static).update(f"error: {e}")
+            return
 
         def go(choice: tuple[RecoverConfig, bool, bool] | None) -> None:
             if choice is None:
@@ -178,7 +191,7 @@ class RecoverScreen(Screen):
             self.control = start_job(self, "recover", lambda sink, control: self.app.backend.recover(
                 name, cfg, resume, restart, sink, control))
 
-        self.app.push_screen(RecoverForm(state), go)
+        self.app.push_screen(RecoverForm(state, choices), go)
 
     def on_engine_event(self, message: EngineEvent) -> None:
         e = message.event
@@ -211,6 +224,21 @@ class RecoverScreen(Screen):
         else:
             self.query_one("#status", Static).update("done: x exports the model with the adapter merged in")
             self.notify("recovery done")
+
+    @property
+    def control(self):
+        return self._control
+
+    @control.setter
+    def control(self, value) -> None:
+        self._control = value
+        if self.is_mounted:
+            self.refresh_bindings()  # pause and cancel show in the footer only while something runs here
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("pause", "cancel"):
+            return self.control is not None  # offered only while a recovery runs here
+        return True
 
     def action_pause(self) -> None:
         if self.control is None:

@@ -7,14 +7,17 @@ a finished or stopped session's trials.
 
 from __future__ import annotations
 
+import re
 import time
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Sparkline, Static
 
+from engine import api
 from engine.api import TrialRow, TrialRows
 from engine.errors import AdapruneError
 from engine.events import (
@@ -36,12 +39,12 @@ COLUMNS = ("trial", "objective", "vs base", "state", "metric", "calibration", "l
 
 class SearchScreen(Screen):
     BINDINGS = [
-        Binding("p", "pause", "Pause/resume"),
-        Binding("c", "cancel", "Cancel"),
-        Binding("l", "layers", "Layers"),
-        Binding("b", "bench", "Bench"),
-        Binding("x", "export", "Export"),
-        Binding("escape", "back", "Back"),
+        Binding("p", "pause", "Pause", id="search.pause", tooltip="pause or resume at the next safe point"),
+        Binding("c", "cancel", "Cancel", id="search.cancel", tooltip="stop the search (the session stays resumable)"),
+        Binding("l", "layers", "Layers", id="search.layers", tooltip="the best plan, layer by layer"),
+        Binding("b", "bench", "Bench", id="search.bench", tooltip="benchmarks"),
+        Binding("x", "export", "Export", id="search.export", tooltip="export a pruned model folder"),
+        Binding("escape", "back", "Back", id="search.back", tooltip="back (a search keeps running)"),
     ]
 
     def __init__(self, name: str, mode: str = "view", control=None) -> None:
@@ -69,8 +72,9 @@ class SearchScreen(Screen):
             with Horizontal(id="best-row"):
                 yield Static("best so far", markup=False, id="best", classes="barlabel")
                 yield Sparkline([], id="best-line")
+            yield Static("", markup=False, id="plan")
             yield Static("", markup=False, id="log", classes="dim")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
@@ -84,6 +88,7 @@ class SearchScreen(Screen):
         self.trials_total = int(cfg.get("trials", 0))
         self.query_one("#trials-bar", ProgressBar).update(total=self.trials_total, progress=0)
         self.replay_history()
+        self.show_best_plan()
         self.update_title()
         if self.view_mode == "drive":
             self.start()
@@ -96,6 +101,32 @@ class SearchScreen(Screen):
             what = "running in this app"
         paused = " — paused" if self.control is not None and self.control.paused else ""
         self.query_one("#title", Static).update(f"session {self.session_name}: {what}{paused}")
+        self.refresh_bindings()  # pause and cancel are offered only while this app runs the search
+
+    @property
+    def control(self):
+        return self._control
+
+    @control.setter
+    def control(self, value) -> None:
+        self._control = value
+        if self.is_mounted:
+            self.refresh_bindings()  # pause and cancel show in the footer only while something runs here
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("pause", "cancel"):
+            return self.control is not None
+        return True
+
+    def show_best_plan(self) -> None:
+        """What the search has found so far, in what it keeps (the last trial's log is not the result)."""
+        try:
+            plan, best = self.app.backend.best_plan(self.session_name)
+        except AdapruneError as e:
+            self.query_one("#plan", Static).update(f"best plan: unreadable ({e})")
+            return
+        if plan is not None:
+            self.query_one("#plan", Static).update(f"best plan (trial {best['trial']}): {api.plan_summary(plan)}")
 
     # --- sources of events ----------------------------------------------------------------------------------
 
@@ -153,6 +184,8 @@ class SearchScreen(Screen):
                     self.show_row(self.board.rows[n])  # the best marker and gains move
                 self.query_one("#best-line", Sparkline).data = [v for _, v in self.board.best_history]
                 self.query_one("#best", Static).update(f"best: trial {event.number}, {event.value:.3f}")
+                if live:
+                    self.show_best_plan()
             done = sum(1 for r in self.board.rows.values() if r.state in ("complete", "pruned"))
             self.query_one("#trials-bar", ProgressBar).update(progress=done)
         elif isinstance(event, StageStarted) and event.stage != "trials":
@@ -167,8 +200,8 @@ class SearchScreen(Screen):
                 bar.update(total=bar.total or 1, progress=bar.total or 1)
             else:
                 self.query_one("#stage", Static).update(_short(f"{event.stage} ({event.outcome})"))
-        elif isinstance(event, Log):
-            self.query_one("#log", Static).update(_short(event.message, 200))
+        elif isinstance(event, Log) and event.level != "info":
+            self.query_one("#log", Static).update(_short(event.message, 200))  # the trial's plan line is not shown
         elif isinstance(event, SearchFinished) and live:
             best = f", best trial {event.best_number} ({event.best_value:.3f})" if event.best_value else ""
             self.notify(f"search {event.status}: {event.completed}/{event.total} trials{best}")
@@ -176,11 +209,16 @@ class SearchScreen(Screen):
     def show_row(self, r: TrialRow) -> None:
         table = self.query_one(DataTable)
         gain = self.board.gain(r)
-        state = "best" if r.number == self.board.best else r.state
         base = self.board.is_baseline(r)
-        cells = (f"{r.number}" + (" base" if base else ""), f"{r.value:.3f}" if r.value is not None else "",
-                 f"{-gain:+.1%}" if gain is not None and not base else "", state, metric_text(r.params),
-                 calib_text(r.params), layout_text(r.params))
+        value = f"{r.value:.3f}" if r.value is not None else ""
+        if r.state == "pruned":  # a running value over the first batches: not comparable with a whole objective
+            value, state = f"({value})", _stopped(r.message)
+        else:
+            state = "best" if r.number == self.board.best else r.state
+        cells = (f"{r.number}" + (" base" if base else ""), value, f"{-gain:+.1%}" if gain is not None and not base
+                 else "", state, metric_text(r.params), calib_text(r.params), layout_text(r.params))
+        style = "bold green" if r.number == self.board.best else "dim" if r.state in ("pruned", "duplicate") else ""
+        cells = tuple(Text(c, style=style) for c in cells)
         key = str(r.number)
         if key in table.rows:
             for col, value in zip(COLUMNS, cells, strict=True):
@@ -223,6 +261,12 @@ class SearchScreen(Screen):
 
     def action_export(self) -> None:
         self.app.open_export(self.session_name)
+
+
+def _stopped(message: str) -> str:
+    """'stop 2/8' from the engine's "stopped early: objective over 2/8 batches" (older logs: 'stopped')."""
+    m = re.search(r"(\d+)/(\d+) batches", message)
+    return f"stop {m.group(1)}/{m.group(2)}" if m else "stopped"
 
 
 def _short(text: str, width: int = 40) -> str:

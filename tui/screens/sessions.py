@@ -17,24 +17,24 @@ COLUMNS = ("name", "model", "target", "trials", "best", "status", "last change")
 
 class SessionsScreen(Screen):
     BINDINGS = [
-        Binding("enter", "open", "Open"),
-        Binding("n", "new", "New"),
-        Binding("r", "resume", "Resume"),
-        Binding("a", "attach", "Attach", show=False),  # r attaches by itself when another process drives it
-        Binding("e", "rename", "Rename", show=False),  # in the help and the palette; the footer is 80 wide
-        Binding("d", "delete", "Delete", show=False),
-        Binding("l", "layers", "Layers"),
-        Binding("b", "bench", "Bench"),
-        Binding("f", "recover", "Recover"),
-        Binding("x", "export", "Export"),
-        Binding("f5", "refresh", "Refresh", show=False),
+        Binding("enter", "open", "Open", id="sessions.open", tooltip="open the session: its trials"),
+        Binding("n", "new", "New", id="sessions.new", tooltip="a new search session (a form)"),
+        Binding("r", "resume", "Resume", id="sessions.resume", tooltip="resume its search (or follow another process's)"),
+        Binding("a", "attach", "Attach", show=False, id="sessions.attach", tooltip="follow a search another process drives"),  # r attaches by itself when another process drives it
+        Binding("e", "rename", "Rename", show=False, id="sessions.rename", tooltip="rename the session"),  # in the help and the palette; the footer is 80 wide
+        Binding("d", "delete", "Delete", show=False, id="sessions.delete", tooltip="delete the session (asks first)"),
+        Binding("l", "layers", "Layers", id="sessions.layers", tooltip="review and override the plan, layer by layer"),
+        Binding("b", "bench", "Bench", id="sessions.bench", tooltip="benchmarks: dense against pruned"),
+        Binding("f", "recover", "Recover", id="sessions.recover", tooltip="recover quality with LoRA"),
+        Binding("x", "export", "Export", id="sessions.export", tooltip="export a pruned model folder"),
+        Binding("f5", "refresh", "Refresh", show=False, id="sessions.refresh", tooltip="read the sessions again"),
     ]
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield DataTable(id="sessions", cursor_type="row", zebra_stripes=True)
         yield Static("", markup=False, id="hint", classes="dim")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
@@ -136,17 +136,22 @@ class SessionsScreen(Screen):
         if name is None:
             return
 
-        def done(new: str | None) -> None:
-            if not new or new == name:
-                return
+        def rename(new: str) -> str | None:
+            """Done in the dialog, so a refusal (taken, bad name) shows there and the dialog stays open."""
+            if new.strip() == name:
+                return None
             try:
                 self.app.backend.rename(name, new)
-                self.notify(f"renamed {name} to {new}")
             except AdapruneError as e:
-                self.notify(str(e), severity="error")
+                return str(e)
+            return None
+
+        def done(new: str | None) -> None:
+            if new and new.strip() != name:
+                self.notify(f"renamed {name} to {new.strip()}")
             self.refresh_rows()
 
-        self.app.push_screen(Ask(f"New name for {name}:", name), done)
+        self.app.push_screen(Ask(f"New name for {name}:", name, rename), done)
 
     def action_delete(self) -> None:
         name = self._need()

@@ -1,0 +1,51 @@
+"""Keys, from one source: each screen's BINDINGS (with an id and a tooltip) make the help and the palette, and
+a keymap file remaps them by id (`{"sessions.delete": "D"}` in `~/.config/adaprune/keymap.json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from textual.binding import Binding
+
+NAMES = {"question_mark": "?", "escape": "esc", "enter": "enter", "space": "space"}
+
+
+def keymap_path() -> Path:
+    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "adaprune" / "keymap.json"
+
+
+def load_keymap(path: Path | None = None) -> tuple[dict[str, str], str | None]:
+    """The user's remapped keys by binding id, and a problem with the file (shown once; defaults apply)."""
+    path = path or keymap_path()
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return {}, f"{path}: not readable JSON ({e}); using the default keys"
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return {}, f"{path}: expected an object of binding id -> keys; using the default keys"
+    return data, None
+
+
+def keys_of(binding: Binding, keymap: dict[str, str]) -> str:
+    keys = keymap.get(binding.id or "", binding.key)
+    return "/".join(NAMES.get(k.strip(), k.strip()) for k in keys.split(","))
+
+
+def bindings(cls: type) -> list[Binding]:
+    return [b for b in getattr(cls, "BINDINGS", []) if isinstance(b, Binding)]
+
+
+def help_text(sections: list[tuple[str, type]], keymap: dict[str, str]) -> str:
+    """One block per screen: `key  what it does`, in the order the bindings are declared."""
+    out = []
+    for title, cls in sections:
+        out.append(title)
+        for b in bindings(cls):
+            out.append(f"  {keys_of(b, keymap):<9} {b.tooltip or b.description}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
