@@ -38,6 +38,12 @@ class LayerRow:
     removed: int  # parameters removed from this layer
     importance: float  # 0..1, the layer's mean channel score against the largest layer's
     override: str = ""  # "lock", "K/C" (removed per group / channels), or ""
+    size: int = 0  # the dense layer's attention and MLP parameters
+
+    @property
+    def kept_share(self) -> float:
+        """The share of the layer's attention and MLP weights kept."""
+        return 1 - self.removed / self.size if self.size else 1.0
 
 
 def shapes_of(plan: Plan) -> list[LayerShape]:
@@ -80,7 +86,8 @@ def layer_rows(plan: Plan, edits: dict[int, tuple[int, int]] | None = None) -> l
             mark = "lock" if edits[i] == (0, 0) else f"{k}/{c}"
         rows.append(LayerRow(i, s.heads_per_group, heads_kept, s.n_kv_heads, kv_kept, s.intermediate,
                              s.intermediate - c, removal(s, k, c, plan.head_mode),
-                             plan.importance[i] if i < len(plan.importance) else 0.0, mark))
+                             plan.importance[i] if i < len(plan.importance) else 0.0, mark,
+                             s.attn_params + s.mlp_params))
     return rows
 
 

@@ -74,6 +74,11 @@ def test_sessions_table_rename_and_delete(tmp_path):
             await pilot.press("d", "y")
             await pilot.pause()
             assert len(backend.store) == 1 and app.screen.query_one(DataTable).row_count == 1
+            backend.store[next(iter(backend.store))]["status"] = "done (study unreadable: OperationalError)"
+            await pilot.press("f5")
+            table = app.screen.query_one(DataTable)
+            assert len(str(table.get_row_at(0)[5])) <= 19  # cut: "last change" stays on screen
+            assert "OperationalError" in text_of(app, "#hint")  # in full below the table
 
     run(go())
 
@@ -215,23 +220,40 @@ def test_layers_review_override_and_reevaluate(tmp_path):
             await pilot.press("k")  # lock: the layer keeps everything, the total moves off target at once
             assert "from the target" in text_of(app, "#summary")
             assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == "lock"
+            assert "100%" in str(screen.query_one(DataTable).get_row_at(pruned)[4])  # the bar: all of it kept
+            await pilot.press("escape")  # unsaved edits: it asks before dropping them
+            assert isinstance(app.screen, Confirm)
+            await pilot.press("n")
+            assert app.screen is screen
+            await pilot.press("m")
+            app.screen.query_one(Input).value = "100000"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert "keep 1..64 MLP channels, not 100000" in text_of(app, "#problem")  # the question's vocabulary
+            await pilot.press("escape")
             await pilot.press("h")
             ask = app.screen
             r = plan.shapes[pruned]["n_heads"] // plan.shapes[pruned]["n_kv_heads"]
             ask.query_one(Input).value = "0"  # no query head left in a KV group: GQA forbids it
             await pilot.press("enter")
             await pilot.pause()
-            assert "at least one query head" in text_of(app, "#problem")
+            assert "keep 1..3 query heads per KV group (GQA" in text_of(app, "#problem")
             ask.query_one(Input).value = str(r - 1)  # keep all but one per group
             await pilot.press("enter")
             await pilot.pause()
-            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == "1/0"
-            await pilot.press("v")
+            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == f"keep {r - 1}/64"
+            await pilot.press("v")  # says what it will record, and asks
+            assert isinstance(app.screen, Confirm) and "plan:overrides" in str(app.screen.question)
+            await pilot.press("y")
             await settle(app, pilot)
             assert backend.calls[-1] == ("reevaluate", "alpha", {pruned: (1, 0)})
             assert "objective 41.250" in text_of(app, "#status")
             await pilot.press("r")
             assert "on target" in text_of(app, "#summary")
+            await pilot.press("v", "y")  # no edits: clears the overrides
+            await settle(app, pilot)
+            await pilot.press("escape")  # re-evaluated: leaves without asking
+            assert isinstance(app.screen, SessionsScreen)
 
     run(go())
 
@@ -288,7 +310,7 @@ def test_export_writes_the_chosen_folder(tmp_path):
             backend.fail_export = None
             await pilot.press("escape")
             # edits re-evaluated on the Layers screen are what Export writes by default, and it says so
-            await pilot.press("l", "v")
+            await pilot.press("l", "v", "y")
             await settle(app, pilot)
             await pilot.press("escape", "x")
             await pilot.pause()
@@ -412,7 +434,7 @@ def test_real_engine_from_the_form_to_a_finished_search(tmp_path, tokenizer):
 SCREENS = {"sessions": [], "search": ["enter"], "layers": ["l"], "bench": ["b"], "recover": ["f"], "export": ["x"],
            "new-session": ["n"], "help": ["question_mark"], "help-end": ["question_mark", "end"],
            "rename": ["e"], "delete": ["d"], "bench-form": ["b", "r"], "recover-form": ["f", "r"],
-           "layer-channels": ["l", "c"]}
+           "layer-channels": ["l", "m"]}
 
 
 @pytest.mark.parametrize("keys", list(SCREENS.values()), ids=list(SCREENS))

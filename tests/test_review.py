@@ -108,6 +108,29 @@ def test_export_writes_the_edited_plan_when_asked(searched, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_a_session_copied_on_disk_opens_and_listing_never_writes(searched):
+    """`cp -r` of a session is a session of its own (its study found under the original's name); a folder
+    still being copied (no study.db yet) lists with 0 trials and gets no study.db from the listing."""
+    import shutil
+
+    from engine.search.driver import run_search
+    from engine.session.summary import summary
+
+    root = searched.path.parent
+    shutil.copytree(searched.path, root / "copy")
+    copy = Session.open(root, "copy")
+    assert summary(copy)["done"] == 2 and summary(copy)["best"] == summary(searched)["best"]
+    copy.update(config={**copy.config(), "trials": 3})
+    run_search(copy)  # resumes in its own study file; the original is untouched
+    assert summary(copy)["done"] == 3 and summary(searched)["done"] == 2
+    half = root / "half"
+    half.mkdir()
+    shutil.copy(searched.path / "session.json", half / "session.json")
+    row = summary(Session.open(root, "half"))
+    assert row["done"] == 0 and "unreadable" not in row["status"]
+    assert sorted(p.name for p in half.iterdir()) == ["session.json"]  # reading wrote nothing
+
+
 def test_rename_delete_and_follow(searched, tmp_path):
     root = searched.path.parent
     events, offset = searched.follow_events(0)

@@ -14,7 +14,7 @@ from engine.events import (
     null_sink,
 )
 from engine.session.store import Session, pid_alive
-from engine.session.study import open_storage, quiet_optuna, requeue, storage_url
+from engine.session.study import open_storage, quiet_optuna, requeue, storage_url, study_name
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def open_study(session: Session, cfg: SearchConfig, sampler_seed: int | None = N
     # the first step (one batch per text) is too noisy to judge on: stop trials from the second step on
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if cfg.early_stop
               else optuna.pruners.NopPruner())
-    return optuna.create_study(study_name=session.study_name, storage=storage, sampler=sampler, pruner=pruner,
+    return optuna.create_study(study_name=study_name(session, cfg, storage), storage=storage, sampler=sampler, pruner=pruner,
                                direction="minimize", load_if_exists=True)
 
 

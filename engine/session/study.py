@@ -21,6 +21,18 @@ HEARTBEAT_S = 20  # a running trial's owner records a heartbeat this often (data
 GRACE_S = 120  # a running trial without a heartbeat this long belongs to a dead process, on any host
 
 
+def study_name(session: Session, cfg: SearchConfig, storage) -> str:
+    """The session's study in its storage. A session folder copied under another name (`cp -r a b`) keeps
+    its own SQLite file, whose single study is named after the original: that one is the session's."""
+    import optuna
+
+    name = session.study_name
+    if cfg.storage:
+        return name  # a shared database: the recorded name, exactly
+    names = optuna.study.get_all_study_names(storage)
+    return names[0] if name not in names and len(names) == 1 else name
+
+
 def open_storage(url: str):
     """SQLite or PostgreSQL by URL; a journal file (one machine, many processes) by a *.log path.
 

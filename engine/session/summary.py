@@ -6,7 +6,7 @@ from engine.config import SearchConfig
 from engine.errors import AdapruneError
 from engine.session.layout import recovery_state
 from engine.session.store import Session
-from engine.session.study import best_trial, completed, open_storage, storage_url
+from engine.session.study import best_trial, completed, open_storage, storage_url, study_name
 
 
 def summary(session: Session) -> dict:
@@ -30,11 +30,14 @@ def summary(session: Session) -> dict:
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
         row["problem"] = f"{session.events_path}: line(s) {shown} corrupt, kept out; the other events are intact"
+    if not cfg.storage and not (session.path / "study.db").is_file():
+        return row  # listing never writes: no study file yet (or a folder still being copied) is 0 trials
     try:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        study = optuna.load_study(study_name=session.study_name, storage=open_storage(storage_url(session, cfg)))
+        storage = open_storage(storage_url(session, cfg))
+        study = optuna.load_study(study_name=study_name(session, cfg, storage), storage=storage)
         row["done"] = completed(study)
         b = best_trial(study)
         row["best"] = b[1] if b else None

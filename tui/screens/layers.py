@@ -1,34 +1,49 @@
-"""Layers: review the proposed plan one layer per row and override it.
+"""Layers: review the proposed plan one layer per row and override it, in one vocabulary: what each layer keeps.
 
-Edits are arithmetic on the plan, so the new parameter count shows at once against the target; "re-evaluate"
-then prunes with the best configuration under the overrides (the other layers re-share the target), measures
-the objective, and records the overrides in the session (later trials respect them).
+Each row is a picture of the layer: a bar of the share of its prunable weights kept (the depth profile shows
+at a glance) and the importance score that decided it. Edits are arithmetic on the plan, so the parameter
+count shows at once against the target; re-evaluate (after a confirmation that says what it records) prunes
+with the best configuration under the edits (the other layers re-share the target), measures the objective,
+and saves the edits as the session's overrides and as plan:overrides, which Export offers first.
 """
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 
 from engine.api import check_edit, counts_of, layer_rows, overrides_to_edits, params_with
 from engine.errors import AdapruneError
+from engine.events import Log, StageProgress, StageStarted
 from tui.jobs import EngineEvent, JobDone, start_job
-from tui.screens.dialogs import Ask
+from tui.screens.dialogs import Ask, Confirm
 
-COLUMNS = ("layer", "heads/group", "KV", "channels", "removed", "importance", "override")
+COLUMNS = ("layer", "heads/group", "KV", "channels", "weights kept", "importance", "edit")
 BAR = 10
+EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def bar(share: float, width: int = BAR) -> str:
+    """A share in [0, 1] as a bar in eighths of a cell, then the percentage."""
+    cells = max(0.0, min(1.0, share)) * width
+    full, part = int(cells), int((cells - int(cells)) * 8)
+    text = "█" * full + (EIGHTHS[part] if full < width and part else "")
+    return f"{text:·<{width}} {share:4.0%}"
 
 
 class LayersScreen(Screen):
     BINDINGS = [
         Binding("k", "lock", "Lock", id="layers.lock", tooltip="keep the layer whole, or unlock it"),
         Binding("h", "heads", "Heads", id="layers.heads", tooltip="how many heads the layer keeps"),
-        Binding("c", "channels", "Channels", id="layers.channels", tooltip="how many MLP channels the layer keeps"),
+        Binding("m", "channels", "MLP", id="layers.channels", tooltip="how many MLP channels the layer keeps"),
         Binding("r", "restore", "Restore", id="layers.restore", tooltip="drop the edits: the proposed plan"),
-        Binding("v", "reevaluate", "Re-evaluate", id="layers.reevaluate", tooltip="prune with the edits, measure, save them as a plan"),
-        Binding("escape", "back", "Back", id="layers.back", tooltip="back"),
+        Binding("v", "reevaluate", "Evaluate", id="layers.reevaluate", tooltip="prune with the edits, measure, save them as a plan"),
+        Binding("c", "cancel", "Cancel", id="layers.cancel", tooltip="stop a re-evaluation (nothing is saved)"),
+        Binding("x", "export", "Export", show=False, id="layers.export", tooltip="export a plan (the re-evaluated edits first)"),
+        Binding("escape", "back", "Back", id="layers.back", tooltip="back (asks when edits are not re-evaluated)"),
     ]
 
     def __init__(self, name: str) -> None:
@@ -38,11 +53,17 @@ class LayersScreen(Screen):
         self.best = None
         self.edits: dict[int, tuple[int, int]] = {}
         self.busy = False
+        self.control = None  # the running re-evaluation's
+        self.saved: dict[int, tuple[int, int]] = {}  # the edits the session holds (re-evaluated)
+        self.pending: dict[int, tuple[int, int]] = {}  # the edits being re-evaluated
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("", markup=False, id="summary")
         yield DataTable(id="layers", cursor_type="row", zebra_stripes=True)
+        with Horizontal(classes="bars", id="stage-row"):
+            yield Static("", markup=False, id="stage", classes="barlabel")
+            yield ProgressBar(id="stage-bar", show_eta=True)
         yield Static("", markup=False, id="status", classes="dim")
         yield Footer(compact=True)
 
@@ -50,6 +71,7 @@ class LayersScreen(Screen):
         table = self.query_one(DataTable)
         for col in COLUMNS:
             table.add_column(col, key=col)
+        self.query_one("#stage-row").display = False  # shown while a re-evaluation runs
         try:
             self.plan, self.best = self.app.backend.best_plan(self.session_name)
             if self.plan is None:
@@ -57,6 +79,7 @@ class LayersScreen(Screen):
                     f"session {self.session_name} has no completed trial yet: nothing to review")
                 return
             self.edits = overrides_to_edits(self.app.backend.config(self.session_name).get("overrides", {}), self.plan)
+            self.saved = dict(self.edits)
         except AdapruneError as e:
             self.query_one("#summary", Static).update(f"error: {e}")
             return
@@ -67,9 +90,15 @@ class LayersScreen(Screen):
         cursor = table.cursor_row
         table.clear()
         for r in layer_rows(self.plan, self.edits):
-            bar = "█" * round(r.importance * BAR) + "·" * (BAR - round(r.importance * BAR))
+            edit = ""
+            if r.index in self.edits:
+                edit = "lock" if self.edits[r.index] == (0, 0) else f"keep {r.heads_kept}/{r.channels_kept}"
+                if self.plan.head_mode == "kv" and edit != "lock":
+                    edit = f"keep {r.kv_kept}/{r.channels_kept}"
+            importance = f"{r.importance:.2f}" if r.importance else "-"  # layers outside the range are not scored
             table.add_row(str(r.index), f"{r.heads_kept}/{r.heads_per_group}", f"{r.kv_kept}/{r.kv_total}",
-                          f"{r.channels_kept}/{r.channels}", f"{r.removed:,}", bar, r.override, key=str(r.index))
+                          f"{r.channels_kept}/{r.channels}", bar(r.kept_share), importance, edit,
+                          key=str(r.index))
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
         p = self.plan
@@ -116,14 +145,14 @@ class LayersScreen(Screen):
         s = self.plan.shapes[i]
         k, c = self.counts_for(i)
         if what == "heads" and self.plan.head_mode == "kv":
-            total = s["n_kv_heads"]
+            total, unit = s["n_kv_heads"], "KV groups"
             question = f"Layer {i}: KV groups to keep, 1..{total}"
         elif what == "heads":
-            total = s["n_heads"] // s["n_kv_heads"]
+            total, unit = s["n_heads"] // s["n_kv_heads"], "query heads per KV group (GQA: every group keeps one)"
             question = (f"Layer {i}: query heads to keep in each of its {s['n_kv_heads']} KV groups, 1..{total} "
                         f"(GQA: every group keeps at least one, and all groups keep the same number)")
         else:
-            total = s["intermediate"]
+            total, unit = s["intermediate"], "MLP channels"
             question = f"Layer {i}: MLP channels to keep, 1..{total}"
         kept = total - (k if what == "heads" else c)
 
@@ -133,7 +162,9 @@ class LayersScreen(Screen):
 
         def check(text: str) -> str | None:
             if not text.strip().isdigit():
-                return "a whole number"
+                return f"a whole number: keep 1..{total} {unit}"
+            if not 1 <= int(text) <= total:
+                return f"keep 1..{total} {unit}, not {int(text)}"  # said as the question asks it: what is kept
             try:
                 check_edit(self.plan, i, *removal(text))
             except AdapruneError as e:
@@ -160,28 +191,74 @@ class LayersScreen(Screen):
     def action_reevaluate(self) -> None:
         if self.plan is None or self.busy:
             return
-        self.busy = True
         edits, name = dict(self.edits), self.session_name
-        self.query_one("#status", Static).update("re-evaluating: loading the model, pruning, measuring…")
-        start_job(self, "reevaluate", lambda sink, control: self.app.backend.reevaluate(name, edits, sink, control))
+        what = f"your {len(edits)} edited layer(s)" if edits else "no edits (this clears the session's overrides)"
+
+        def go(yes: bool | None) -> None:
+            if not yes:
+                return
+            self.busy, self.pending = True, edits
+            self.query_one("#status", Static).update("re-evaluating: loading the model, pruning, measuring… "
+                                                     "(c cancels; nothing is saved until it finishes)")
+            self.control = start_job(self, "reevaluate",
+                                     lambda sink, control: self.app.backend.reevaluate(name, edits, sink, control))
+
+        self.app.push_screen(Confirm(
+            f"Re-evaluate with {what}: prune with the best trial's configuration (the other layers re-share the "
+            f"target), measure the objective (minutes on a CPU), then save the edits as the session's overrides "
+            f"(later trials respect them) and as plan:overrides, which Export offers first. Go on?"), go)
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "cancel":
+            return self.busy
+        return True
+
+    def action_cancel(self) -> None:
+        if self.busy and self.control is not None:
+            self.control.cancel()
+            self.query_one("#status", Static).update("cancelling at the next safe point…")
 
     def on_engine_event(self, message: EngineEvent) -> None:
-        text = getattr(message.event, "message", None) or getattr(message.event, "stage", "")
-        if text:
-            self.query_one("#status", Static).update(str(text)[:200])
+        e = message.event
+        if isinstance(e, StageStarted):
+            self.query_one("#stage-row").display = True
+            self.query_one("#stage", Static).update(e.stage[:30])
+            self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
+        elif isinstance(e, StageProgress):
+            self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
+        elif isinstance(e, Log):
+            self.query_one("#status", Static).update(e.message[:200])
 
     def on_job_done(self, message: JobDone) -> None:
         if message.job != "reevaluate":
             return
-        self.busy = False
+        self.busy, self.control = False, None
+        self.refresh_bindings()
+        self.query_one("#stage-row").display = False
+        if message.cancelled:
+            self.query_one("#status", Static).update("re-evaluation cancelled: nothing was saved")
+            return
         if message.error:
             self.query_one("#status", Static).update(f"error: {message.error}")
             self.notify(message.error, severity="error")
             return
         r = message.result
+        self.saved = self.pending
         self.query_one("#status", Static).update(
             f"with these overrides: objective {r['value']:.3f} (best trial: {self.best['value']:.3f}), "
-            f"{r['params_after']:,} parameters; saved as the session's overrides")
+            f"{r['params_after']:,} parameters; saved as the session's overrides and as plan:overrides (x exports it)")
+
+    def action_export(self) -> None:
+        self.app.open_export(self.session_name)
 
     def action_back(self) -> None:
-        self.app.pop_screen()
+        if self.busy or self.edits == self.saved:
+            self.app.pop_screen()
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.app.pop_screen()
+
+        self.app.push_screen(Confirm("Your edits are not re-evaluated (v), so they are not saved: leave and lose "
+                                     "them?"), done)

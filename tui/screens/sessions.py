@@ -48,14 +48,23 @@ class SessionsScreen(Screen):
     def on_screen_resume(self) -> None:
         self.refresh_rows()
 
+    generation = 0  # bumped by every change made here: a background read begun before it is stale
+
     def _read_rows(self) -> None:
+        started = self.generation
         try:
             rows = self.app.backend.sessions()
         except AdapruneError:
             return  # the next explicit refresh (F5) shows the error
-        self.app.call_from_thread(self.show_rows, rows)
+
+        def show() -> None:
+            if started == self.generation:  # else a rename or delete happened meanwhile: these rows are old
+                self.show_rows(rows)
+
+        self.app.call_from_thread(show)
 
     def refresh_rows(self) -> None:
+        self.generation += 1
         try:
             rows = self.app.backend.sessions()
         except AdapruneError as e:
@@ -70,15 +79,18 @@ class SessionsScreen(Screen):
         for r in rows:
             when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%m-%d %H:%M") if r.get("updated") else ""
             best = f"{r['best']:.2f}" if r.get("best") is not None else ""
-            status = r["status"] + (" !" if r.get("problem") else "")
+            status = r["status"]
             if r.get("recovery"):
                 status += ", LoRA" + ("" if r["recovery"] == "done" else f" {r['recovery'].split()[-1]}")
-            table.add_row(r["name"], _short(r["model"]), f"{r['prune']:.0%}" if r.get("prune") else "",
-                          f"{r['done']}/{r['trials']}", best, status, when, key=r["name"])
+            # cut to fixed widths: one long status must not push "last change" off an 80-column screen
+            status = _short(status, 17) + (" !" if r.get("problem") or len(status) > 17 else "")
+            table.add_row(_short(r["name"], 16), _short(r["model"], 18), f"{r['prune']:.0%}" if r.get("prune")
+                          else "", f"{r['done']}/{r['trials']}", best, status, when, key=r["name"])
         if selected is not None and selected in {r["name"] for r in rows}:
             table.move_cursor(row=table.get_row_index(selected))
         hint = "no sessions yet: n starts one" if not rows else ""
         problems = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
+        problems += [f"{r['name']}: {r['status']}" for r in rows if len(r["status"]) > 17 and not r.get("problem")]
         self.query_one("#hint", Static).update("\n".join([hint, *problems]).strip())
 
     def selected(self) -> str | None:
@@ -171,5 +183,8 @@ class SessionsScreen(Screen):
         self.app.push_screen(Confirm(f"Delete session {name} and everything in it (study, plans, results)?"), done)
 
 
-def _short(model: str, width: int = 22) -> str:
-    return model if len(model) <= width else "…" + model[-(width - 1):]
+def _short(text: str, width: int) -> str:
+    """Long paths keep their end (the model's name); other text its start."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if "/" in text else text[: width - 1] + "…"
