@@ -24,6 +24,7 @@ from engine.session.layout import (
     saved_plans,
     session_plan,
 )
+from engine.session.requests import request, requested
 from engine.session.store import Session, check_name, default_dir, list_sessions
 from engine.session.summary import summary
 
@@ -36,7 +37,7 @@ __all__ = [
     "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
     "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "model_layers",
-    "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "reevaluate",
+    "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "request", "requested", "reevaluate",
     "OVERRIDES_PLAN", "PlanChoice", "plan_choices", "run_bench", "run_recovery", "run_search", "saved_plans", "session_plan", "summary", "table", "to_csv", "to_markdown",
     "validate_bench", "validate_recover", "validate_search", "warm_up",
 ]
@@ -160,11 +161,12 @@ def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_s
 
 
 def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,
-               worker: bool = False) -> dict:
-    """Drive (or, as a worker, join) the session's search until its trial budget is spent."""
+               worker: bool = False, since: float | None = None) -> dict:
+    """Drive (or, as a worker, join) the session's search until its trial budget is spent; pause and cancel
+    requests (from any process) made before `since` (default: now) are not for this run."""
     from engine.search.driver import run_search as run
 
-    return run(session, sink, control, worker)
+    return run(session, sink, control, worker, since)
 
 
 def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None) -> dict:

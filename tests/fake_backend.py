@@ -6,6 +6,7 @@ Same methods, no model: the app's flows are tested against it quickly; one test 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,19 @@ def recorded_events() -> list[dict]:
     return [json.loads(line) for line in (DATA / "search_events.jsonl").read_text().splitlines() if line.strip()]
 
 
+class FakeProcess:
+    """What the app keeps of a search process: its pid and, once it ended, its exit code."""
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        self.thread: threading.Thread | None = None
+
+    def poll(self) -> int | None:
+        return None if self.thread is not None and self.thread.is_alive() else self.code
+
+
 class FakeBackend(Backend):
     def __init__(self, root: Path, names: tuple[str, ...] = ("alpha", "beta")) -> None:
         super().__init__(root)
@@ -34,6 +48,8 @@ class FakeBackend(Backend):
         self.running: set[str] = set()
         self.delay = 0.0
         self.fail_export: str | None = None
+        self.requests: dict[str, str] = {}
+        self.exit_code = 0  # what the fake search process exits with
 
     def sessions(self) -> list[dict]:
         return [{"name": n, "model": s["config"]["model"], "prune": s["config"]["prune"],
@@ -81,6 +97,48 @@ class FakeBackend(Backend):
         s["plan"] = json.loads((DATA / "plan.json").read_text())
         s["status"] = "done"
         return {"completed": 6}
+
+    def start_search(self, name: str):
+        """A stand-in for the detached search process: a thread that writes the recorded events into the
+        session's log and obeys the requests (pause, resume, cancel) as the engine's SessionControl does."""
+        s = self._get(name)
+        self.calls.append(("start", name))
+        process = FakeProcess()
+
+        def work() -> None:
+            status = "done"
+            for row in self.events:
+                while self.requests.get(name) == "pause":
+                    time.sleep(0.02)
+                if self.requests.get(name) == "cancel":
+                    status = "cancelled"
+                    break
+                s["log"].append(row)
+                time.sleep(self.delay)
+            if status == "done":
+                s["plan"] = json.loads((DATA / "plan.json").read_text())
+            else:
+                s["log"].append({"kind": "search_finished", "t": 0, "status": "cancelled", "completed": 3,
+                                 "total": 6, "best_number": None, "best_value": None})
+            s["status"] = status
+            process.code = self.exit_code
+
+        process.thread = threading.Thread(target=work, daemon=True)
+        process.thread.start()
+        return process
+
+    def request(self, name: str, command: str) -> None:
+        self.calls.append(("request", name, command))
+        self.requests[name] = command
+
+    def requested(self, name: str) -> str | None:
+        return self.requests.get(name)
+
+    def holder(self, name: str) -> dict | None:
+        return {"pid": 4242, "host": "test"} if self.is_running(name) else None
+
+    def last_error(self, name: str) -> str | None:
+        return "error: the model folder vanished: restore it or start a new session"
 
     def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
         log = self._get(name)["log"]

@@ -9,7 +9,7 @@ import pytest
 from fake_backend import FakeBackend, recorded_events
 from textual.widgets import DataTable, Input, Static
 
-from engine.errors import AdapruneError
+from engine.control import Control
 from tui.app import AdapruneApp
 from tui.backend import Backend, NewSession
 from tui.screens.bench import BenchForm, BenchScreen
@@ -123,10 +123,9 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
             await pilot.press("ctrl+s")
             await settle(app, pilot)
             assert ("create", backend.calls[0][1]) == backend.calls[0] and backend.calls[0][1].prune == "0.25"
-            assert isinstance(app.screen, SearchScreen)
-            await settle(app, pilot)
+            assert isinstance(app.screen, SearchScreen) and ("start", "fresh") in backend.calls
             table = app.screen.query_one(DataTable)
-            assert table.row_count == N_TRIALS
+            await until(pilot, lambda: table.row_count == N_TRIALS and app.screen.control is None)
             assert str(table.get_row_at(0)[0]) == "0 base"
             assert "best" in {str(table.get_row_at(i)[3]) for i in range(table.row_count)}
 
@@ -134,24 +133,29 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
 
 
 def test_pause_resume_and_cancel_a_running_search(tmp_path):
+    """The app runs a search in a process of its own and controls it through the session's requests."""
     async def go():
         backend = FakeBackend(tmp_path)
         backend.delay = 0.05
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("r")
-            await until(pilot, lambda: "search" in app.jobs)
-            control = app.jobs["search"]
+            screen = app.screen
+            assert isinstance(screen, SearchScreen) and "alpha" in app.searches()
+            await until(pilot, lambda: screen.control is not None)
+            assert "running in process 4242" in text_of(app, "#title")
             await pilot.press("p")
-            assert control.paused and "paused" in text_of(app, "#title")
-            rows = app.screen.query_one(DataTable).row_count
+            assert backend.requests["alpha"] == "pause" and "pause requested" in text_of(app, "#title")
+            await pilot.pause(0.2)
+            rows = screen.query_one(DataTable).row_count
             await pilot.pause(0.3)
-            assert app.screen.query_one(DataTable).row_count == rows  # paused means paused
+            assert screen.query_one(DataTable).row_count == rows  # paused means paused
             await pilot.press("p")
-            assert not control.paused
+            assert backend.requests["alpha"] == "resume"
             await pilot.press("c")
-            await settle(app, pilot)
-            assert control.cancelled and not app.jobs and app.screen.view_mode == "view"
+            assert backend.requests["alpha"] == "cancel"
+            await until(pilot, lambda: screen.control is None and not app.searches())
+            assert backend.store["alpha"]["status"] == "cancelled"
 
     run(go())
 
@@ -163,20 +167,19 @@ def test_leaving_and_reopening_a_running_search_keeps_control_of_it(tmp_path):
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("r")
-            await until(pilot, lambda: "search" in app.jobs)
-            control = app.jobs["search"]
+            await until(pilot, lambda: app.screen.control is not None)
             await pilot.press("escape")
-            assert isinstance(app.screen, SessionsScreen) and app.jobs  # still running behind
+            assert isinstance(app.screen, SessionsScreen) and app.searches()  # still running behind
             await pilot.press("enter")
             screen = app.screen
             assert isinstance(screen, SearchScreen) and screen.view_mode == "attach"
-            assert "running in this app" in text_of(app, "#title")
+            assert "running in process" in text_of(app, "#title")
+            await until(pilot, lambda: screen.control is not None)
             await pilot.press("p")
-            assert control.paused
+            assert backend.requests["alpha"] == "pause"
             await pilot.press("c")
-            await settle(app, pilot)
-            await until(pilot, lambda: not app.jobs and screen.control is None)
-            assert control.cancelled
+            await until(pilot, lambda: not app.searches() and screen.control is None)
+            assert [c for c in backend.calls if c[0] == "start"] == [("start", "alpha")]  # one process only
 
     run(go())
 
@@ -367,37 +370,50 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
 
 
 def test_quit_asks_while_work_runs_and_engine_errors_do_not_crash(tmp_path):
-    async def go():
+    from tui.screens.dialogs import Choose
+
+    async def go(answer: str):
         backend = FakeBackend(tmp_path)
         backend.delay = 0.2
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("r")
-            await until(pilot, lambda: "search" in app.jobs)
-            control = app.jobs["search"]
+            await until(pilot, lambda: app.screen.control is not None)
             await pilot.press("ctrl+q")
-            assert isinstance(app.screen, Confirm)
-            await pilot.press("n")
-            assert app.is_running and not control.cancelled
+            assert isinstance(app.screen, Choose) and "own process" in str(app.screen.question)
+            await pilot.press("escape")  # stay
+            assert app.is_running and "alpha" not in backend.requests
             await pilot.press("f1")
             assert isinstance(app.screen, Help)
             await pilot.press("escape", "ctrl+q")
+            assert isinstance(app.screen, Choose)
+            await pilot.press(answer)
+        return backend
+
+    assert "alpha" not in run(go("l")).requests  # left running: the process goes on without the app
+    assert run(go("s")).requests["alpha"] == "cancel"  # stopped at its next safe point
+
+    async def threads():  # work in the app's own threads (a benchmark) asks yes/no before quitting
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            control = Control()
+            app.jobs["bench"] = control
+            await pilot.press("ctrl+q")
             assert isinstance(app.screen, Confirm)
             await pilot.press("y")
         return control
 
-    assert run(go()).cancelled  # quitting stopped the engine at a safe point
+    assert run(threads()).cancelled
 
-    class Broken(FakeBackend):
-        def run_search(self, name, sink, control):
-            raise AdapruneError("the model folder vanished: restore it or start a new session")
-
-    async def broken():
-        app = AdapruneApp(Broken(tmp_path))
+    async def broken():  # a search process that dies with an error: its line reaches the screen
+        backend = FakeBackend(tmp_path)
+        backend.exit_code = 2
+        app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("r")
-            await settle(app, pilot)
-            assert "model folder vanished" in text_of(app, "#log") and app.is_running
+            await until(pilot, lambda: "model folder vanished" in text_of(app, "#log"))
+            assert app.is_running
             await pilot.press("ctrl+p")
             await pilot.pause()
             assert type(app.screen).__name__ == "CommandPalette"
@@ -420,15 +436,65 @@ def test_real_engine_from_the_form_to_a_finished_search(tmp_path, tokenizer):
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
             assert isinstance(app.screen, NewSessionScreen)
-            await pilot.press("ctrl+s")  # one key from the pre-filled form to a running search
-            await until(pilot, lambda: isinstance(app.screen, SearchScreen) and app.screen.view_mode == "view"
-                        and not app.jobs, timeout=600)
+            await pilot.press("ctrl+s")  # one key from the pre-filled form to a running search (its own process)
+            await until(pilot, lambda: isinstance(app.screen, SearchScreen) and app.screen.control is None
+                        and not app.searches() and app.screen.query_one(DataTable).row_count == 2, timeout=600)
             table = app.screen.query_one(DataTable)
             assert table.row_count == 2 and str(table.get_row_at(0)[0]) == "0 base"
             assert (tmp_path / "sessions" / "real" / "plan.json").exists()
 
     run(go())
     assert backend.sessions()[0]["done"] == 2
+
+
+def test_a_search_started_in_the_app_outlives_it_and_a_new_app_controls_it(tmp_path, tokenizer):
+    """The search runs in its own process: the app quits (as a dropped SSH connection would end it) and the
+    search goes on; a second app attaches to it and pauses, resumes and cancels it."""
+    import os
+
+    from conftest import make_model
+
+    folder = tmp_path / "tiny"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    backend = Backend(tmp_path / "sessions")
+    defaults = NewSession(name="long", model=str(folder), trials="500", sources="stdlib-docs",
+                          objective="stdlib-docs/valid", device="cpu", metrics=["vector"])
+
+    async def first():
+        from tui.screens.dialogs import Choose
+
+        app = AdapruneApp(backend, new=True, defaults=defaults)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: backend.holder("long") is not None, timeout=120)
+            await pilot.press("ctrl+q")
+            assert isinstance(app.screen, Choose)
+            await pilot.press("l")  # leave it running
+        return app.return_code
+
+    run(first())
+    holder = backend.holder("long")
+    assert holder is not None and os.kill(holder["pid"], 0) is None  # still running without any app
+
+    async def second():
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("enter")
+            screen = app.screen
+            assert isinstance(screen, SearchScreen) and screen.view_mode == "attach"
+            await until(pilot, lambda: screen.control is not None)
+            await pilot.press("p")
+            await until(pilot, lambda: "paused by a request" in text_of(app, "#log"), timeout=60)
+            await pilot.press("p")
+            await until(pilot, lambda: "resumed" in text_of(app, "#log"), timeout=60)
+            await pilot.press("c")
+            await until(pilot, lambda: screen.control is None and backend.holder("long") is None, timeout=60)
+
+    run(second())
+    row = backend.sessions()[0]
+    assert row["status"] == "cancelled" and row["done"] < 500  # stopped at a safe point, resumable
 
 
 SCREENS = {"sessions": [], "search": ["enter"], "layers": ["l"], "bench": ["b"], "recover": ["f"], "export": ["x"],

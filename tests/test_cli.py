@@ -122,6 +122,7 @@ def test_bad_inputs_are_refused_before_the_model_loads(tiny_folder, tmp_path, mo
         (["--calib", f"{empty}:2x16"], "is empty"), (["--calib", f"{binary}:2x16"], "looks binary"),
         (["--calib", f"{bad}:2x16"], "m.jsonl:2"), (["--calib", "stdlib-docs/nosplit:2x16"], "has splits"),
         (["--eval", "nosuchsource"], "neither a file nor a known name"),
+        (["--calib", ":ten:[bold]x:4x8"], "':ten:[bold]x'"),  # user text printed as typed: no emoji, no markup
         (["--reconstruct", "--reconstruct-calib", f"{empty}:4x16"], "is empty"),
     ):
         _one_line_error(_run("prune", "--model", tiny_folder, *args), msg)

@@ -374,3 +374,22 @@ def test_repaired_trials_are_what_exports_and_benchmarks_rebuild(llama_folder, t
     data = SearchData(session, cfg, dense, lambda e: None, Control())
     value = progressive_objective(exported.model, data.objective_sets(), Control())
     assert value == pytest.approx(best["value"], rel=1e-4)
+
+
+def test_the_baseline_stays_inside_a_narrowed_space(llama_folder, tmp_path):
+    """Searching only some metrics (the form's checkboxes) must not put trial 0 outside Optuna's choices."""
+    import optuna
+
+    cfg = _cfg(llama_folder, metrics=["vector", "wanda"], trials=1, sources=["stdlib-docs"],
+               objective=["stdlib-docs/valid"])
+    base = baseline_params(cfg, 4)
+    assert base["metric"] == "vector" and base["aggregate"] == "sum" and base["calib_n"] == 10
+    sp = space(cfg, 4)
+    for key, value in base.items():
+        choices = sp[key]
+        assert (choices[0] <= value <= choices[1]) if isinstance(choices, tuple) else value in choices, key
+    session = create_session(tmp_path / "s", "narrow", cfg)
+    study = open_study(session, cfg)
+    params = suggest(study.ask(), sp, cfg.fixed)  # trial 0 as the driver asks for it: no ValueError
+    assert params["metric"] == "vector" and study.trials[0].user_attrs["baseline"]
+    assert isinstance(study, optuna.Study)

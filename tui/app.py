@@ -6,6 +6,8 @@ stream; engine work runs in worker threads (`tui.jobs`), so the app answers keys
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -16,10 +18,11 @@ from textual.screen import Screen
 
 from engine import api
 from engine.control import Control
+from engine.errors import AdapruneError
 from tui import keys
 from tui.backend import Backend, NewSession
 from tui.screens.bench import BenchScreen
-from tui.screens.dialogs import HELP_INTRO, Confirm, Help
+from tui.screens.dialogs import HELP_INTRO, Choose, Confirm, Help
 from tui.screens.export import ExportScreen
 from tui.screens.layers import LayersScreen
 from tui.screens.new_session import NewSessionScreen
@@ -39,10 +42,11 @@ class AdapruneApp(App):
 
     def __init__(self, backend: Backend | None = None, sessions_dir: Path | None = None, new: bool = False,
                  defaults: NewSession | None = None) -> None:
-        super().__init__()
+        # NO_COLOR (--no-color): Textual strips every colour only from ANSI-themed output, else it greys them
+        super().__init__(ansi_color=True if "NO_COLOR" in os.environ else None)
         self.backend = backend or Backend(sessions_dir or api.default_dir())
-        self.jobs: dict[str, Control] = {}  # engine work in flight, by job name
-        self.searching: str | None = None  # the session whose search this app runs, if any
+        self.jobs: dict[str, Control] = {}  # engine work in flight in this app's threads, by job name
+        self.background: dict[str, subprocess.Popen] = {}  # search processes this app started, by session
         self.start_new, self.defaults = new, defaults
         self.keymap: dict[str, str] = {}
 
@@ -67,19 +71,36 @@ class AdapruneApp(App):
         taken = {r["name"] for r in self.backend.sessions()}
         return next(n for n in [base, *(f"{base}-{i}" for i in range(2, 1000))] if n not in taken)
 
+    def searches(self) -> dict[str, subprocess.Popen]:
+        """The search processes this app started that still run."""
+        return {n: p for n, p in self.background.items() if p.poll() is None}
+
     def open_search(self, name: str, mode: str = "view") -> None:
-        control = None
-        if "search" in self.jobs and self.searching == name:
-            mode, control = "attach", self.jobs["search"]  # ours, started from a screen since left
-        elif mode == "drive" and "search" in self.jobs:
-            self.notify(f"a search is already running in this app ({self.searching}): one at a time, they share "
-                        f"the CPU/GPU", severity="warning")
-            mode = "view"
-        elif mode in ("drive", "view") and self.backend.is_running(name):
-            if mode == "drive":
-                self.notify(f"{name} is driven by another process: following it", severity="warning")
-            mode = "attach"
-        self.push_screen(SearchScreen(name, mode, control))
+        """`drive` starts the session's search in a detached process unless one already runs it; any search
+        that runs is followed (`attach`), with pause and cancel; otherwise the saved trials (`view`)."""
+        process = self.searches().get(name)
+        try:
+            running = process is not None or self.backend.is_running(name)
+        except AdapruneError as e:
+            self.notify(str(e), severity="error")
+            return
+        if mode == "drive" and not running:
+            others = [n for n in self.searches() if n != name]
+            if others:
+                self.notify(f"a search started here still runs ({others[0]}): one at a time, they share the "
+                            f"CPU/GPU", severity="warning")
+                mode = "view"
+            else:
+                try:
+                    process = self.backend.start_search(name)
+                except (AdapruneError, OSError) as e:
+                    self.notify(f"cannot start the search: {e}", severity="error")
+                    return
+                self.background[name] = process
+                running = True
+        elif mode == "drive":
+            self.notify(f"{name} already runs in a process: following it", severity="warning")
+        self.push_screen(SearchScreen(name, "attach" if running else "view", process))
 
     def open_layers(self, name: str) -> None:
         self.push_screen(LayersScreen(name))
@@ -126,6 +147,27 @@ class AdapruneApp(App):
         self.action_quit_app()  # every way out asks while work runs
 
     def action_quit_app(self) -> None:
+        searches = self.searches()
+        if searches and not self.jobs:
+            names = ", ".join(sorted(searches))
+
+            def chosen(answer: str | None) -> None:
+                if answer == "stop":
+                    for name in searches:
+                        try:
+                            self.backend.request(name, "cancel")  # it stops at its next safe point, resumable
+                        except AdapruneError as e:
+                            self.notify(str(e), severity="error")
+                            return
+                if answer in ("leave", "stop"):
+                    self.exit()
+
+            self.push_screen(Choose(
+                f"The search of {names} runs in its own process. Leave it running (it goes on without the app; "
+                f"enter on the sessions screen follows it again), or stop it (at its next safe point; the "
+                f"session stays resumable)?", [("leave", "Leave it running (l)", "l"),
+                                                ("stop", "Stop it (s)", "s")]), chosen)
+            return
         if not self.jobs:
             self.exit()
             return

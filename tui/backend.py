@@ -6,6 +6,9 @@ runs them in worker threads. Tests swap this class for a fake that replays recor
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from engine.config import EMBEDDED, MAX_PRUNE, SearchConfig, check_prune
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, event_from_dict
+
+SEARCH_LOG = "search.log"  # a detached search's output, in its session folder
 
 
 @dataclass
@@ -109,9 +114,49 @@ class Backend:
     # --- long work (called from worker threads) -------------------------------------------------------------
 
     def run_search(self, name: str, sink: Sink, control: Control) -> dict:
+        """The search in this process (the CLI's way); the app uses `start_search`."""
         session = self.session(name)
         with session.lock():
             return api.run_search(session, sink, control)
+
+    def start_search(self, name: str) -> subprocess.Popen:
+        """Run the session's search in a process of its own, detached from this terminal: it outlives the
+        app, a closed terminal and a dropped SSH connection (`adaprune resume` in a new session). Its output
+        goes to search.log in the session; the app follows its events file, and pauses and cancels it through
+        the session's requests file."""
+        session = self.session(name)
+        env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
+        with (session.path / SEARCH_LOG).open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tui.cli", "resume", name, "--sessions-dir", str(self.root.resolve())],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, close_fds=True,
+                start_new_session=True)  # its own session: the terminal's hangup does not reach it
+
+    def request(self, name: str, command: str) -> None:
+        """Ask the processes working on the session's search to pause, resume or cancel."""
+        api.request(self.session(name), "search", command)
+
+    def requested(self, name: str) -> str | None:
+        req = api.requested(self.session(name), "search")
+        return req["command"] if req else None
+
+    def holder(self, name: str) -> dict | None:
+        return self.session(name).holder()
+
+    def last_error(self, name: str) -> str | None:
+        """The error line a search process left in its log, if it ended with one."""
+        path = self.session(name).path / SEARCH_LOG
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[-50:]
+        except OSError:
+            return None
+        lines = [ln.strip() for ln in lines if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith(("error:", "cancelled"))]
+        if errors:
+            return errors[-1]
+        if any(ln.startswith("Traceback") for ln in lines):  # a bug, not a user error: its last line says what
+            return f"the search process failed: {lines[-1]} (search.log in the session has the details)"
+        return lines[-1] if lines else None
 
     def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
         rows, offset = self.session(name).follow_events(offset)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from engine import api
 from engine.config import (
@@ -28,7 +30,8 @@ from engine.errors import AdapruneError, Cancelled
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Structured pruning of LLaMA-family models with searched calibration and metrics.")
-err = Console(stderr=True, highlight=False)
+STARTED = time.time()  # when this process began: an app that started it may ask to pause at once
+err = Console(stderr=True, highlight=False, emoji=False)  # user text must print as typed (no :ten: emoji)
 
 
 def clean_errors(fn: Callable) -> Callable:
@@ -39,10 +42,10 @@ def clean_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except AdapruneError as e:
-            err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except (KeyboardInterrupt, Cancelled):
-            err.print("cancelled (an export is written whole or not at all)")
+            err.print("cancelled at a safe point: nothing is half-written (a search or recovery resumes where it stopped)")
             raise typer.Exit(130) from None
 
     return run
@@ -116,13 +119,13 @@ def prune_cmd(
                       out=str(out) if out else None, force=force, overrides=_parse_overrides(override),
                       reconstruct=reconstruct, reconstruct_calib=reconstruct_calib,
                       reconstruct_lambda=reconstruct_lambda)
-    console = Console()
+    console = Console(emoji=False)
     with RichSink(console) as sink:
         result = api.prune(cfg, sink=sink)
     console.print(result_table(result))
     if result.out:
         how = "plain transformers" if result.export_format == "uniform" else "trust_remote_code=True"
-        console.print(f"saved to {result.out} ({result.export_format} widths; loads with {how})")
+        console.print(f"saved to {escape(str(result.out))} ({result.export_format} widths; loads with {how})")
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -165,13 +168,14 @@ def _parse_fixed(items: list[str]) -> dict:
 def _drive(session, worker: bool = False) -> None:
     from tui.report import RichSink
 
-    console = Console()
+    console = Console(emoji=False)
     with RichSink(console) as sink:
         if worker:
             api.run_search(session, sink, worker=True)
         else:
             with session.lock():
-                api.run_search(session, sink)
+                # requests made since this process began are for it (an app may ask before the lock is taken)
+                api.run_search(session, sink, since=STARTED)
 
 
 @app.command("search")
@@ -241,12 +245,12 @@ def sessions_cmd(sessions_dir: Path = SESSIONS_DIR) -> None:
 
     rows = [api.summary(s) for s in api.list_sessions(_root(sessions_dir))]
     if not rows:
-        Console().print(f"no sessions in {_root(sessions_dir)}")
+        Console(emoji=False).print(f"no sessions in {escape(str(_root(sessions_dir)))}")
         return
-    Console().print(sessions_table(rows))
+    Console(emoji=False).print(sessions_table(rows))
     for r in rows:
         if r.get("problem"):
-            err.print(f"[yellow]warning:[/] {r['name']}: {r['problem']}", soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {escape(r['name'])}: {escape(r['problem'])}", soft_wrap=True)
 
 
 @app.command("export")
@@ -265,12 +269,12 @@ def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"),
     from tui.report import RichSink
 
     session_root = _root(sessions_dir)
-    console = Console()
+    console = Console(emoji=False)
     with RichSink(console) as sink:
         fmt = api.export_session(session_root, name, out, force, sink, widths, recovered=recovered,
                                  plan_name=plan)
     how = "plain transformers" if fmt == "uniform" else "trust_remote_code=True"
-    console.print(f"saved to {out} ({fmt} widths; loads with {how})")
+    console.print(f"saved to {escape(str(out))} ({fmt} widths; loads with {how})")
 
 
 @app.command("recover")
@@ -312,7 +316,7 @@ def recover_cmd(
                         targets=[t.strip() for t in targets.split(",") if t.strip()], valid=list(valid),
                         valid_windows=valid_windows, eval_every=eval_every, save_every=save_every, seed=seed,
                         grad_checkpointing=grad_checkpointing, distil=distil_weight if distil else 0.0)
-    console = Console()
+    console = Console(emoji=False)
     try:
         with RichSink(console) as sink:
             state = api.run_recovery(_root(sessions_dir), name, cfg, sink, resume=resume, restart=restart)
@@ -354,7 +358,7 @@ def bench_cmd(
     cfg = BenchConfig(tasks=list(tasks), limit=limit, seed=seed, ppl=list(ppl), seq_lens=list(seq_len),
                       ppl_windows=ppl_windows or None, speed=speed, batches=list(batch),
                       rows=[r.strip() for r in rows.split(",") if r.strip()] if rows else None)
-    console = Console()
+    console = Console(emoji=False)
     if cfg.tasks or cfg.ppl or cfg.speed:
         api.validate_bench(cfg)  # bad files and names fail before the model loads
         with RichSink(console) as sink:

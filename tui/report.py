@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -107,7 +108,7 @@ class RichSink:
             self.finished[event.stage] = task
         elif isinstance(event, Log):
             style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
-            self.progress.console.print(f"[{style}]{event.message}[/]")
+            self.progress.console.print(f"[{style}]{escape(event.message)}[/]")
         elif isinstance(event, RecoveryStep):
             if "recovery" in self.tasks:
                 self.progress.update(self.tasks["recovery"], description=f"recovery (loss {event.loss:.3f})")
@@ -115,12 +116,12 @@ class RichSink:
                 self.progress.console.print(f"step {event.step}/{event.total}: loss {event.loss:.3f}, lr "
                                             f"{event.lr:.2g}, validation PPL {event.valid_ppl:.2f}")
         elif isinstance(event, Metric):
-            self.progress.console.print(f"[dim]{event.model} {event.name} = {event.value:.4g}[/]")
+            self.progress.console.print(f"[dim]{escape(event.model)} {escape(event.name)} = {event.value:.4g}[/]")
         elif isinstance(event, TrialStarted):
-            self.progress.console.print(f"[cyan]trial {event.number}[/] {describe(event.params)}")
+            self.progress.console.print(f"[cyan]trial {event.number}[/] {escape(describe(event.params))}")
         elif isinstance(event, TrialFinished):
             value = f"{event.value:.3f}" if event.value is not None else "-"
-            extra = f" ({event.message})" if event.message else ""
+            extra = f" ({escape(event.message)})" if event.message else ""
             timing = f" in {event.seconds:.1f} s (objective {event.objective_seconds:.1f} s)" if event.seconds else ""
             self.progress.console.print(f"[cyan]trial {event.number}[/] {event.state}: objective {value}{timing}{extra}")
         elif isinstance(event, BestChanged):
@@ -168,7 +169,7 @@ def trials_table(board: TrialRows, limit: int = 12) -> Table:
         value = f"{r.value:.3f}" if r.value is not None else ""
         state = "best" if r.number == board.best else r.state
         style = "bold green" if r.number == board.best else STATE_STYLE.get(r.state, "")
-        t.add_row(number, metric_text(r.params), calib_text(r.params), layout_text(r.params), value,
+        t.add_row(number, escape(metric_text(r.params)), escape(calib_text(r.params)), escape(layout_text(r.params)), value,
                   f"{-gain:+.1%}" if gain is not None and not board.is_baseline(r) else "", state, style=style)
     return t
 
@@ -190,7 +191,7 @@ def sessions_table(rows: list[dict]) -> Table:
         when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%Y-%m-%d %H:%M") if r.get("updated") else ""
         best = f"{r['best']:.3f}" if r.get("best") is not None else ""
         target = f"{r['prune']:.0%}" if r.get("prune") else ""
-        t.add_row(r["name"], r["model"], target, f"{r['done']}/{r['trials']}", best, r["status"],
+        t.add_row(escape(r["name"]), escape(r["model"]), target, f"{r['done']}/{r['trials']}", best, escape(r["status"]),
                   *([r.get("recovery") or ""] if recovery else []), when)
     return t
 
@@ -200,7 +201,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def result_table(r: api.PruneResult) -> Table:
-    t = Table(title=f"{r.config.model}: {r.plan.removed:,} parameters removed "
+    t = Table(title=f"{escape(r.config.model)}: {r.plan.removed:,} parameters removed "
                     f"({r.plan.removed / r.plan.params_before:.2%}, target {r.config.prune:.0%})")
     t.add_column("measure")
     t.add_column("dense", justify="right")
@@ -209,7 +210,7 @@ def result_table(r: api.PruneResult) -> Table:
     d, p = r.dense, r.pruned
     t.add_row("parameters", f"{d.params:,}", f"{p.params:,}", _ratio(d.params, p.params))
     for name in d.ppl:
-        t.add_row(f"PPL {name} @{r.config.eval_seq_len}", f"{d.ppl[name]:.2f}", f"{p.ppl[name]:.2f}",
+        t.add_row(f"PPL {escape(name)} @{r.config.eval_seq_len}", f"{d.ppl[name]:.2f}", f"{p.ppl[name]:.2f}",
                   _ratio(d.ppl[name], p.ppl[name]))
     if d.speed and p.speed:
         s = d.speed
@@ -232,5 +233,5 @@ def bench_table(results: dict) -> Table:
     for i, col in enumerate(header):
         t.add_column(col, justify="left" if i == 0 else "right")
     for line in body:
-        t.add_row(*line)
+        t.add_row(*map(escape, line))
     return t

@@ -37,6 +37,7 @@ from engine.search.data import SearchData
 from engine.search.space import baseline_params, canonical, space, suggest, validate
 from engine.search.study import ask_lock, beat_once, fail_orphans, heartbeat, open_study
 from engine.search.trial import TrialOutcome, run_trial
+from engine.session import requests
 from engine.session.layout import write_best
 from engine.session.store import Session
 from engine.session.study import (
@@ -212,10 +213,18 @@ def _prepare(session: Session, sink: Sink) -> tuple[SearchConfig, Loaded, dict]:
 
 
 def run_search(session: Session, sink: Sink = null_sink, control: Control | None = None,
-               worker: bool = False) -> dict:
-    """Drive (or, as a worker, join) the session's study until its trial budget is spent."""
-    control = control or Control()
+               worker: bool = False, since: float | None = None) -> dict:
+    """Drive (or, as a worker, join) the session's study until its trial budget is spent. `since`: when
+    this run was asked for (a process's start); pause and cancel requests from before it are not for it."""
     sink = _logged(session, sink)
+    # pause and cancel from any process (an app attached later, after the terminal that started it is gone);
+    # what was asked of an earlier run is not for this one (workers go by their driver's start)
+    since = time.time() if since is None else since
+    if worker:
+        since = float(session.manifest().get("run_started", since))
+    else:
+        session.update(run_started=since)
+    control = requests.SessionControl(session, "search", sink, control, since)
     cfg, dense, sp = _prepare(session, sink)
     study = open_study(session, cfg, None if not worker else cfg.seed + os.getpid())
     if not worker:

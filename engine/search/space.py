@@ -82,15 +82,23 @@ def repair_sources(cfg: SearchConfig) -> list[str]:
 
 
 def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
-    """Trial 0: LLM-Pruner's recipe (taylor1, 10 random 64-token windows, sum, same ratio, its layer range)."""
+    """Trial 0: LLM-Pruner's recipe (taylor1, 10 random 64-token windows, sum, same ratio, its layer range),
+    kept inside the searched space: where the user left a choice out (e.g. searching wanda and vector only),
+    the space's first choice stands in for it, since Optuna cannot run a trial outside its own choices."""
     first, end = default_layer_range(n_layers)
     source = "stdlib-docs" if "stdlib-docs" in cfg.sources else cfg.sources[0]
-    return {"calib_source": source, "calib_n": 10, "calib_len": 64, "calib_select": "random", "calib_seed": 0,
+    recipe = {"calib_source": source, "calib_n": 10, "calib_len": 64, "calib_select": "random", "calib_seed": 0,
             "metric": "taylor1", "aggregate": "sum", "metric2": "none", "mix": 0.5, "attn_share": "same",
             "allocation": "uniform", "ramp": 0.0,
             "first_kept": first,
             "last_kept": n_layers - end,
             "repair": "none", "repair_lambda": 1.0, "repair_n": cfg.pool_size}
+    for key, choices in space(cfg, n_layers).items():
+        if isinstance(choices, tuple):
+            recipe[key] = min(max(recipe[key], choices[0]), choices[1])
+        elif recipe[key] not in choices:
+            recipe[key] = choices[0]
+    return recipe
 
 
 def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:

@@ -18,7 +18,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import AdapruneError
@@ -51,6 +51,7 @@ def pid_alive(pid: int) -> bool:
 @dataclass
 class Session:
     path: Path
+    _progress_logged: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -119,8 +120,12 @@ class Session:
     # --- events ---------------------------------------------------------------------------------------------
 
     def append_event(self, event: Event) -> None:
-        if isinstance(event, StageProgress):  # high-rate; the live views get them, the log does not need them
-            return
+        if isinstance(event, StageProgress):
+            # high-rate: the log keeps about one a second per stage (and the last), enough for an attached app
+            now = time.monotonic()
+            if event.done < event.total and now - self._progress_logged.get(event.stage, 0.0) < 1.0:
+                return
+            self._progress_logged[event.stage] = now
         with self.events_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(event.to_dict(), default=str) + "\n")
 

@@ -17,8 +17,11 @@ def summary(session: Session) -> dict:
     except AdapruneError as e:
         return {"name": session.name, "model": "?", "prune": 0.0, "trials": 0, "status": "unreadable",
                 "updated": None, "done": 0, "best": None, "problem": str(e)}
+    status = m.get("status", "?")
+    if status == "running" and session.holder() is None:
+        status = "stopped"  # its process was killed (kill -9, a reboot) before it could say so; resumable
     row = {"name": session.name, "model": cfg.model, "prune": cfg.prune, "trials": cfg.trials,
-           "status": m.get("status", "?"), "updated": m.get("updated"), "done": 0, "best": None}
+           "status": status, "updated": m.get("updated"), "done": 0, "best": None}
     try:
         rec = recovery_state(session)
     except AdapruneError:

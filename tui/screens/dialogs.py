@@ -41,6 +41,41 @@ class Confirm(ModalScreen[bool]):
         self.dismiss(value)
 
 
+class Choose(ModalScreen[str | None]):
+    """One of a few answers, each with a key; escape answers None (stay)."""
+
+    BINDINGS = [Binding("escape", "answer(None)", "Stay")]
+
+    def __init__(self, question: str, answers: list[tuple[str, str, str]]) -> None:
+        """`answers`: (value, button label, key)."""
+        super().__init__()
+        self.question, self.answers = question, answers
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(self.question, markup=False, classes="question")
+            with Horizontal(classes="buttons"):
+                for value, label, _ in self.answers:
+                    yield Button(label, id=f"answer-{value}", compact=True)
+                yield Button("Stay (escape)", variant="primary", id="answer-stay", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#answer-stay", Button).focus()
+
+    def on_key(self, event) -> None:
+        for value, _, key in self.answers:
+            if event.key == key:
+                event.stop()
+                self.dismiss(value)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        value = (event.button.id or "").removeprefix("answer-")
+        self.dismiss(None if value == "stay" else value)
+
+    def action_answer(self, value: str | None) -> None:
+        self.dismiss(value)
+
+
 class Ask(ModalScreen[str | None]):
     """One value, checked (or applied) by `check`, which returns a problem or None: with a problem the dialog
     stays open and shows it in place, so keys typed next still go to the dialog."""

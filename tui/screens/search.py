@@ -1,8 +1,10 @@
 """The search, live: trials streaming into a table, best-so-far, the current stage with its progress.
 
-Three modes: `drive` runs the session's search here (pause, resume, cancel); `attach` follows a session that a
-headless `adaprune search` or `worker` is driving, from its events file, without taking it over; `view` shows
-a finished or stopped session's trials.
+A search always runs in a process of its own (the app starts one detached from its terminal, or it is a
+headless `adaprune search` / `worker`): `attach` follows it from the session's events file and pauses,
+resumes and cancels it through the session's requests file, so quitting the app, closing the terminal or
+losing the SSH connection leaves it running, and a later app attaches with the same keys. `view` shows a
+finished or stopped session's trials.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from engine.events import (
     StageStarted,
     event_from_dict,
 )
-from tui.jobs import EngineEvent, JobDone, start_job
 from tui.report import calib_text, layout_text, metric_text
 
 # what matters first on 80 columns; the configuration follows (scroll right for all of it)
@@ -47,13 +48,14 @@ class SearchScreen(Screen):
         Binding("escape", "back", "Back", id="search.back", tooltip="back (a search keeps running)"),
     ]
 
-    def __init__(self, name: str, mode: str = "view", control=None) -> None:
-        """`control`: when this app already runs the session's search (the screen that started it was left),
-        the new screen follows the events file and still pauses and cancels it."""
+    def __init__(self, name: str, mode: str = "view", process=None) -> None:
+        """`process`: the search process this app started (its exit code and pid), when it did."""
         super().__init__()
         self.session_name, self.view_mode = name, mode
         self.board = TrialRows()
-        self.control = control
+        self.process = process
+        self._control = None
+        self.ended_reported = False
         self.log_offset = 0
         self.stage_started = 0.0
         self.trials_total = 0
@@ -90,16 +92,22 @@ class SearchScreen(Screen):
         self.replay_history()
         self.show_best_plan()
         self.update_title()
-        if self.view_mode == "drive":
-            self.start()
-        elif self.view_mode == "attach":
+        if self.view_mode == "attach":
+            self.poll()
             self.set_interval(0.5, self.poll)
 
     def update_title(self) -> None:
-        what = {"drive": "running here", "attach": "following (read-only)", "view": "saved"}[self.view_mode]
-        if self.view_mode == "attach" and self.control is not None:
-            what = "running in this app"
-        paused = " — paused" if self.control is not None and self.control.paused else ""
+        what = "saved"
+        if self.view_mode == "attach":
+            holder = self.running()
+            if self.process is not None and self.process.poll() is None:
+                what = (f"running in process {self.process.pid} (it keeps running if you quit or the connection "
+                        f"drops)")
+            elif holder:
+                what = f"running in process {holder.get('pid')} on {holder.get('host')}"
+            else:
+                what = "following its events (no process holds it)"
+        paused = " — pause requested" if self.control is not None and self.control.paused else ""
         self.query_one("#title", Static).update(f"session {self.session_name}: {what}{paused}")
         self.refresh_bindings()  # pause and cancel are offered only while this app runs the search
 
@@ -136,16 +144,13 @@ class SearchScreen(Screen):
         for e in events:
             self.apply(e, live=False)
 
-    def start(self) -> None:
-        name = self.session_name
-        self.control = start_job(self, "search", lambda sink, control: self.app.backend.run_search(name, sink, control))
-        self.app.searching = name
-        self.update_title()
+    def running(self) -> dict | None:
+        try:
+            return self.app.backend.holder(self.session_name)
+        except AdapruneError:
+            return None
 
     def poll(self) -> None:
-        if self.control is not None and "search" not in self.app.jobs:
-            self.control = None  # the run this screen followed has ended
-            self.update_title()
         try:
             events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
         except AdapruneError as e:
@@ -153,22 +158,24 @@ class SearchScreen(Screen):
             return
         for e in events:
             self.apply(e)
+        started = self.process is not None and self.process.poll() is None  # ours, maybe not holding yet
+        alive = started or self.running() is not None
+        if alive and self.control is None:
+            self.control = Remote(self.app.backend, self.session_name)
+            self.update_title()
+        elif not alive and self.control is not None:
+            self.control = None  # the process this screen followed has ended
+            self.ended()
+            self.update_title()
 
-    def on_engine_event(self, message: EngineEvent) -> None:
-        if message.job == "search":
-            self.apply(message.event)
-
-    def on_job_done(self, message: JobDone) -> None:
-        if message.job != "search":
-            return
-        self.control = None
-        if message.error:
-            self.query_one("#log", Static).update(f"error: {message.error}")
-            self.notify(message.error, severity="error", timeout=10)
-        elif message.cancelled:
-            self.notify("search cancelled: the session is resumable (r on the sessions screen)")
-        self.view_mode = "view"
-        self.update_title()
+    def ended(self) -> None:
+        """Say how the search process ended when it did not end well (its log has the line)."""
+        code = self.process.poll() if self.process is not None else None
+        if code not in (None, 0) and not self.ended_reported:
+            self.ended_reported = True
+            error = self.app.backend.last_error(self.session_name) or f"the search process exited with {code}"
+            self.query_one("#log", Static).update(_short(error, 300))
+            self.notify(error, severity="error", timeout=10)
 
     # --- rendering ------------------------------------------------------------------------------------------
 
@@ -204,7 +211,8 @@ class SearchScreen(Screen):
             self.query_one("#log", Static).update(_short(event.message, 200))  # the trial's plan line is not shown
         elif isinstance(event, SearchFinished) and live:
             best = f", best trial {event.best_number} ({event.best_value:.3f})" if event.best_value else ""
-            self.notify(f"search {event.status}: {event.completed}/{event.total} trials{best}")
+            more = " (resumable: r on the sessions screen)" if event.status == "cancelled" else ""
+            self.notify(f"search {event.status}: {event.completed}/{event.total} trials{best}{more}")
 
     def show_row(self, r: TrialRow) -> None:
         table = self.query_one(DataTable)
@@ -230,27 +238,33 @@ class SearchScreen(Screen):
 
     def action_pause(self) -> None:
         if self.control is None:
-            self.notify("nothing running here to pause" + (" (attached: read-only)" if self.view_mode == "attach" else ""),
-                        severity="warning")
+            self.notify("no search is running", severity="warning")
             return
-        if self.control.paused:
-            self.control.resume()
-            self.notify("resumed")
-        else:
-            self.control.pause()
-            self.notify("pausing at the next safe point (between batches or trials)")
+        try:
+            if self.control.paused:
+                self.control.resume()
+                self.notify("resuming")
+            else:
+                self.control.pause()
+                self.notify("pausing at the next safe point (between batches or trials)")
+        except AdapruneError as e:
+            self.notify(str(e), severity="error")
         self.update_title()
 
     def action_cancel(self) -> None:
         if self.control is None:
-            self.notify("nothing running here to cancel", severity="warning")
+            self.notify("no search is running", severity="warning")
             return
-        self.control.cancel()
-        self.notify("cancelling at the next safe point…")
+        try:
+            self.control.cancel()
+        except AdapruneError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.notify("cancelling at the next safe point… (the session stays resumable)")
 
     def action_back(self) -> None:
         if self.control is not None:
-            self.notify("the search keeps running in the background; ctrl+q asks before quitting")
+            self.notify("the search keeps running in its own process; enter on the sessions screen follows it")
         self.app.pop_screen()
 
     def action_layers(self) -> None:
@@ -261,6 +275,27 @@ class SearchScreen(Screen):
 
     def action_export(self) -> None:
         self.app.open_export(self.session_name)
+
+
+class Remote:
+    """Pause, resume and cancel for a search running in another process: requests in the session folder,
+    which every process working on it obeys at its next safe point (and acknowledges in the events log)."""
+
+    def __init__(self, backend, name: str) -> None:
+        self.backend, self.name = backend, name
+
+    @property
+    def paused(self) -> bool:
+        return self.backend.requested(self.name) == "pause"
+
+    def pause(self) -> None:
+        self.backend.request(self.name, "pause")
+
+    def resume(self) -> None:
+        self.backend.request(self.name, "resume")
+
+    def cancel(self) -> None:
+        self.backend.request(self.name, "cancel")
 
 
 def _stopped(message: str) -> str:

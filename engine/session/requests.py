@@ -1,0 +1,108 @@
+"""Requests to a session's running work from any process: pause, resume, cancel, through a file in its folder.
+
+A search started by the app runs in its own detached process (it outlives the terminal and the SSH
+connection), and any app attached later must still pause and cancel it; so must an app attached to a headless
+`adaprune search`. The requester writes `requests.json`; every process working on the session (the driver and
+its workers) reads it at its safe points through `SessionControl` and says in the events log what it did.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Literal
+
+from engine.control import Control
+from engine.errors import AdapruneError, Cancelled
+from engine.events import Log, Sink, null_sink
+from engine.session.store import Session
+
+REQUESTS = "requests.json"
+Command = Literal["pause", "resume", "cancel"]
+COMMANDS = ("pause", "resume", "cancel")
+POLL_S = 0.5  # how often a safe point re-reads the file (a stat and a small JSON read)
+
+
+def request(session: Session, job: str, command: Command) -> None:
+    """Ask every process working on the session's `job` ("search") to pause, resume or cancel."""
+    if command not in COMMANDS:
+        raise AdapruneError(f"unknown request {command!r}: pause, resume or cancel")
+    data = _read(session)
+    data[job] = {"command": command, "t": time.time(), "by": f"{socket.gethostname()}:{os.getpid()}"}
+    session.write_json(REQUESTS, data)
+
+
+def requested(session: Session, job: str) -> dict | None:
+    """The last request for `job`: {"command", "t", "by"}, or None."""
+    return _read(session).get(job)
+
+
+def _read(session: Session) -> dict:
+    try:
+        data = session.read_json(REQUESTS)
+    except AdapruneError:
+        return {}  # a damaged request file asks nothing
+    return data if isinstance(data, dict) else {}
+
+
+class SessionControl(Control):
+    """A Control that also obeys the session's requests file: the engine's safe points pause and cancel on
+    what any process asked, and the events log says so (an attached app shows it)."""
+
+    def __init__(self, session: Session, job: str, sink: Sink = null_sink, inner: Control | None = None,
+                 since: float | None = None) -> None:
+        """`since`: when the run began; requests made before it were for an earlier run."""
+        super().__init__()
+        self.session, self.job, self.sink = session, job, sink
+        self.inner = inner or Control()  # this process's own pause and cancel (an app thread, Ctrl-C)
+        self.since = time.time() if since is None else since
+        self.held = False  # paused by a request
+        self._next = 0.0
+
+    # this process's own requests go to the inner control
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+    def pause(self) -> None:
+        self.inner.pause()
+
+    def resume(self) -> None:
+        self.inner.resume()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.inner.cancelled
+
+    @property
+    def paused(self) -> bool:
+        return self.inner.paused or self.held
+
+    def _sync(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return
+        self._next = now + POLL_S
+        req = requested(self.session, self.job)
+        if req is not None and not (isinstance(req.get("t"), (int, float)) and req["t"] >= self.since):
+            req = None  # asked of an earlier run (or unreadable)
+        command = req["command"] if req else "resume"
+        if command == "cancel":
+            self.sink(Log(f"{self.job} cancelled by a request from {req.get('by', '?')}", "warning"))
+            self.inner.cancel()
+        elif command == "pause" and not self.held:
+            self.held = True
+            self.sink(Log(f"{self.job} paused by a request from {req.get('by', '?')}; resume continues it",
+                          "warning"))
+        elif command in ("resume", "cancel") and self.held:
+            self.held = False
+            self.sink(Log(f"{self.job} resumed", "warning"))
+
+    def checkpoint(self) -> None:
+        self._sync()
+        while self.held and not self.inner.cancelled:
+            time.sleep(POLL_S)
+            self._sync(force=True)
+        if self.inner.cancelled:
+            raise Cancelled("cancelled by the user")
+        self.inner.checkpoint()
