@@ -176,10 +176,11 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
 
 
 def run_recovery(root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink,
-                 control: Control | None = None, resume: bool = False, restart: bool = False) -> dict:
+                 control: Control | None = None, resume: bool = False, restart: bool = False,
+                 since: float | None = None) -> dict:
     from engine.recover.train import run_recovery as run
 
-    return run(root, name, cfg, sink, control, resume=resume, restart=restart)
+    return run(root, name, cfg, sink, control, resume=resume, restart=restart, since=since)
 
 
 def export_session(root: Path, name: str, out: Path, force: bool = False, sink: Sink = null_sink,

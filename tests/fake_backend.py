@@ -127,12 +127,34 @@ class FakeBackend(Backend):
         process.thread.start()
         return process
 
-    def request(self, name: str, command: str) -> None:
+    def request(self, name: str, command: str, job: str = "search") -> None:
         self.calls.append(("request", name, command))
-        self.requests[name] = command
+        self.requests[name if job == "search" else f"{job}:{name}"] = command
 
-    def requested(self, name: str) -> str | None:
-        return self.requests.get(name)
+    def requested(self, name: str, job: str = "search") -> str | None:
+        return self.requests.get(name if job == "search" else f"{job}:{name}")
+
+    def start_recovery(self, name: str, cfg, resume: bool, restart: bool):
+        """The detached recovery process, as a thread writing the recorded recovery events into the log."""
+        s = self._get(name)
+        self.calls.append(("recover", name, cfg, resume, restart))
+        process = FakeProcess()
+
+        def work() -> None:
+            for row in (DATA / "recovery_events.jsonl").read_text().splitlines():
+                while self.requests.get(f"recover:{name}") == "pause":
+                    time.sleep(0.02)
+                if self.requests.get(f"recover:{name}") == "cancel":
+                    process.code = 130
+                    return
+                s["log"].append(json.loads(row))
+                time.sleep(self.delay)
+            s["recovery"] = json.loads((DATA / "recovery_state.json").read_text())
+            process.code = 0
+
+        process.thread = threading.Thread(target=work, daemon=True)
+        process.thread.start()
+        return process
 
     def holder(self, name: str) -> dict | None:
         return {"pid": 4242, "host": "test"} if self.is_running(name) else None

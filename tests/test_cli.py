@@ -187,3 +187,25 @@ def test_bad_reconstruction_options_fail_before_the_model_loads(tmp_path):
     missing = tmp_path / "no-model"  # never loaded: the options are refused first
     _one_line_error(_run("prune", "--model", missing, "--reconstruct", "--reconstruct-lambda", "0"), "lambda")
     _one_line_error(_run("prune", "--model", missing, "--reconstruct", "--reconstruct-calib", "self"), ":NxL")
+
+
+def test_the_apps_recovery_process_gets_exactly_the_forms_config(monkeypatch, tmp_path):
+    """The app starts `adaprune recover` in its own process: the arguments must parse back to the same config."""
+    from engine import api
+    from engine.config import RecoverConfig
+    from tui.backend import recovery_args
+
+    seen = {}
+
+    def fake(root, name, cfg, sink, resume=False, restart=False, since=None, control=None):
+        seen.update(name=name, cfg=cfg, resume=resume, restart=restart)
+        return {"valid_ppl_before": 2.0, "valid_ppl_after": 1.5, "step": cfg.steps}
+
+    monkeypatch.setattr(api, "run_recovery", fake)
+    for cfg, resume, restart in ((RecoverConfig(), False, False),
+                                 (RecoverConfig(plan="plan:overrides", data=["a.txt", "stdlib-docs"], steps=7,
+                                                lr=3e-5, rank=4, alpha=8, batch_size=2, seq_len=64,
+                                                grad_checkpointing=True, distil=0.5), False, True)):
+        r = _run(*recovery_args("s", cfg, resume, restart), "--sessions-dir", tmp_path)
+        assert r.exit_code == 0, r.output
+        assert seen == {"name": "s", "cfg": cfg, "resume": resume, "restart": restart}

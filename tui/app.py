@@ -46,7 +46,8 @@ class AdapruneApp(App):
         super().__init__(ansi_color=True if "NO_COLOR" in os.environ else None)
         self.backend = backend or Backend(sessions_dir or api.default_dir())
         self.jobs: dict[str, Control] = {}  # engine work in flight in this app's threads, by job name
-        self.background: dict[str, subprocess.Popen] = {}  # search processes this app started, by session
+        # the processes this app started (searches, recoveries: they outlive it), by (job, session)
+        self.background: dict[tuple[str, str], subprocess.Popen] = {}
         self.start_new, self.defaults = new, defaults
         self.keymap: dict[str, str] = {}
 
@@ -71,9 +72,9 @@ class AdapruneApp(App):
         taken = {r["name"] for r in self.backend.sessions()}
         return next(n for n in [base, *(f"{base}-{i}" for i in range(2, 1000))] if n not in taken)
 
-    def searches(self) -> dict[str, subprocess.Popen]:
-        """The search processes this app started that still run."""
-        return {n: p for n, p in self.background.items() if p.poll() is None}
+    def searches(self, job: str = "search") -> dict[str, subprocess.Popen]:
+        """The processes of `job` (search, recover) this app started that still run, by session."""
+        return {n: p for (j, n), p in self.background.items() if j == job and p.poll() is None}
 
     def open_search(self, name: str, mode: str = "view") -> None:
         """`drive` starts the session's search in a detached process unless one already runs it; any search
@@ -96,7 +97,7 @@ class AdapruneApp(App):
                 except (AdapruneError, OSError) as e:
                     self.notify(f"cannot start the search: {e}", severity="error")
                     return
-                self.background[name] = process
+                self.background["search", name] = process
                 running = True
         elif mode == "drive":
             self.notify(f"{name} already runs in a process: following it", severity="warning")
@@ -147,15 +148,15 @@ class AdapruneApp(App):
         self.action_quit_app()  # every way out asks while work runs
 
     def action_quit_app(self) -> None:
-        searches = self.searches()
-        if searches and not self.jobs:
-            names = ", ".join(sorted(searches))
+        running = [(job, name) for job in ("search", "recover") for name in self.searches(job)]
+        if running and not self.jobs:
+            what = ", ".join(f"the {'search' if job == 'search' else 'recovery'} of {name}" for job, name in running)
 
             def chosen(answer: str | None) -> None:
                 if answer == "stop":
-                    for name in searches:
+                    for job, name in running:
                         try:
-                            self.backend.request(name, "cancel")  # it stops at its next safe point, resumable
+                            self.backend.request(name, "cancel", job)  # stops at its next safe point, resumable
                         except AdapruneError as e:
                             self.notify(str(e), severity="error")
                             return
@@ -163,10 +164,10 @@ class AdapruneApp(App):
                     self.exit()
 
             self.push_screen(Choose(
-                f"The search of {names} runs in its own process. Leave it running (it goes on without the app; "
-                f"enter on the sessions screen follows it again), or stop it (at its next safe point; the "
-                f"session stays resumable)?", [("leave", "Leave it running (l)", "l"),
-                                                ("stop", "Stop it (s)", "s")]), chosen)
+                f"{what[0].upper()}{what[1:]} runs in its own process. Leave it running (it goes on without the "
+                f"app; the session's screen follows it again), or stop it (at its next safe point; finished work "
+                f"is kept and it resumes)?", [("leave", "Leave it running (l)", "l"),
+                                              ("stop", "Stop it (s)", "s")]), chosen)
             return
         if not self.jobs:
             self.exit()

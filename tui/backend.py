@@ -18,8 +18,6 @@ from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, event_from_dict
 
-SEARCH_LOG = "search.log"  # a detached search's output, in its session folder
-
 
 @dataclass
 class NewSession:
@@ -124,28 +122,35 @@ class Backend:
         app, a closed terminal and a dropped SSH connection (`adaprune resume` in a new session). Its output
         goes to search.log in the session; the app follows its events file, and pauses and cancels it through
         the session's requests file."""
+        return self._spawn(name, "search", ["resume", name])
+
+    def start_recovery(self, name: str, cfg, resume: bool, restart: bool) -> subprocess.Popen:
+        """The LoRA recovery in a detached process of its own, as `start_search` (output in recover.log)."""
+        return self._spawn(name, "recover", recovery_args(name, cfg, resume, restart))
+
+    def _spawn(self, name: str, job: str, args: list) -> subprocess.Popen:
         session = self.session(name)
         env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
-        with (session.path / SEARCH_LOG).open("ab") as log:
+        with (session.path / f"{job}.log").open("ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "tui.cli", "resume", name, "--sessions-dir", str(self.root.resolve())],
+                [sys.executable, "-m", "tui.cli", *map(str, args), "--sessions-dir", str(self.root.resolve())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, close_fds=True,
                 start_new_session=True)  # its own session: the terminal's hangup does not reach it
 
-    def request(self, name: str, command: str) -> None:
-        """Ask the processes working on the session's search to pause, resume or cancel."""
-        api.request(self.session(name), "search", command)
+    def request(self, name: str, command: str, job: str = "search") -> None:
+        """Ask the processes working on the session's `job` (search, recover) to pause, resume or cancel."""
+        api.request(self.session(name), job, command)
 
-    def requested(self, name: str) -> str | None:
-        req = api.requested(self.session(name), "search")
+    def requested(self, name: str, job: str = "search") -> str | None:
+        req = api.requested(self.session(name), job)
         return req["command"] if req else None
 
     def holder(self, name: str) -> dict | None:
         return self.session(name).holder()
 
-    def last_error(self, name: str) -> str | None:
-        """The error line a search process left in its log, if it ended with one."""
-        path = self.session(name).path / SEARCH_LOG
+    def last_error(self, name: str, job: str = "search") -> str | None:
+        """The error line a search (or recovery) process left in its log, if it ended with one."""
+        path = self.session(name).path / f"{job}.log"
         try:
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[-50:]
         except OSError:
@@ -155,7 +160,7 @@ class Backend:
         if errors:
             return errors[-1]
         if any(ln.startswith("Traceback") for ln in lines):  # a bug, not a user error: its last line says what
-            return f"the search process failed: {lines[-1]} (search.log in the session has the details)"
+            return f"the {job} process failed: {lines[-1]} ({job}.log in the session has the details)"
         return lines[-1] if lines else None
 
     def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
@@ -222,3 +227,17 @@ def _layers(text: str) -> tuple[int, int] | None:
 
 def _empty(what: str):
     raise AdapruneError(f"give at least one of the {what}")
+
+
+def recovery_args(name: str, cfg, resume: bool, restart: bool) -> list[str]:
+    """`adaprune recover` arguments that give the process exactly `cfg` (a test parses them back)."""
+    args = ["recover", name, "--plan", cfg.plan, "--steps", cfg.steps, "--batch", cfg.batch_size,
+            "--seq-len", cfg.seq_len, "--lr", repr(cfg.lr), "--warmup", cfg.warmup, "--rank", cfg.rank,
+            "--alpha", cfg.alpha, "--dropout", repr(cfg.dropout), "--targets", ",".join(cfg.targets),
+            "--valid-windows", cfg.valid_windows, "--eval-every", cfg.eval_every, "--save-every",
+            cfg.save_every, "--seed", cfg.seed, *(a for d in cfg.data for a in ("--data", d)),
+            *(a for v in cfg.valid for a in ("--valid", v)),
+            *(["--grad-checkpointing"] if cfg.grad_checkpointing else []),
+            *(["--distil", "--distil-weight", repr(cfg.distil)] if cfg.distil else []),
+            *(["--resume"] if resume else []), *(["--restart"] if restart else [])]
+    return [str(a) for a in args]

@@ -319,7 +319,8 @@ def recover_cmd(
     console = Console(emoji=False)
     try:
         with RichSink(console) as sink:
-            state = api.run_recovery(_root(sessions_dir), name, cfg, sink, resume=resume, restart=restart)
+            state = api.run_recovery(_root(sessions_dir), name, cfg, sink, resume=resume, restart=restart,
+                                     since=STARTED)
     except (KeyboardInterrupt, Cancelled):
         err.print(f"recovery stopped; every finished step is saved: `adaprune recover {name} --resume` goes on")
         raise typer.Exit(130) from None

@@ -45,6 +45,7 @@ from engine.session.layout import (
     recovery_state,
     session_plan,
 )
+from engine.session.requests import SessionControl
 from engine.session.store import Session
 
 
@@ -277,11 +278,15 @@ def _train(session: Session, cfg: RecoverConfig, state: dict, peft_model, teache
 
 def run_recovery(
     root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink, control: Control | None = None,
-    resume: bool = False, restart: bool = False,
+    resume: bool = False, restart: bool = False, since: float | None = None,
 ) -> dict:
-    """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json)."""
-    control = control or Control()
+    """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json).
+
+    Its events go to the session's log too, and pause/cancel requests from any process made since `since`
+    (default: now) are obeyed, so an app attached later follows and controls it."""
     session = Session.open(root, name)
+    sink = session.logged(sink)
+    control = SessionControl(session, "recover", sink, control, since)
     cfg, prior = _settle(session, cfg, resume, restart)
     plan_dict = session_plan(session, cfg.plan)
     with Stage(sink, "recovery text"):  # a missing file or an unreachable hub fails before the model loads

@@ -193,14 +193,6 @@ class _Driver:
         self.current = None
 
 
-def _logged(session: Session, outer: Sink) -> Sink:
-    def sink(event) -> None:  # every event goes to the session's log too: `attach` and the app read it
-        session.append_event(event)
-        outer(event)
-
-    return sink
-
-
 def _prepare(session: Session, sink: Sink) -> tuple[SearchConfig, Loaded, dict]:
     """The session's configuration, checked once without and once with the model; the dense model; the space."""
     cfg = SearchConfig.from_dict(session.config())
@@ -216,7 +208,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                worker: bool = False, since: float | None = None) -> dict:
     """Drive (or, as a worker, join) the session's study until its trial budget is spent. `since`: when
     this run was asked for (a process's start); pause and cancel requests from before it are not for it."""
-    sink = _logged(session, sink)
+    sink = session.logged(sink)
     # pause and cancel from any process (an app attached later, after the terminal that started it is gone);
     # what was asked of an earlier run is not for this one (workers go by their driver's start)
     since = time.time() if since is None else since

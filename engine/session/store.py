@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import AdapruneError
-from engine.events import Event, StageProgress
+from engine.events import Event, Sink, StageProgress
 from engine.files import write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -118,6 +118,15 @@ class Session:
         write_json_atomic(self.manifest_path, data)
 
     # --- events ---------------------------------------------------------------------------------------------
+
+    def logged(self, outer: Sink) -> Sink:
+        """`outer`, and every event also into the session's log (what `attach` and the app read)."""
+
+        def sink(event: Event) -> None:
+            self.append_event(event)
+            outer(event)
+
+        return sink
 
     def append_event(self, event: Event) -> None:
         if isinstance(event, StageProgress):

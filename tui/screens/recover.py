@@ -25,8 +25,8 @@ from engine import api
 from engine.config import RecoverConfig
 from engine.errors import AdapruneError
 from engine.events import Log, RecoveryStep, StageProgress, StageStarted
-from tui.jobs import EngineEvent, JobDone, start_job
 from tui.screens.dialogs import field_row
+from tui.screens.search import Remote
 
 
 class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
@@ -113,7 +113,9 @@ class RecoverScreen(Screen):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.session_name = name
-        self.control = None
+        self._control = None
+        self.process = None  # the recovery process this app started, when it did
+        self.log_offset = 0
         self.losses: list[float] = []
 
     def compose(self) -> ComposeResult:
@@ -135,16 +137,56 @@ class RecoverScreen(Screen):
         self.query_one("#stage-row").display = False  # shown while a recovery runs
         self.query_one(Sparkline).display = False  # shown once there is a loss to draw
         self.show_state()
-        if "recover" in self.app.jobs:  # left while it ran: keep its pause and cancel at hand
-            self.control = self.app.jobs["recover"]
-            # its events go to the screen that started it: follow the saved state instead
-            self.follow = self.set_interval(3, self._follow)
+        try:  # the recovery's events from now on (what came before is in its saved state)
+            _, self.log_offset = self.app.backend.follow(self.session_name, 0)
+        except AdapruneError:
+            self.log_offset = 0
+        self.process = self.app.searches("recover").get(self.session_name)
+        self.poll()
+        self.set_interval(0.5, self.poll)
+        # the saved state when nothing runs here (the events show a running one live)
+        self.set_interval(3, lambda: None if self.control is not None else self.show_state())
 
-    def _follow(self) -> None:
-        if "recover" not in self.app.jobs:
-            self.follow.stop()
+    def running(self) -> bool:
+        """A recovery process works on the session: the one this app started, or any holding its lock."""
+        if self.process is not None and self.process.poll() is None:
+            return True
+        try:
+            holder = self.app.backend.holder(self.session_name)
+        except AdapruneError:
+            return False
+        return holder is not None and holder.get("what") == "recovery"
+
+    def poll(self) -> None:
+        """Follow the recovery process (it runs detached, so it survives the app) through the events log."""
+        alive = self.running()
+        if alive:
+            if self.control is None:
+                self.control = Remote(self.app.backend, self.session_name, "recover")
+            try:
+                events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
+            except AdapruneError:
+                events = []
+            for e in events:
+                self.apply(e)
+        elif self.control is not None:
             self.control = None
+            self.ended()
+
+    def ended(self) -> None:
         self.show_state()
+        self.query_one("#stage-row").display = False
+        code = self.process.poll() if self.process is not None else None
+        state = self.app.backend.recovery_state(self.session_name)
+        if state is not None and state["status"] == "done":
+            self.query_one("#status", Static).update("done: x exports the model with the adapter merged in")
+            self.notify("recovery done")
+        elif code not in (None, 0, 130):
+            error = self.app.backend.last_error(self.session_name, "recover") or f"the recovery exited with {code}"
+            self.query_one("#status", Static).update(error)
+            self.notify(error, severity="error")
+        else:
+            self.query_one("#status", Static).update("stopped: every finished step is saved; r continues it")
 
     def show_state(self) -> None:
         try:
@@ -172,7 +214,7 @@ class RecoverScreen(Screen):
                 t.add_row(str(h["step"]), f"{h['loss']:.3f}", f"{h['lr']:.2g}", f"{h['valid_ppl']:.2f}")
 
     def action_train(self) -> None:
-        if "recover" in self.app.jobs:
+        if self.running():
             self.notify("a recovery is running", severity="warning")
             return
         try:
@@ -186,15 +228,18 @@ class RecoverScreen(Screen):
             if choice is None:
                 return
             cfg, resume, restart = choice
-            name = self.session_name
-            self.query_one("#status", Static).update("starting…")
-            self.control = start_job(self, "recover", lambda sink, control: self.app.backend.recover(
-                name, cfg, resume, restart, sink, control))
+            try:  # its own process, like a search: it keeps training if the app quits or the connection drops
+                self.process = self.app.backend.start_recovery(self.session_name, cfg, resume, restart)
+            except (AdapruneError, OSError) as e:
+                self.query_one("#status", Static).update(f"cannot start the recovery: {e}")
+                return
+            self.app.background["recover", self.session_name] = self.process
+            self.control = Remote(self.app.backend, self.session_name, "recover")
+            self.query_one("#status", Static).update(f"starting the recovery in process {self.process.pid}…")
 
         self.app.push_screen(RecoverForm(state, choices), go)
 
-    def on_engine_event(self, message: EngineEvent) -> None:
-        e = message.event
+    def apply(self, e) -> None:
         if isinstance(e, StageStarted):
             self.query_one("#stage-row").display = True
             self.query_one("#stage", Static).update(e.stage[:30])
@@ -206,24 +251,12 @@ class RecoverScreen(Screen):
             self.query_one(Sparkline).data = list(self.losses)
             self.query_one(Sparkline).display = True
             self.query_one("#status", Static).update(f"step {e.step}/{e.total}: loss {e.loss:.3f}")
+            self.query_one("#summary", Static).update(f"running: step {e.step} of {e.total} (its own process: it "
+                                                      f"keeps training if the app quits)")
             if e.valid_ppl is not None:
                 self.query_one(DataTable).add_row(str(e.step), f"{e.loss:.3f}", f"{e.lr:.2g}", f"{e.valid_ppl:.2f}")
         elif isinstance(e, Log):
             self.query_one("#status", Static).update(e.message)
-
-    def on_job_done(self, message: JobDone) -> None:
-        if message.job != "recover":
-            return
-        self.control = None
-        self.show_state()
-        if message.error:
-            self.query_one("#status", Static).update(f"error: {message.error}")
-            self.notify(message.error, severity="error")
-        elif message.cancelled:
-            self.query_one("#status", Static).update("stopped: every finished step is saved; r continues it")
-        else:
-            self.query_one("#status", Static).update("done: x exports the model with the adapter merged in")
-            self.notify("recovery done")
 
     @property
     def control(self):
@@ -245,10 +278,10 @@ class RecoverScreen(Screen):
             self.notify("no recovery is running here", severity="warning")
         elif self.control.paused:
             self.control.resume()
-            self.query_one("#status", Static).update("resumed")
+            self.query_one("#status", Static).update("resuming")
         else:
             self.control.pause()
-            self.query_one("#status", Static).update("paused at the next step (p resumes)")
+            self.query_one("#status", Static).update("pausing at the next step (p resumes)")
 
     def action_cancel(self) -> None:
         if self.control is None:

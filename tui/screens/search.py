@@ -281,21 +281,21 @@ class Remote:
     """Pause, resume and cancel for a search running in another process: requests in the session folder,
     which every process working on it obeys at its next safe point (and acknowledges in the events log)."""
 
-    def __init__(self, backend, name: str) -> None:
-        self.backend, self.name = backend, name
+    def __init__(self, backend, name: str, job: str = "search") -> None:
+        self.backend, self.name, self.job = backend, name, job
 
     @property
     def paused(self) -> bool:
-        return self.backend.requested(self.name) == "pause"
+        return self.backend.requested(self.name, self.job) == "pause"
 
     def pause(self) -> None:
-        self.backend.request(self.name, "pause")
+        self.backend.request(self.name, "pause", self.job)
 
     def resume(self) -> None:
-        self.backend.request(self.name, "resume")
+        self.backend.request(self.name, "resume", self.job)
 
     def cancel(self) -> None:
-        self.backend.request(self.name, "cancel")
+        self.backend.request(self.name, "cancel", self.job)
 
 
 def _stopped(message: str) -> str:
