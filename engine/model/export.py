@@ -84,8 +84,10 @@ def export(model: nn.Module, tokenizer, out: Path, force: bool = False, card: di
             source = inspect.getsource(shrink_empty)
             (tmp / MODELING_FILE).write_text(template.format(module=base, Base=cls, shrink_source=source),
                                              encoding="utf-8")
-            card["load"] = ("from transformers import AutoModelForCausalLM\n"
-                            f"model = AutoModelForCausalLM.from_pretrained('{out.name}', trust_remote_code=True)")
+            # transformers reads the config before the tokenizer, so the tokenizer too needs the flag (else it asks)
+            card["load"] = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                            f"model = AutoModelForCausalLM.from_pretrained('{out.name}', trust_remote_code=True)\n"
+                            f"tokenizer = AutoTokenizer.from_pretrained('{out.name}', trust_remote_code=True)")
         else:
             card["load"] = ("from transformers import AutoModelForCausalLM\n"
                             f"model = AutoModelForCausalLM.from_pretrained('{out.name}')")
