@@ -18,7 +18,7 @@ from engine.model.export import check_out_dir, export
 from engine.model.load import Loaded, load_configured
 from engine.model.spec import check_model
 from engine.model.structure import count_params, default_layer_range, layer_shapes
-from engine.prune.importance import check_metric
+from engine.prune.importance import REPAIR_METRICS, check_metric
 from engine.prune.plan import ALLOCATIONS, Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import (
@@ -96,6 +96,8 @@ def validate(cfg: PruneConfig) -> None:
             raise AdapruneError(f"--eval {e}: 'self' is sampled calibration text, not an evaluation text")
     if cfg.reconstruct:
         check_repair(cfg.reconstruct_calib, cfg.reconstruct_lambda)
+    elif cfg.metric in REPAIR_METRICS:
+        raise AdapruneError(f"--metric {cfg.metric} scores what the repair cannot compensate: add --reconstruct")
     if cfg.eval_seq_len < 2 or (cfg.eval_windows is not None and cfg.eval_windows < 1):
         raise AdapruneError("evaluation needs windows of at least 2 tokens and at least one window")
     if cfg.out:

@@ -393,3 +393,29 @@ def test_the_baseline_stays_inside_a_narrowed_space(llama_folder, tmp_path):
     params = suggest(study.ask(), sp, cfg.fixed)  # trial 0 as the driver asks for it: no ValueError
     assert params["metric"] == "vector" and study.trials[0].user_attrs["baseline"]
     assert isinstance(study, optuna.Study)
+
+
+def test_obs_trials_score_from_the_pool_statistics_the_repair_shares(llama_folder, tmp_path):
+    """An obs trial reads its source's whole pool: its scores are built once per session (stats/), from the
+    same input moments its repair solves from, and its export is the model it measured."""
+    from engine.model.load import load
+    from engine.session_export import export_session
+
+    cfg = _cfg(llama_folder, trials=2, metrics=["obs"], sources=["stdlib-docs"], objective=["stdlib-docs/valid"],
+               fixed={"metric": "obs", "repair": "stdlib-docs", "repair_n": 12, "repair_lambda": 0.3})
+    session = create_session(tmp_path / "s", "obs", cfg)
+    run_search(session)
+    trials = [t for t in _trials(session, cfg) if t.state.name == "COMPLETE"]
+    assert trials and all(t.params.get("metric", "obs") == "obs" for t in trials)
+    assert len([p for p in session.stats_dir.iterdir() if p.name.startswith("obs-")]) == 1
+    best = json.loads((session.path / "plan.json").read_text())
+    assert best["plan"]["recipe"]["metric"] == "obs"
+    assert best["plan"]["recipe"]["calib"] == "stdlib-docs:12x128 (the whole pool)"
+    export_session(tmp_path / "s", "obs", tmp_path / "out")
+    exported = load(str(tmp_path / "out"), device="cpu")
+    assert sum(p.numel() for p in exported.model.parameters()) == best["plan"]["params_after"]
+    # the settings obs does not read cannot make two configurations differ
+    p = {"metric": "obs", "calib_source": "self", "calib_n": 10, "calib_seed": 1, "aggregate": "max",
+         "calib_select": "random", "calib_len": 64}
+    assert canonical(p) == canonical({**p, "calib_n": 32, "calib_seed": 4, "aggregate": "sum", "calib_len": 128})
+    assert canonical(p) != canonical({**p, "calib_source": "stdlib-docs"})

@@ -76,7 +76,9 @@ def _run_app(sessions_dir: Path | None, new: bool, no_color: bool) -> None:
 def prune_cmd(
     model: str = typer.Option(EMBEDDED, help=f"hub id, local HF folder, local .gguf, or {EMBEDDED} (embedded)"),
     prune: float = typer.Option(0.20, help=f"fraction of ALL parameters to remove, in (0, {MAX_PRUNE}]"),
-    metric: str = typer.Option("taylor1", help="taylor1, taylor2, taylor-mix, vector, l1, l2, random, wanda"),
+    metric: str = typer.Option("taylor1", help="taylor1, taylor2, taylor-mix, vector, l1, l2, random, wanda, or obs "
+                                               "(what --reconstruct cannot repair; give --calib a few thousand "
+                                               "tokens, e.g. stdlib-docs:128x128)"),
     aggregate: str = typer.Option("sum", help="how a group's matrices combine: sum, mean, max, prod, last"),
     calib: str = typer.Option(DEFAULT_CALIB, help="calibration text SOURCE[/SPLIT]:NxL (N windows of L tokens)"),
     eval_: list[str] = typer.Option(["stdlib-docs"], "--eval", help="PPL text(s): stdlib-docs, a file, wikitext2, ..."),

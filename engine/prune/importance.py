@@ -4,6 +4,7 @@ For a weight w with gradient g of the calibration loss (fp32, averaged over samp
 H_ii ~ (1/N) sum_s g_{s,i}^2 of per-sample gradients, the element-wise importance is
   taylor1: |w g|      taylor2: 1/2 w^2 H      taylor-mix: |w g - 1/2 w^2 H|
   l1: |w|             l2: w^2 (sqrt of the group sum)       wanda: |w| * ||x|| (input feature norm)
+and `obs` (engine.prune.obs) the output error a group's removal leaves once the kept weights are repaired.
 and `vector` is |sum_i w_i g_i| over the group's slice of a matrix. A group's score in each of its matrices is
 the sum over its slice; matrices are combined by the aggregation (sum, mean, max, prod or last).
 """
@@ -23,11 +24,12 @@ from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
 from engine.model.structure import ATTN, decoder_layers, layer_shape
 
-METRICS = ("taylor1", "taylor2", "taylor-mix", "vector", "l1", "l2", "random", "wanda")
+METRICS = ("taylor1", "taylor2", "taylor-mix", "vector", "l1", "l2", "random", "wanda", "obs")
 AGGREGATES = ("sum", "mean", "max", "prod", "last")
 GRAD_METRICS = {"taylor1", "taylor2", "taylor-mix", "vector"}
 FISHER_METRICS = {"taylor2", "taylor-mix"}
 ACT_METRICS = {"wanda"}
+REPAIR_METRICS = {"obs"}  # scored from the repair's input moments (engine.prune.obs), not here
 
 
 @dataclass

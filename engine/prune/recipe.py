@@ -11,7 +11,8 @@ from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.model.structure import count_params, layer_shapes
-from engine.prune.importance import LayerScores, collect_stats, score_layers
+from engine.prune.importance import REPAIR_METRICS, LayerScores, collect_stats, score_layers
+from engine.prune.obs import obs_scores
 from engine.prune.plan import (
     ALLOCATIONS,
     Plan,
@@ -22,7 +23,7 @@ from engine.prune.plan import (
     select,
     solve_uniform,
 )
-from engine.prune.reconstruct import Repair, add_biases, bias_layout, bias_params
+from engine.prune.reconstruct import Repair, add_biases, bias_layout, bias_params, dense_moments
 from engine.prune.slicing import apply_plan
 
 
@@ -89,7 +90,12 @@ def prune_with(
     solve_uniform(shapes, layer_ids, total, fraction, head_mode, attn_share, round_to,
                   removal_of(shapes, overrides, head_mode))
     scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
-    if scores is None:
+    if scores is None and metric in REPAIR_METRICS:  # the calibration windows' input moments, then OBS
+        moments = dense_moments(model, scored, windows, r.calib_batch, control, sink)
+        with Stage(sink, f"obs scores of {len(scored)} layers"):
+            scores = obs_scores(model, scored, moments, control)
+        del moments
+    elif scores is None:
         stats = collect_stats(model, windows, scored, metric, r.calib_batch, control, sink)
         scores = score_layers(model, scored, metric, aggregate, stats, seed)
         del stats

@@ -22,7 +22,8 @@ from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_s
 from engine.model.load import Loaded
 from engine.model.structure import decoder_layers
 from engine.prune.gradsums import GradientCache
-from engine.prune.importance import CalibStats, collect_sample_stats
+from engine.prune.importance import CalibStats, LayerScores, collect_sample_stats
+from engine.prune.obs import obs_scores
 from engine.prune.reconstruct import Repair, dense_moments
 from engine.search.space import CALIB_LENS, SELECTIONS
 from engine.session.store import Session
@@ -44,6 +45,7 @@ class SearchData:
         self.samples: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self.grads = GradientCache(int(cfg.grad_cache_gb * 2**30))
         self.moments: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}  # oldest first
+        self.obs: dict[str, dict[int, LayerScores]] = {}
 
     def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
@@ -134,6 +136,25 @@ class SearchData:
             self.moments[key] = moments
         return moments
 
+    def obs_scores(self, source: str) -> dict[int, LayerScores]:
+        """`obs` scores of every layer from the dense model's input moments on a calibration pool (the
+        moments a repair from that pool uses), built once per session and source."""
+        if source not in self.obs:
+            model = self.loaded.model
+            n = len(decoder_layers(model))
+
+            def build() -> dict[str, torch.Tensor]:
+                moments = self.repair_moments(pool_repair(source, self.cfg))
+                scores = obs_scores(model, range(n), moments, self.control)
+                return {f"{i}.{k}": getattr(sc, k) for i, sc in scores.items()
+                        for k in ("heads", "kv_groups", "channels")}
+
+            with Stage(self.sink, f"obs scores {source}"):
+                data = self._cached(f"obs-{slug(source)}-{self.cfg.seed}", build)
+            self.obs[source] = {i: LayerScores(data[f"{i}.heads"], data[f"{i}.kv_groups"], data[f"{i}.channels"])
+                                for i in range(n)}
+        return self.obs[source]
+
     def prepare(self) -> None:
         """Build every pool and objective text before the first trial, so trial times are trial times."""
         self.objective_sets()
@@ -175,6 +196,12 @@ class SearchData:
                 with Stage(self.sink, f"objective text {spec}"):
                     self.objective[spec] = self._cached(f"objective-{slug(spec)}-{cfg.seed}", build)["ids"]
         return self.objective
+
+
+def pool_repair(source: str, cfg: SearchConfig, lam: float = 1.0, take: int | None = None) -> Repair:
+    """A repair (from the dense model's statistics) on the first `take` windows of a source's calibration pool."""
+    return Repair(f"{source}:{cfg.pool_size}x{max(CALIB_LENS)}", lam, "dense", cfg.seed,
+                  cfg.pool_size if take is None else take)
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ from engine.measure.zeroshot import parse_task
 from engine.model.spec import check_model
 from engine.model.structure import default_layer_range
 from engine.prune.importance import AGGREGATES as ALL_AGGREGATES
-from engine.prune.importance import METRICS, SAMPLE_METRICS
+from engine.prune.importance import METRICS, REPAIR_METRICS, SAMPLE_METRICS
 from engine.prune.plan import ALLOCATIONS
 
 CALIB_NS = [10, 16, 32]
@@ -191,6 +191,9 @@ def canonical(params: dict, overrides: dict | None = None) -> str:
     if p.get("metric") in ("l1", "l2", "random"):
         for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed"):
             p[k] = None  # data-free metrics
+    if p.get("metric") in REPAIR_METRICS:
+        for k in ("calib_n", "calib_len", "calib_select", "calib_seed", "aggregate"):
+            p[k] = None  # obs reads its source's whole pool, each group in its output projection
     return json.dumps(p, sort_keys=True)
 
 

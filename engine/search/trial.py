@@ -19,6 +19,7 @@ from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.prune.gradsums import sum_bytes
 from engine.prune.importance import (
     FISHER_METRICS,
+    REPAIR_METRICS,
     SAMPLE_METRICS,
     mix_scores,
     score_layers,
@@ -27,7 +28,7 @@ from engine.prune.importance import (
 from engine.prune.plan import parse_overrides
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_moments, snapshot_layers
-from engine.search.data import SearchData, pick_indices
+from engine.search.data import SearchData, pick_indices, pool_repair
 from engine.search.objective import Pruned, progressive_objective
 from engine.search.space import CALIB_LENS
 
@@ -44,9 +45,11 @@ class TrialOutcome:
     message: str = ""
 
 
-def _notes(params: dict, mixing: bool) -> dict:
+def _notes(params: dict, mixing: bool, cfg: SearchConfig) -> dict:
     calib = (f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
              f"({params['calib_select']}, seed {params['calib_seed']})")
+    if params["metric"] in REPAIR_METRICS:
+        calib = f"{params['calib_source']}:{cfg.pool_size}x{max(CALIB_LENS)} (the whole pool)"
     extra = {"metric2": params["metric2"], "mix": params["mix"]} if mixing else {}
     return {"calib": calib, **extra}
 
@@ -87,13 +90,18 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
         moments = data.repair_moments(repair)
         once += time.perf_counter() - tc  # built once per session (per text and size)
     second = cached_scores(metric2) if mixing else None
-    if params["metric"] not in SAMPLE_METRICS and data.grads.fits(sum_bytes(model, squares=True)):
-        # the per-sample pass, which most trials need sooner or later, also sums the whole pool's gradients:
-        # from that sum a large subset's gradient costs only the windows it leaves out
-        sample_stats()
-    if params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
+    if params["metric"] in REPAIR_METRICS:  # from the pool's input moments, once per session and source
+        tc = time.perf_counter()
+        every = data.obs_scores(params["calib_source"])
+        once += time.perf_counter() - tc
+        scores = {i: every[i] for i in scored}
+    elif params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
         scores = cached_scores(params["metric"])
     else:  # taylor1 / taylor-mix: from gradient sums shared between trials
+        if data.grads.fits(sum_bytes(model, squares=True)):
+            # the per-sample pass, which most trials need sooner or later, also sums the whole pool's gradients:
+            # from that sum a large subset's gradient costs only the windows it leaves out
+            sample_stats()
         stats = data.gradient_stats(model, params["calib_source"], params["calib_len"], idx, scored,
                                     params["metric"] in FISHER_METRICS)
         scores = score_layers(model, scored, params["metric"], params["aggregate"], stats, cfg.seed)
@@ -107,7 +115,7 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     recipe = Recipe(cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
                     parse_attn_share(params["attn_share"]), cfg.round_to, cfg.seed,
                     0.0 if allocation == "global" else float(params.get("ramp", 0.0)), allocation, repair,
-                    notes=_notes(params, mixing))
+                    notes=_notes(params, mixing, cfg))
     plan = prune_with(model, recipe, layer_ids, scores=scores, overrides=overrides, control=control, sink=sink)
     if repair is not None:
         cut = pruned_layer_ids(dense_shapes, plan.layers)
@@ -127,7 +135,7 @@ def trial_repair(params: dict, cfg: SearchConfig) -> Repair | None:
     n = int(params.get("repair_n", cfg.pool_size))
     length = max(CALIB_LENS)
     if n <= cfg.pool_size:
-        return Repair(f"{source}:{cfg.pool_size}x{length}", float(params["repair_lambda"]), "dense", cfg.seed, n)
+        return pool_repair(source, cfg, float(params["repair_lambda"]), n)
     return Repair(f"{source}:{n}x{length}", float(params["repair_lambda"]), "dense", cfg.seed + 3, n)
 
 
