@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine.config import SELF, PruneConfig, check_prune
 from engine.control import Control
-from engine.data.text import check_source, load_text, parse_spec, text_hash
+from engine.data.text import check_calib, check_source, load_text, parse_spec, text_hash
 from engine.data.windows import draw_windows, eval_windows, tokenize
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, Sink, null_sink
@@ -87,10 +87,7 @@ def validate(cfg: PruneConfig) -> None:
         raise AdapruneError(f"--ramp {cfg.ramp}: a slope in (-1, 1), and only with --allocation uniform")
     if cfg.round_to < 1:
         raise AdapruneError(f"--round-to {cfg.round_to} must be a positive integer (1, 8, 64, ...)")
-    spec = parse_spec(cfg.calib)
-    if spec.n is None:
-        raise AdapruneError(f"--calib {cfg.calib!r} needs a size: add :NxL, e.g. {spec.name}:10x64")
-    check_source(cfg.calib, "calib")
+    check_calib(cfg.calib)
     for e in cfg.evals:
         if check_source(e, "eval").name == SELF:
             raise AdapruneError(f"--eval {e}: 'self' is sampled calibration text, not an evaluation text")

@@ -129,3 +129,21 @@ def test_jsonl_text_field(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"content": "x y z"}) + "\n")
     assert load_text(str(p), "calib", field="content") == "x y z"
+
+
+def test_a_mixed_calibration_spec_draws_each_source_and_joins_them(tokenizer, text_file):
+    from engine.data.text import calib_parts, check_calib
+    from engine.data.windows import draw_windows
+
+    mixed = f"stdlib-docs:3x16+{text_file}:2x16"
+    assert calib_parts(mixed) == ["stdlib-docs:3x16", f"{text_file}:2x16"]
+    assert calib_parts("my+data.txt:4x16") == ["my+data.txt:4x16"]  # a file name may hold a '+'
+    assert [ts.n for ts in check_calib(mixed)] == [3, 2]
+    got, digest = draw_windows(None, tokenizer, mixed, 0)
+    first, h1 = draw_windows(None, tokenizer, "stdlib-docs:3x16", 0)
+    second, h2 = draw_windows(None, tokenizer, f"{text_file}:2x16", 0)
+    assert torch.equal(got, torch.cat([first, second])) and digest == f"{h1}+{h2}"
+    with pytest.raises(AdapruneError, match="one window length"):
+        check_calib(f"stdlib-docs:3x16+{text_file}:2x32")
+    with pytest.raises(AdapruneError, match="needs a size"):
+        check_calib("stdlib-docs")

@@ -277,6 +277,29 @@ def check_source(spec: str, role: Role) -> TextSpec:
 _READABLE: set[tuple] = set()
 
 
+def calib_parts(spec: str) -> list[str]:
+    """The parts of a mixed calibration spec `A:NxL+B:MxL` (each part's windows drawn on its own, then joined);
+    a spec whose pieces do not all carry a size is one spec (a file name may contain '+')."""
+    parts = [p.strip() for p in spec.split("+")]
+    if len(parts) > 1 and all(_SPEC.match(p) and _SPEC.match(p).group("n") for p in parts):
+        return parts
+    return [spec]
+
+
+def check_calib(spec: str, flag: str = "--calib") -> list[TextSpec]:
+    """A calibration spec with a size, possibly mixed from several sources of one window length."""
+    out = []
+    for part in calib_parts(spec):
+        ts = parse_spec(part)
+        if ts.n is None:
+            raise AdapruneError(f"{flag} {spec!r} needs a size: add :NxL, e.g. {ts.name}:10x64")
+        check_source(part, "calib")
+        out.append(ts)
+    if len({ts.seq_len for ts in out}) > 1:
+        raise AdapruneError(f"{flag} {spec!r}: the mixed sources need one window length L in :NxL")
+    return out
+
+
 def _stat(path: Path) -> tuple[int, int]:
     try:
         st = path.stat()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from engine.config import SELF
-from engine.data.text import load_text, parse_spec, text_hash
+from engine.data.text import calib_parts, load_text, parse_spec, text_hash
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
 
@@ -77,7 +77,12 @@ def sample_self(
 def draw_windows(model, tokenizer, spec_text: str, seed: int, sink: Sink = null_sink,
                  stage: str = "sample self text") -> tuple[torch.Tensor, str]:
     """The N random windows of L tokens a calibration spec `SOURCE:NxL` names (sampled from `model` for
-    `self`), and the hash of the text they came from ("self" for sampled text)."""
+    `self`), and the hash of the text they came from ("self" for sampled text). A mixed spec `A:NxL+B:MxL`
+    gives A's windows then B's, and the hashes joined by '+'."""
+    parts = calib_parts(spec_text)
+    if len(parts) > 1:
+        drawn = [draw_windows(model, tokenizer, p, seed, sink, stage) for p in parts]
+        return torch.cat([w for w, _ in drawn]), "+".join(h for _, h in drawn)
     spec = parse_spec(spec_text)
     if spec.name == SELF:
         with Stage(sink, stage, spec.n, "samples") as st:

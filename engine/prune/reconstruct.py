@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from engine.config import PROJ_ATTN, PROJ_MLP, RECONSTRUCT_CALIB, RECONSTRUCT_LAMBDA, from_dict
 from engine.control import Control
-from engine.data.text import check_source, parse_spec
+from engine.data.text import check_calib
 from engine.data.windows import draw_windows
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
@@ -66,9 +66,7 @@ def check_repair(calib: str, lam: float, mode: str = "sequential") -> None:
         raise AdapruneError(f"--reconstruct-lambda {lam}: give a positive ridge strength (relative; 1 is typical)")
     if mode not in MODES:
         raise AdapruneError(f"reconstruction mode {mode!r}: choose {' or '.join(MODES)}")
-    if parse_spec(calib).n is None:
-        raise AdapruneError(f"--reconstruct-calib {calib!r} needs a size: add :NxL, e.g. self:128x128")
-    check_source(calib, "calib")
+    check_calib(calib, "--reconstruct-calib")
 
 
 class Moments:
