@@ -154,7 +154,8 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
         (dict(steps=0), "--steps 0"),
         (dict(lr=-1.0), "--lr -1"),
         (dict(targets=["q_proj", "lm_head"]), "--targets"),
-        (dict(data=["self"]), "not 'self'"),
+        (dict(data=["self"]), "self:NxL"),
+        (dict(valid=["self:4x32"]), "not text sampled"),
         (dict(plan="plan:nope"), "no plan 'plan:nope'"),
         (dict(data=[str(tmp_path / "missing.txt")]), "neither a file"),
     ]
@@ -230,3 +231,29 @@ def _pruned_windows(session, loaded):
     from engine.search.data import SearchData
 
     return SearchData(session, SearchConfig.from_dict(session.config()), loaded, lambda e: None, Control()).repair_windows
+
+
+def test_recovery_on_text_sampled_from_the_dense_model_resumes_on_the_same_samples(searched, text_file):
+    """`--data self:NxL`: the dense model samples once (kept in recovery/), and a resumed run trains on the
+    very same sequences, to the same weights as an uninterrupted one."""
+    root = searched.path.parent
+    cfg = _cfg(text_file, data=["self:6x32", str(text_file)], steps=4, save_every=2, distil=1.0)
+
+    from engine.control import Control
+
+    control = Control()
+
+    def stop_after_two(event):
+        if isinstance(event, RecoveryStep) and event.step == 2:
+            control.cancel()
+
+    with pytest.raises(Cancelled):
+        run_recovery(root, "r", cfg, stop_after_two, control)
+    samples = list(recovery_dir(searched).glob("text-self-*.safetensors"))
+    assert len(samples) == 1 and load_file(str(samples[0]))["ids"].shape == (6, 32)
+    first = load_file(str(samples[0]))["ids"]
+    resumed = run_recovery(root, "r", cfg, resume=True)
+    assert resumed["status"] == "done" and resumed["data"]["self:6x32"] == "self"
+    assert torch.equal(load_file(str(samples[0]))["ids"], first)  # not drawn again
+    whole = run_recovery(root, "r", cfg, restart=True)
+    assert [h["loss"] for h in whole["history"]] == pytest.approx([h["loss"] for h in resumed["history"]], rel=1e-5)

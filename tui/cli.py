@@ -284,7 +284,9 @@ def export_cmd(name: str, out: Path = typer.Option(..., help="folder to write"),
 def recover_cmd(
     name: str,
     data: list[str] = typer.Option(["stdlib-docs"], "--data", help="training text: stdlib-docs (its calibration "
-                                   "split), a .txt/.jsonl/.parquet file, or a hub name such as alpaca; repeatable"),
+                                   "split), a .txt/.jsonl/.parquet file, a hub name such as alpaca, or self:NxL "
+                                   "(N sequences of L tokens sampled from the dense model, kept in the session); "
+                                   "repeatable"),
     plan: str = typer.Option("best", help="the plan to recover: best, or plan:NAME (the app's overrides)"),
     steps: int = typer.Option(100, help="optimiser steps"),
     batch: int = typer.Option(4, help="sequences per step"),

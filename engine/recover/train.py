@@ -15,6 +15,7 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,11 +24,11 @@ from torch import nn
 
 from engine.config import PROJ, SELF, RecoverConfig, SearchConfig
 from engine.control import Control
-from engine.data.text import check_source, load_text, text_hash
-from engine.data.windows import eval_windows, tokenize
+from engine.data.text import check_source, load_text, parse_spec, text_hash
+from engine.data.windows import eval_windows, sample_self, tokenize
 from engine.errors import AdapruneError, Cancelled
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
-from engine.files import atomic_folder
+from engine.files import atomic_folder, write_atomic
 from engine.measure.evaluate import perplexity
 from engine.model.load import load_configured
 from engine.model.structure import count_params
@@ -71,10 +72,14 @@ def validate(cfg: RecoverConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise AdapruneError(message)
-    for spec, role in [*((s, "calib") for s in cfg.data), *((s, "eval") for s in cfg.valid)]:
-        if check_source(spec, role).name == SELF:
-            raise AdapruneError(f"{spec!r}: recovery reads text from files, the built-in corpus or the hub, not "
-                                f"'self'; sample text into a file first")
+    for spec in cfg.data:
+        ts = check_source(spec, "calib")
+        if ts.name == SELF and ts.n is None:
+            raise AdapruneError(f"--data {spec!r}: say how much text to sample from the dense model, self:NxL "
+                                f"(N sequences of L tokens), e.g. self:256x256")
+    for spec in cfg.valid:
+        if check_source(spec, "eval").name == SELF:
+            raise AdapruneError(f"--valid {spec!r}: validation reads held-out text, not text sampled for training")
 
 
 def loss_name(cfg: RecoverConfig) -> str:
@@ -115,10 +120,14 @@ def _lora_config(cfg: RecoverConfig):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def _windows(tokenizer, specs: list[str], role: str, seq_len: int, limit: int | None) -> torch.Tensor:
+def _windows(tokenizer, specs: list[str], role: str, seq_len: int, limit: int | None,
+             sampled: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     parts = []
     for spec in specs:
-        ids = tokenize(tokenizer, load_text(spec, role))
+        if parse_spec(spec).name == SELF:  # sampled from the dense model: its sequences, joined and re-cut
+            ids = sampled[spec].flatten()
+        else:
+            ids = tokenize(tokenizer, load_text(spec, role))
         if ids.numel() < seq_len:
             raise AdapruneError(f"{spec}: {ids.numel()} tokens, fewer than one {seq_len}-token sequence; "
                                 f"give more text or a smaller --seq-len")
@@ -127,7 +136,30 @@ def _windows(tokenizer, specs: list[str], role: str, seq_len: int, limit: int | 
 
 
 def _texts_hash(specs: list[str], role: str) -> dict[str, str]:
-    return {s: text_hash(load_text(s, role)) for s in specs}
+    """Each text's SHA-256; text sampled from the dense model is named by its spec and seed (the samples are
+    kept in the session, so a resumed run reads the same ones)."""
+    return {s: SELF if parse_spec(s).name == SELF else text_hash(load_text(s, role)) for s in specs}
+
+
+def _sampled_text(session: Session, loaded, cfg: RecoverConfig, sink: Sink) -> dict[str, torch.Tensor]:
+    """Text the dense model samples for training (`self:NxL` in --data), drawn once and kept in recovery/, so a
+    resumed or restarted run trains on the same sequences. `loaded` must still be dense."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for spec in cfg.data:
+        ts = parse_spec(spec)
+        if ts.name != SELF:
+            continue
+        path = recovery_dir(session) / f"text-self-{ts.n}x{ts.seq_len}-{cfg.seed}.safetensors"
+        if path.exists():
+            out[spec] = load_file(str(path))["ids"]
+            continue
+        with Stage(sink, "sample self text (recovery)", ts.n, "samples") as st:
+            ids = sample_self(loaded.model, loaded.tokenizer, ts.n, ts.seq_len, cfg.seed, on_batch=st.advance)
+        write_atomic(path, lambda tmp, ids=ids: save_file({"ids": ids.contiguous()}, str(tmp)))
+        out[spec] = ids
+    return out
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -297,8 +329,9 @@ def run_recovery(
     with session.lock("recovery"):
         scfg = SearchConfig.from_dict(session.config())
         loaded = load_configured(scfg, sink)
+        sampled = _sampled_text(session, loaded, cfg, sink)  # from the dense model, before it is cut
         with Stage(sink, "recovery windows"):
-            train = _windows(loaded.tokenizer, cfg.data, "calib", cfg.seq_len, None)
+            train = _windows(loaded.tokenizer, cfg.data, "calib", cfg.seq_len, None, sampled)
             valid = _windows(loaded.tokenizer, cfg.valid, "eval", cfg.valid_len, cfg.valid_windows)
         plan = Plan.from_dict(plan_dict)
         if plan.params_before != count_params(loaded.model):
