@@ -14,6 +14,7 @@ from engine.config import SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError, Cancelled
 from engine.events import TrialFinished
+from engine.prune.reconstruct import Repair
 from engine.search.data import pick_windows
 from engine.search.driver import create_session, run_search
 from engine.search.space import baseline_params, canonical, space, suggest
@@ -395,27 +396,35 @@ def test_the_baseline_stays_inside_a_narrowed_space(llama_folder, tmp_path):
     assert isinstance(study, optuna.Study)
 
 
-def test_obs_trials_score_from_the_pool_statistics_the_repair_shares(llama_folder, tmp_path):
-    """An obs trial reads its source's whole pool: its scores are built once per session (stats/), from the
-    same input moments its repair solves from, and its export is the model it measured."""
+def test_obs_trials_score_from_every_pool_and_repair_from_them_all(llama_folder, tmp_path):
+    """An obs trial reads every source's whole pool together: its scores are built once per session (stats/),
+    from the same input moments a repair from all pools solves from; the export is the model it measured."""
     from engine.model.load import load
+    from engine.search.data import SearchData
     from engine.session_export import export_session
 
-    cfg = _cfg(llama_folder, trials=2, metrics=["obs"], sources=["stdlib-docs"], objective=["stdlib-docs/valid"],
-               fixed={"metric": "obs", "repair": "stdlib-docs", "repair_n": 12, "repair_lambda": 0.3})
+    cfg = _cfg(llama_folder, trials=2, metrics=["obs"], fixed={"metric": "obs", "repair": "all", "repair_lambda": 0.3})
+    assert "all" in space(cfg, 4)["repair"]
     session = create_session(tmp_path / "s", "obs", cfg)
     run_search(session)
     trials = [t for t in _trials(session, cfg) if t.state.name == "COMPLETE"]
-    assert trials and all(t.params.get("metric", "obs") == "obs" for t in trials)
+    assert trials
     assert len([p for p in session.stats_dir.iterdir() if p.name.startswith("obs-")]) == 1
     best = json.loads((session.path / "plan.json").read_text())
+    joined = "stdlib-docs:12x128+self:12x128"
     assert best["plan"]["recipe"]["metric"] == "obs"
-    assert best["plan"]["recipe"]["calib"] == "stdlib-docs:12x128 (the whole pool)"
+    assert best["plan"]["recipe"]["calib"] == f"{joined} (every pool)"
+    assert best["plan"]["repair"] == {"calib": joined, "lam": 0.3, "mode": "dense", "seed": 0, "take": None}
+    dense = load(str(llama_folder), device="cpu")
+    data = SearchData(session, cfg, dense, lambda e: None, Control())
+    windows = data.repair_windows(Repair.from_dict(best["plan"]["repair"]))
+    assert torch.equal(windows, torch.cat([data.pool("stdlib-docs")[0], data.pool("self")[0]]))
     export_session(tmp_path / "s", "obs", tmp_path / "out")
     exported = load(str(tmp_path / "out"), device="cpu")
     assert sum(p.numel() for p in exported.model.parameters()) == best["plan"]["params_after"]
     # the settings obs does not read cannot make two configurations differ
     p = {"metric": "obs", "calib_source": "self", "calib_n": 10, "calib_seed": 1, "aggregate": "max",
          "calib_select": "random", "calib_len": 64}
-    assert canonical(p) == canonical({**p, "calib_n": 32, "calib_seed": 4, "aggregate": "sum", "calib_len": 128})
-    assert canonical(p) != canonical({**p, "calib_source": "stdlib-docs"})
+    assert canonical(p) == canonical({**p, "calib_n": 32, "calib_seed": 4, "aggregate": "sum", "calib_len": 128,
+                                      "calib_source": "stdlib-docs"})
+    assert canonical({**p, "metric": "taylor1"}) != canonical({**p, "metric": "taylor1", "calib_n": 32})

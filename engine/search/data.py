@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import torch
 
 from engine.config import SELF, SearchConfig
 from engine.control import Control
-from engine.data.text import load_text, parse_spec
+from engine.data.text import calib_parts, load_text, parse_spec
 from engine.data.windows import eval_windows, random_windows, sample_self, tokenize
 from engine.errors import AdapruneError
 from engine.events import (
@@ -45,7 +46,7 @@ class SearchData:
         self.samples: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self.grads = GradientCache(int(cfg.grad_cache_gb * 2**30))
         self.moments: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}  # oldest first
-        self.obs: dict[str, dict[int, LayerScores]] = {}
+        self.obs: dict[int, LayerScores] | None = None
 
     def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
@@ -107,6 +108,9 @@ class SearchData:
     def repair_windows(self, repair: Repair) -> torch.Tensor:
         """A repair's calibration windows, drawn from the dense model once per session (stats/); the draw a
         calibration pool is made of is that pool."""
+        parts = calib_parts(repair.calib)
+        if len(parts) > 1:  # several texts: each part as on its own, joined
+            return torch.cat([self.repair_windows(replace(repair, calib=p, take=None)) for p in parts])[: repair.take]
         spec = parse_spec(repair.calib)
         if (spec.n, spec.seq_len, repair.seed) == (self.cfg.pool_size, max(CALIB_LENS), self.cfg.seed):
             return self.pool(spec.name)[0][: repair.take]
@@ -136,24 +140,25 @@ class SearchData:
             self.moments[key] = moments
         return moments
 
-    def obs_scores(self, source: str) -> dict[int, LayerScores]:
-        """`obs` scores of every layer from the dense model's input moments on a calibration pool (the
-        moments a repair from that pool uses), built once per session and source."""
-        if source not in self.obs:
+    def obs_scores(self) -> dict[int, LayerScores]:
+        """`obs` scores of every layer from the dense model's input moments on every calibration pool together
+        (several domains: measured better on held-out text than either alone, bench/RESULTS.md), built once per
+        session; a repair from all pools solves from the same moments."""
+        if self.obs is None:
             model = self.loaded.model
             n = len(decoder_layers(model))
+            repair = pools_repair(self.cfg.sources, self.cfg)
 
             def build() -> dict[str, torch.Tensor]:
-                moments = self.repair_moments(pool_repair(source, self.cfg))
-                scores = obs_scores(model, range(n), moments, self.control)
+                scores = obs_scores(model, range(n), self.repair_moments(repair), self.control)
                 return {f"{i}.{k}": getattr(sc, k) for i, sc in scores.items()
                         for k in ("heads", "kv_groups", "channels")}
 
-            with Stage(self.sink, f"obs scores {source}"):
-                data = self._cached(f"obs-{slug(source)}-{self.cfg.seed}", build)
-            self.obs[source] = {i: LayerScores(data[f"{i}.heads"], data[f"{i}.kv_groups"], data[f"{i}.channels"])
-                                for i in range(n)}
-        return self.obs[source]
+            with Stage(self.sink, "obs scores"):
+                data = self._cached(f"obs-{slug(repair.calib)}-{self.cfg.seed}", build)
+            self.obs = {i: LayerScores(data[f"{i}.heads"], data[f"{i}.kv_groups"], data[f"{i}.channels"])
+                        for i in range(n)}
+        return self.obs
 
     def prepare(self) -> None:
         """Build every pool and objective text before the first trial, so trial times are trial times."""
@@ -202,6 +207,14 @@ def pool_repair(source: str, cfg: SearchConfig, lam: float = 1.0, take: int | No
     """A repair (from the dense model's statistics) on the first `take` windows of a source's calibration pool."""
     return Repair(f"{source}:{cfg.pool_size}x{max(CALIB_LENS)}", lam, "dense", cfg.seed,
                   cfg.pool_size if take is None else take)
+
+
+def pools_repair(sources: list[str], cfg: SearchConfig, lam: float = 1.0) -> Repair:
+    """A repair on every window of the calibration pools of `sources`, joined."""
+    if len(sources) == 1:
+        return pool_repair(sources[0], cfg, lam)
+    joined = "+".join(f"{s}:{cfg.pool_size}x{max(CALIB_LENS)}" for s in sources)
+    return Repair(joined, lam, "dense", cfg.seed)
 
 
 @torch.inference_mode()

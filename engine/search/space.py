@@ -44,6 +44,9 @@ RAMPS = [-0.5, -0.25, 0.0, 0.25, 0.5]  # depth ramp of the MLP cut: > 0 prunes d
 REPAIR_LAMBDAS = [0.3, 1.0, 3.0]  # ridge strength of the reconstruction, relative to mean input variance
 
 
+ALL = "all"  # every source's pool together: a repair's text, and what obs scores read (engine.search.data)
+
+
 SAMPLERS = ("tpe", "random")
 
 
@@ -69,7 +72,7 @@ def space(cfg: SearchConfig, n_layers: int) -> dict[str, list | tuple[int, int]]
         "ramp": RAMPS,
         "first_kept": (0, max(1, 2 * first)),
         "last_kept": (0, max(1, 2 * last)),
-        "repair": ["none", *repair_sources(cfg)],
+        "repair": ["none", *repair_sources(cfg), *([ALL] if len(repair_sources(cfg)) > 1 else [])],
         "repair_lambda": REPAIR_LAMBDAS,
         # the repair text's pool, already drawn: a larger draw of self text costs minutes of sampling on a CPU
         # (on the embedded model 48 windows gave most of 128's gain; bench/RESULTS.md)
@@ -154,7 +157,7 @@ def _check_fixed(key: str, value: object) -> None:
         raise AdapruneError(f"--fix repair_lambda={value}: a positive ridge strength (1 is typical)")
     if key == "repair_n" and not (isinstance(value, int) and value >= 1):
         raise AdapruneError(f"--fix repair_n={value}: a positive number of windows")
-    if key == "repair" and value != "none":
+    if key == "repair" and value not in ("none", ALL):
         check_source(str(value), "calib")
     if key == "ramp" and not (isinstance(value, (int, float)) and -1 < value < 1):
         raise AdapruneError(f"--fix ramp={value}: a slope in (-1, 1)")
@@ -191,9 +194,11 @@ def canonical(params: dict, overrides: dict | None = None) -> str:
     if p.get("metric") in ("l1", "l2", "random"):
         for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed"):
             p[k] = None  # data-free metrics
+    if p.get("repair") == ALL:
+        p["repair_n"] = None  # every window of every pool
     if p.get("metric") in REPAIR_METRICS:
-        for k in ("calib_n", "calib_len", "calib_select", "calib_seed", "aggregate"):
-            p[k] = None  # obs reads its source's whole pool, each group in its output projection
+        for k in ("calib_source", "calib_n", "calib_len", "calib_select", "calib_seed", "aggregate"):
+            p[k] = None  # obs reads every source's whole pool, each group in its output projection
     return json.dumps(p, sort_keys=True)
 
 

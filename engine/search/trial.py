@@ -28,9 +28,9 @@ from engine.prune.importance import (
 from engine.prune.plan import parse_overrides
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_moments, snapshot_layers
-from engine.search.data import SearchData, pick_indices, pool_repair
+from engine.search.data import SearchData, pick_indices, pool_repair, pools_repair
 from engine.search.objective import Pruned, progressive_objective
-from engine.search.space import CALIB_LENS
+from engine.search.space import ALL, CALIB_LENS, repair_sources
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _notes(params: dict, mixing: bool, cfg: SearchConfig) -> dict:
     calib = (f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
              f"({params['calib_select']}, seed {params['calib_seed']})")
     if params["metric"] in REPAIR_METRICS:
-        calib = f"{params['calib_source']}:{cfg.pool_size}x{max(CALIB_LENS)} (the whole pool)"
+        calib = f"{pools_repair(cfg.sources, cfg).calib} (every pool)"
     extra = {"metric2": params["metric2"], "mix": params["mix"]} if mixing else {}
     return {"calib": calib, **extra}
 
@@ -92,7 +92,7 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     second = cached_scores(metric2) if mixing else None
     if params["metric"] in REPAIR_METRICS:  # from the pool's input moments, once per session and source
         tc = time.perf_counter()
-        every = data.obs_scores(params["calib_source"])
+        every = data.obs_scores()
         once += time.perf_counter() - tc
         scores = {i: every[i] for i in scored}
     elif params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
@@ -132,6 +132,8 @@ def trial_repair(params: dict, cfg: SearchConfig) -> Repair | None:
     source = params.get("repair", "none")
     if source == "none":
         return None
+    if source == ALL:  # every window of every repair text's pool
+        return pools_repair(repair_sources(cfg), cfg, float(params["repair_lambda"]))
     n = int(params.get("repair_n", cfg.pool_size))
     length = max(CALIB_LENS)
     if n <= cfg.pool_size:
