@@ -169,10 +169,11 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
     return run(session, sink, control, worker, since)
 
 
-def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None) -> dict:
+def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None,
+              since: float | None = None) -> dict:
     from engine.bench.run import run_bench as run
 
-    return run(session, cfg, sink, control)
+    return run(session, cfg, sink, control, since)
 
 
 def run_recovery(root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink,

@@ -156,10 +156,36 @@ class FakeBackend(Backend):
         process.thread.start()
         return process
 
-    def holder(self, name: str) -> dict | None:
-        return {"pid": 4242, "host": "test"} if self.is_running(name) else None
+    def start_bench(self, name: str, cfg):
+        """The detached benchmark process: a thread writing stage and metric events into the log, obeying
+        the requests as the engine's SessionControl does."""
+        s = self._get(name)
+        self.calls.append(("bench", name, cfg))
+        process = FakeProcess()
+        rows = [{"kind": "stage_started", "t": 0, "stage": "PPL stdlib-docs@128 (dense)", "total": 4, "unit": "windows"},
+                *({"kind": "stage_progress", "t": 0, "stage": "PPL stdlib-docs@128 (dense)", "done": k, "total": 4}
+                  for k in range(1, 5)),
+                {"kind": "metric", "t": 0, "name": "ppl:stdlib-docs@128", "value": 24.83, "model": "dense"}]
 
-    def last_error(self, name: str) -> str | None:
+        def work() -> None:
+            for row in rows:
+                while self.requests.get(f"bench:{name}") == "pause":
+                    time.sleep(0.02)
+                if self.requests.get(f"bench:{name}") == "cancel":
+                    process.code = 130
+                    return
+                s["log"].append(row)
+                time.sleep(self.delay)
+            process.code = 0
+
+        process.thread = threading.Thread(target=work, daemon=True)
+        process.thread.start()
+        return process
+
+    def holder(self, name: str, job: str = "search") -> dict | None:
+        return {"pid": 4242, "host": "test"} if job != "bench" and self.is_running(name) else None
+
+    def last_error(self, name: str, job: str = "search") -> str | None:
         return "error: the model folder vanished: restore it or start a new session"
 
     def follow(self, name: str, offset: int) -> tuple[list[Event], int]:

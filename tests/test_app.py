@@ -278,10 +278,39 @@ def test_bench_table_and_run(tmp_path):
             assert "no-such-file" in text_of(app, "#problem")  # refused in the form, before any work
             app.screen.query_one("#ppl", Input).value = "stdlib-docs"
             await pilot.press("ctrl+s")
-            await settle(app, pilot)
+            screen = app.screen
+            # its own process: followed through the events log, the table refreshed as numbers land
+            await until(pilot, lambda: ("alpha", "bench") in {(n, j) for j, n in app.background})
             assert backend.calls[-1][0] == "bench" and backend.calls[-1][2].ppl == ["stdlib-docs"]
+            await until(pilot, lambda: "benchmark done" in text_of(app, "#status"))
+            assert screen.control is None and not app.searches("bench")
 
     run(go())
+
+
+def test_a_bench_process_pauses_cancels_and_quitting_asks(tmp_path):
+    from tui.screens.dialogs import Choose
+
+    async def go(answer: str):
+        backend = FakeBackend(tmp_path)
+        backend.delay = 0.2
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("b", "r")
+            await pilot.press("ctrl+s")
+            screen = app.screen
+            await until(pilot, lambda: screen.control is not None)
+            await pilot.press("p")
+            assert backend.requests["bench:alpha"] == "pause" and "pausing" in text_of(app, "#status")
+            await pilot.press("p")
+            assert backend.requests["bench:alpha"] == "resume"
+            await pilot.press("ctrl+q")
+            assert isinstance(app.screen, Choose) and "benchmark of alpha" in str(app.screen.question)
+            await pilot.press(answer)
+        return backend
+
+    assert run(go("l")).requests["bench:alpha"] == "resume"  # left running
+    assert run(go("s")).requests["bench:alpha"] == "cancel"  # stopped at its next safe point
 
 
 def test_export_writes_the_chosen_folder(tmp_path):

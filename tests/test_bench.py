@@ -186,3 +186,32 @@ def test_a_standard_task_without_the_hub_fails_in_one_line(tokenizer):
     assert spec.path is None
     with pytest.raises(AdapruneError, match="needs the Hugging Face hub.*local .jsonl"):
         zero_shot(make_model("llama"), tokenizer, [spec], limit=2)
+
+
+def test_a_benchmark_logs_to_the_session_obeys_requests_and_runs_one_at_a_time(searched, text_file, monkeypatch):
+    """What lets the app run it detached: its events in the session's log, a cancel from another process
+    obeyed at the next safe point (what was measured kept), and one benchmark per session at a time."""
+    from engine.errors import Cancelled
+    from engine.events import Metric
+    from engine.session import requests
+    from engine.session.requests import request
+
+    monkeypatch.setattr(requests, "POLL_S", 0.0)  # every safe point reads the requests file
+    cfg = BenchConfig(ppl=[str(text_file)], seq_lens=[32], ppl_windows=2, rows=["dense", "best"])
+    with searched.lock("bench"), pytest.raises(AdapruneError, match="its bench"):
+        run_bench(searched, cfg)
+    with searched.lock():  # a search may run beside it: its lock is another one
+        seen = []
+
+        def cancel_after_dense(event):
+            seen.append(event)
+            if isinstance(event, Metric) and event.model == "dense":
+                request(searched, "bench", "cancel")
+
+        with pytest.raises(Cancelled):
+            run_bench(searched, cfg, cancel_after_dense)
+    rows = searched.read_json("bench.json")["rows"]
+    assert "ppl" in rows["dense"] and "ppl" not in rows.get("best", {})
+    logged = [e for e in searched.read_events()[0] if e.get("kind") == "metric"]
+    assert logged and logged[-1]["model"] == "dense"
+    assert searched.holder("bench") is None

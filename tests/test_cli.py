@@ -209,3 +209,29 @@ def test_the_apps_recovery_process_gets_exactly_the_forms_config(monkeypatch, tm
         r = _run(*recovery_args("s", cfg, resume, restart), "--sessions-dir", tmp_path)
         assert r.exit_code == 0, r.output
         assert seen == {"name": "s", "cfg": cfg, "resume": resume, "restart": restart}
+
+
+def test_the_apps_bench_process_gets_exactly_the_forms_config(monkeypatch, tmp_path):
+    """The app starts `adaprune bench` in its own process: the arguments must parse back to the same config."""
+    from engine import api
+    from engine.config import BenchConfig
+    from tui.backend import bench_args
+
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"query": "2+2=", "choices": ["4", "5"], "gold": 0}\n', encoding="utf-8")
+    text = tmp_path / "t.txt"
+    text.write_text("some held-out text " * 50, encoding="utf-8")
+    seen = {}
+
+    def fake(session, cfg, sink, control=None, since=None):
+        seen.update(name=session, cfg=cfg)
+        return {"rows": {}}
+
+    monkeypatch.setattr(api.Session, "open", staticmethod(lambda root, name: name))
+    monkeypatch.setattr(api, "run_bench", fake)
+    for cfg in (BenchConfig(ppl=["stdlib-docs"]),
+                BenchConfig(tasks=[str(task)], limit=20, seed=3, ppl=["stdlib-docs", str(text)], seq_lens=[128, 2048],
+                            ppl_windows=None, speed=True, batches=[1, 8], rows=["dense", "best", "plan:overrides"])):
+        r = _run(*bench_args("s", cfg), "--sessions-dir", tmp_path)
+        assert r.exit_code == 0, r.output
+        assert seen == {"name": "s", "cfg": cfg}

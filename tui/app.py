@@ -73,7 +73,7 @@ class AdapruneApp(App):
         return next(n for n in [base, *(f"{base}-{i}" for i in range(2, 1000))] if n not in taken)
 
     def searches(self, job: str = "search") -> dict[str, subprocess.Popen]:
-        """The processes of `job` (search, recover) this app started that still run, by session."""
+        """The processes of `job` (search, recover, bench) this app started that still run, by session."""
         return {n: p for (j, n), p in self.background.items() if j == job and p.poll() is None}
 
     def open_search(self, name: str, mode: str = "view") -> None:
@@ -148,9 +148,10 @@ class AdapruneApp(App):
         self.action_quit_app()  # every way out asks while work runs
 
     def action_quit_app(self) -> None:
-        running = [(job, name) for job in ("search", "recover") for name in self.searches(job)]
+        running = [(job, name) for job in ("search", "recover", "bench") for name in self.searches(job)]
         if running and not self.jobs:
-            what = ", ".join(f"the {'search' if job == 'search' else 'recovery'} of {name}" for job, name in running)
+            noun = {"search": "search", "recover": "recovery", "bench": "benchmark"}
+            what = ", ".join(f"the {noun[job]} of {name}" for job, name in running)
 
             def chosen(answer: str | None) -> None:
                 if answer == "stop":

@@ -128,6 +128,10 @@ class Backend:
         """The LoRA recovery in a detached process of its own, as `start_search` (output in recover.log)."""
         return self._spawn(name, "recover", recovery_args(name, cfg, resume, restart))
 
+    def start_bench(self, name: str, cfg) -> subprocess.Popen:
+        """A benchmark in a detached process of its own, as `start_search` (output in bench.log)."""
+        return self._spawn(name, "bench", bench_args(name, cfg))
+
     def _spawn(self, name: str, job: str, args: list) -> subprocess.Popen:
         session = self.session(name)
         env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
@@ -145,8 +149,9 @@ class Backend:
         req = api.requested(self.session(name), job)
         return req["command"] if req else None
 
-    def holder(self, name: str) -> dict | None:
-        return self.session(name).holder()
+    def holder(self, name: str, job: str = "search") -> dict | None:
+        """The live process of the session's search or recovery, or (job "bench") of its benchmark."""
+        return self.session(name).holder("bench" if job == "bench" else "search")
 
     def last_error(self, name: str, job: str = "search") -> str | None:
         """The error line a search (or recovery) process left in its log, if it ended with one."""
@@ -240,4 +245,14 @@ def recovery_args(name: str, cfg, resume: bool, restart: bool) -> list[str]:
             *(["--grad-checkpointing"] if cfg.grad_checkpointing else []),
             *(["--distil", "--distil-weight", repr(cfg.distil)] if cfg.distil else []),
             *(["--resume"] if resume else []), *(["--restart"] if restart else [])]
+    return [str(a) for a in args]
+
+
+def bench_args(name: str, cfg) -> list[str]:
+    """`adaprune bench` arguments that give the process exactly `cfg` (a test parses them back)."""
+    args = ["bench", name, *(a for t in cfg.tasks for a in ("--tasks", t)), "--seed", cfg.seed,
+            *(a for p in cfg.ppl for a in ("--ppl", p)), *(a for n in cfg.seq_lens for a in ("--seq-len", n)),
+            "--ppl-windows", cfg.ppl_windows or 0, *(a for b in cfg.batches for a in ("--batch", b)),
+            *(["--speed"] if cfg.speed else []), *(["--limit", cfg.limit] if cfg.limit is not None else []),
+            *(["--rows", ",".join(cfg.rows)] if cfg.rows else [])]
     return [str(a) for a in args]

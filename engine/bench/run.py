@@ -42,6 +42,7 @@ from engine.session.layout import (
     saved_plans,
     session_plan,
 )
+from engine.session.requests import SessionControl
 from engine.session.store import Session
 
 
@@ -167,11 +168,21 @@ def _row_model(session: Session, name: str, plan: dict | None, dense_model, wind
     return model
 
 
-def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None) -> dict:
-    """Measure the rows and merge the numbers into the session's bench.json; returns its contents."""
-    control = control or Control()
+def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None,
+              since: float | None = None) -> dict:
+    """Measure the rows and merge the numbers into the session's bench.json; returns its contents.
+
+    Its events go to the session's log too, and pause/cancel requests from any process made since `since`
+    (default: now) are obeyed, so an app that started it in a process of its own follows and controls it."""
     tasks, texts = validate(cfg)
     check_rows(session, cfg.rows)
+    sink = session.logged(sink)
+    control = SessionControl(session, "bench", sink, control, since)
+    with session.lock("bench"):
+        return _measure(session, cfg, tasks, texts, sink, control)
+
+
+def _measure(session: Session, cfg: BenchConfig, tasks, texts, sink: Sink, control: Control) -> dict:
     scfg = SearchConfig.from_dict(session.config())
     loaded = load_configured(scfg, sink, frozen=True)
     seen = _objective_rows(scfg)

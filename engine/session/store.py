@@ -182,10 +182,11 @@ class Session:
                 events.append(row)
         return events, offset + end
 
-    def holder(self) -> dict | None:
-        """The live process driving this session ({"pid", "host"}), or None."""
+    def holder(self, what: str = "search") -> dict | None:
+        """The live process driving this session's search or recovery ({"pid", "host", "what"}), or with
+        `what="bench"` the one running its benchmark; None when there is none."""
         try:
-            data = json.loads((self.path / "lock").read_text(encoding="utf-8"))
+            data = json.loads((self.path / _lock_file(what)).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         pid, host = data.get("pid"), data.get("host")
@@ -195,7 +196,7 @@ class Session:
 
     def rename(self, new_name: str) -> Session:
         check_name(new_name)
-        if self.holder():
+        if self.holder() or self.holder("bench"):
             raise AdapruneError(f"session {self.name!r} is running: stop it before renaming")
         target = self.path.parent / new_name
         if target.exists():
@@ -207,7 +208,7 @@ class Session:
         return moved
 
     def delete(self) -> None:
-        if self.holder():
+        if self.holder() or self.holder("bench"):
             raise AdapruneError(f"session {self.name!r} is running: stop it before deleting")
         import shutil
 
@@ -216,7 +217,8 @@ class Session:
     # --- the driver's lock ----------------------------------------------------------------------------------
 
     def lock(self, what: str = "search") -> Iterator[None]:
-        """Held while one process drives the session's `what` (its search, or its LoRA recovery)."""
+        """Held while one process drives the session's `what` (its search, or its LoRA recovery); a benchmark
+        holds a lock of its own (it may run beside a search, but two would write one table)."""
         return _Lock(self, what)
 
     # --- files ----------------------------------------------------------------------------------------------
@@ -234,11 +236,15 @@ class Session:
             raise AdapruneError(f"{path} is corrupt: delete it and re-run the step that writes it") from None
 
 
+def _lock_file(what: str) -> str:
+    return "bench.lock" if what == "bench" else "lock"
+
+
 class _Lock:
     """One driving process per session; a dead holder's lock (same host) is taken over."""
 
     def __init__(self, session: Session, what: str = "search") -> None:
-        self.path = session.path / "lock"
+        self.path = session.path / _lock_file(what)
         self.session, self.what = session, what
 
     def __enter__(self) -> None:

@@ -12,9 +12,9 @@ from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, 
 from engine import api
 from engine.config import BenchConfig
 from engine.errors import AdapruneError
-from engine.events import StageProgress, StageStarted
-from tui.jobs import EngineEvent, JobDone, start_job
+from engine.events import Log, Metric, StageProgress, StageStarted
 from tui.screens.dialogs import field_row
+from tui.screens.search import Remote
 
 
 class BenchForm(ModalScreen[BenchConfig | None]):
@@ -66,12 +66,17 @@ class BenchForm(ModalScreen[BenchConfig | None]):
 
 class BenchScreen(Screen):
     BINDINGS = [Binding("r", "run", "Run / extend", id="bench.run", tooltip="run or extend the table (a form)"),
-                Binding("escape", "back", "Back", id="bench.back", tooltip="back")]
+                Binding("p", "pause", "Pause", id="bench.pause", tooltip="pause or resume at the next measurement"),
+                Binding("c", "cancel", "Cancel", id="bench.cancel",
+                        tooltip="stop (what is measured is kept; r runs the rest)"),
+                Binding("escape", "back", "Back", id="bench.back", tooltip="back (the benchmark keeps running)")]
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.session_name = name
-        self.running = False
+        self._control = None
+        self.process = None  # the benchmark process this app started, when it did
+        self.log_offset = 0
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -86,6 +91,52 @@ class BenchScreen(Screen):
     def on_mount(self) -> None:
         self.query_one("#stage-row").display = False  # shown while a benchmark runs
         self.show_results()
+        try:  # the benchmark's events from now on (what came before is in bench.json)
+            _, self.log_offset = self.app.backend.follow(self.session_name, 0)
+        except AdapruneError:
+            self.log_offset = 0
+        self.process = self.app.searches("bench").get(self.session_name)
+        self.poll()
+        self.set_interval(0.5, self.poll)
+
+    @property
+    def running(self) -> bool:
+        """A benchmark process works on the session: the one this app started, or any holding its lock."""
+        if self.process is not None and self.process.poll() is None:
+            return True
+        try:
+            return self.app.backend.holder(self.session_name, "bench") is not None
+        except AdapruneError:
+            return False
+
+    def poll(self) -> None:
+        """Follow the benchmark process (it runs detached, so it survives the app) through the events log."""
+        if self.running:
+            if self.control is None:
+                self.control = Remote(self.app.backend, self.session_name, "bench")
+            try:
+                events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
+            except AdapruneError:
+                events = []
+            for e in events:
+                self.apply(e)
+        elif self.control is not None:
+            self.control = None
+            self.ended()
+
+    def ended(self) -> None:
+        self.show_results()
+        self.query_one("#stage-row").display = False
+        code = self.process.poll() if self.process is not None else None
+        if code not in (None, 0, 130):
+            error = self.app.backend.last_error(self.session_name, "bench") or f"the benchmark exited with {code}"
+            self.query_one("#status", Static).update(f"{error} (results already measured are kept)")
+            self.notify(error, severity="error")
+        elif code == 130 or self.app.backend.requested(self.session_name, "bench") == "cancel":
+            self.query_one("#status", Static).update("stopped: what was measured is kept; r runs the rest")
+        else:
+            self.query_one("#status", Static).update("benchmark done")
+            self.notify("benchmark done")
 
     def show_results(self) -> None:
         try:
@@ -112,35 +163,62 @@ class BenchScreen(Screen):
         def go(cfg: BenchConfig | None) -> None:
             if cfg is None:
                 return
-            self.running = True
-            name = self.session_name
-            start_job(self, "bench", lambda sink, control: self.app.backend.run_bench(name, cfg, sink, control))
+            try:  # its own process, like a search: it keeps measuring if the app quits or the connection drops
+                self.process = self.app.backend.start_bench(self.session_name, cfg)
+            except (AdapruneError, OSError) as e:
+                self.query_one("#status", Static).update(f"cannot start the benchmark: {e}")
+                return
+            self.app.background["bench", self.session_name] = self.process
+            self.control = Remote(self.app.backend, self.session_name, "bench")
+            self.query_one("#status", Static).update(f"starting the benchmark in process {self.process.pid}…")
 
         self.app.push_screen(BenchForm(), go)
 
-    def on_engine_event(self, message: EngineEvent) -> None:
-        e = message.event
+    def apply(self, e) -> None:
         if isinstance(e, StageStarted):
             self.query_one("#stage-row").display = True
             self.query_one("#stage", Static).update(e.stage[:40])
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
         elif isinstance(e, StageProgress):
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
-        elif getattr(e, "kind", "") == "metric":
+        elif isinstance(e, Metric):
             self.show_results()  # every measurement is saved as it lands: show it
+            self.query_one("#status", Static).update(f"{e.model}: {e.name} {e.value:.4g} (its own process: it "
+                                                     f"keeps measuring if the app quits)")
+        elif isinstance(e, Log) and e.level != "debug":
+            self.query_one("#status", Static).update(e.message)
 
-    def on_job_done(self, message: JobDone) -> None:
-        if message.job != "bench":
-            return
-        self.running = False
-        self.show_results()
-        if message.error:
-            self.query_one("#status", Static).update(f"error: {message.error} (results already measured are kept)")
-            self.notify(message.error, severity="error")
-        elif message.cancelled:
-            self.notify("benchmark cancelled; results already measured are kept")
+    @property
+    def control(self):
+        return self._control
+
+    @control.setter
+    def control(self, value) -> None:
+        self._control = value
+        if self.is_mounted:
+            self.refresh_bindings()  # pause and cancel show in the footer only while something runs here
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("pause", "cancel"):
+            return self.control is not None
+        return True
+
+    def action_pause(self) -> None:
+        if self.control is None:
+            self.notify("no benchmark is running here", severity="warning")
+        elif self.control.paused:
+            self.control.resume()
+            self.query_one("#status", Static).update("resuming")
         else:
-            self.notify("benchmark done")
+            self.control.pause()
+            self.query_one("#status", Static).update("pausing at the next measurement (p resumes)")
+
+    def action_cancel(self) -> None:
+        if self.control is None:
+            self.notify("no benchmark is running here", severity="warning")
+            return
+        self.control.cancel()
+        self.query_one("#status", Static).update("stopping at the next safe point…")
 
     def action_back(self) -> None:
         self.app.pop_screen()
