@@ -92,7 +92,13 @@ def test_obs_selects_what_the_repair_compensates_best(kind):
     from engine.model.structure import count_params, layer_shapes
     from engine.prune.obs import obs_scores
     from engine.prune.recipe import Recipe, prune_with
-    from engine.prune.reconstruct import Repair, dense_moments, pruned_layer_ids, repair_model, snapshot_layers
+    from engine.prune.reconstruct import (
+        Repair,
+        dense_moments,
+        pruned_layer_ids,
+        repair_model,
+        snapshot_layers,
+    )
 
     dense = make_model(kind, layers=4, intermediate=96)
     windows = torch.randint(3, 320, (16, 32), generator=torch.Generator().manual_seed(0))
