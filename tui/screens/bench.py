@@ -15,6 +15,7 @@ from engine.errors import AdapruneError
 from engine.events import Log, Metric, StageProgress, StageStarted
 from tui.screens.dialogs import field_row
 from tui.screens.search import Remote
+from tui.widgets import Check
 
 
 class BenchForm(ModalScreen[BenchConfig | None]):
@@ -32,7 +33,7 @@ class BenchForm(ModalScreen[BenchConfig | None]):
             yield field_row("PPL texts", Input("stdlib-docs", id="ppl", compact=True))
             yield Static("wikitext2, ptb, c4 (need the hub), stdlib-docs, or .txt/.jsonl/.parquet files",
                          markup=False, classes="dim hintline")
-            yield Checkbox("speed and memory (prefill and decode; slow on a CPU)", value=False, id="speed",
+            yield Check("speed and memory (prefill and decode; slow on a CPU)", value=False, id="speed",
                            compact=True)
             yield Static("", markup=False, id="problem", classes="error")
             with Horizontal(classes="buttons"):

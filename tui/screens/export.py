@@ -12,6 +12,7 @@ from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Radi
 from engine import api
 from engine.errors import AdapruneError
 from tui.jobs import EngineEvent, JobDone, start_job
+from tui.widgets import Check, Radio
 
 
 class ExportScreen(Screen):
@@ -35,13 +36,13 @@ class ExportScreen(Screen):
             yield Static("", markup=False, id="format", classes="dim")
             yield Label("Widths", classes="field")
             with RadioSet(id="widths", compact=True):
-                yield RadioButton("as planned (per-layer widths load with trust_remote_code)", value=True, id="plan")
-                yield RadioButton("uniform widths, re-planned from the best trial (plain transformers)", id="uniform")
+                yield Radio("as planned (per-layer widths load with trust_remote_code)", value=True, id="plan")
+                yield Radio("uniform widths, re-planned from the best trial (plain transformers)", id="uniform")
             with Horizontal(classes="row"):
                 yield Label("Folder", classes="rowlabel")
                 yield Input(f"out/{self.session_name}", id="out", compact=True)
-            yield Checkbox("replace the folder if it exists", id="force", compact=True)
-            yield Checkbox("with the LoRA recovery merged in (f on the sessions screen trains it)", id="lora",
+            yield Check("replace the folder if it exists", id="force", compact=True)
+            yield Check("with the LoRA recovery merged in (f on the sessions screen trains it)", id="lora",
                            disabled=True, compact=True)
             with Horizontal(classes="buttons"):
                 yield Button("Export (ctrl+s)", variant="primary", id="go", compact=True)
@@ -64,7 +65,7 @@ class ExportScreen(Screen):
         default = next((i for i, c in enumerate(self.choices) if c.name == f"plan:{api.OVERRIDES_PLAN}"), 0)
         for i, c in enumerate(self.choices):
             value = f", objective {c.value:.3f}" if c.value is not None else ""
-            plans.mount(RadioButton(f"{c.label}{value}: {c.plan.params_after:,} parameters", value=i == default,
+            plans.mount(Radio(f"{c.label}{value}: {c.plan.params_after:,} parameters", value=i == default,
                                     id=f"choice-{i}", compact=True))
         self.index = default
         self.show_lora()

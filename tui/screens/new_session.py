@@ -13,6 +13,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, SelectionList,
 from engine.config import SEARCH_METRICS
 from tui.backend import NewSession
 from tui.jobs import EngineEvent, JobDone, start_job
+from tui.widgets import Checklist
 
 # (short label, what to give: shown below the form for the focused field)
 FIELDS = {
@@ -47,7 +48,7 @@ class NewSessionScreen(Screen):
                 with Horizontal(classes="row"):
                     yield Label(label, classes="rowlabel")
                     if f.name == "metrics":
-                        yield SelectionList[str](*[(m, m, m in self.defaults.metrics) for m in SEARCH_METRICS],
+                        yield Checklist(*[(m, m, m in self.defaults.metrics) for m in SEARCH_METRICS],
                                                  id="metrics", compact=True)
                     else:
                         yield Input(str(getattr(self.defaults, f.name)), id=f.name, compact=True)

@@ -15,7 +15,6 @@ from textual.widgets import (
     Input,
     Label,
     ProgressBar,
-    RadioButton,
     RadioSet,
     Sparkline,
     Static,
@@ -27,6 +26,7 @@ from engine.errors import AdapruneError
 from engine.events import Log, RecoveryStep, StageProgress, StageStarted
 from tui.screens.dialogs import field_row
 from tui.screens.search import Remote
+from tui.widgets import Check, Radio
 
 
 class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
@@ -47,7 +47,7 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
             if stopped:
                 yield Static(f"the recovery stopped at step {self.state['step']} of "
                              f"{self.state['config']['steps']}: continue it, or train again", markup=False)
-                yield Checkbox("continue where it stopped (its own settings)", value=True, id="resume")
+                yield Check("continue where it stopped (its own settings)", value=True, id="resume")
             elif self.state is not None:
                 yield Static("a finished recovery exists: starting discards it", markup=False, classes="error")
             yield Static("LoRA fine-tuning of the pruned model (LLM-Pruner's recipe), resumable; export merges "
@@ -57,7 +57,7 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
                 with RadioSet(id="plan", compact=True):
                     for i, c in enumerate(self.choices):
                         value = f", objective {c.value:.3f}" if c.value is not None else ""
-                        yield RadioButton(f"{c.label}{value}", value=i == 0, id=f"plan-{i}", compact=True)
+                        yield Radio(f"{c.label}{value}", value=i == 0, id=f"plan-{i}", compact=True)
             yield field_row("Text", Input(", ".join(d.data), id="data", compact=True))
             yield Static("stdlib-docs, .txt/.jsonl/.parquet files, or hub names; comma-separated", markup=False,
                          classes="dim hintline")

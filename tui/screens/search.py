@@ -163,10 +163,12 @@ class SearchScreen(Screen):
         if alive and self.control is None:
             self.control = Remote(self.app.backend, self.session_name)
             self.update_title()
-        elif not alive and self.control is not None:
-            self.control = None  # the process this screen followed has ended
-            self.ended()
-            self.update_title()
+        elif not alive:
+            if self.control is not None:
+                self.control = None  # the process this screen followed has ended
+                self.update_title()
+            if self.process is not None:  # ours: say how it ended, even if it died before a poll saw it run
+                self.ended()
 
     def ended(self) -> None:
         """Say how the search process ended when it did not end well (its log has the line)."""

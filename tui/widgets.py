@@ -1,0 +1,35 @@
+"""Textual's toggles with a mark that says their state without colour: its radio buttons, checkboxes and
+selection lists draw the same glyph on and off and tell them apart by colour alone, which a `--no-color`
+terminal (or a colour-blind user) cannot see."""
+
+from __future__ import annotations
+
+from rich.segment import Segment
+from textual.strip import Strip
+from textual.widgets import Checkbox, RadioButton, SelectionList
+from textual.widgets.option_list import OptionDoesNotExist
+
+
+class Radio(RadioButton):
+    @property
+    def BUTTON_INNER(self) -> str:  # noqa: N802 (Textual's name)
+        return "●" if self.value else " "
+
+
+class Check(Checkbox):
+    @property
+    def BUTTON_INNER(self) -> str:  # noqa: N802
+        return "X" if self.value else " "
+
+
+class Checklist(SelectionList[str]):
+    def render_line(self, y: int) -> Strip:
+        strip = super().render_line(y)
+        try:
+            selection = self.get_option_at_index(self.scroll_offset[1] + y)
+        except OptionDoesNotExist:
+            return strip
+        segments = list(strip)
+        if selection.value not in self._selected and len(segments) > 1:
+            segments[1] = Segment(" " * len(segments[1].text), segments[1].style)
+        return Strip(segments, strip.cell_length)
