@@ -17,7 +17,7 @@ DEFAULT_CALIB = "stdlib-docs:10x64"  # `adaprune prune`'s calibration: LLM-Prune
 # held-out domains (bench/RESULTS.md)
 RECONSTRUCT_CALIB = "self:128x128"
 RECONSTRUCT_LAMBDA = 1.0
-SEARCH_METRICS = ["taylor1", "taylor2", "taylor-mix", "vector", "wanda"]  # the metrics a search explores by default
+SEARCH_METRICS = ["taylor1", "taylor2", "taylor-mix", "vector", "wanda", "obs"]  # the metrics a search explores by default
 
 
 def from_dict(cls: type, data: dict, what: str):

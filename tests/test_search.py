@@ -428,3 +428,23 @@ def test_obs_trials_score_from_every_pool_and_repair_from_them_all(llama_folder,
     assert canonical(p) == canonical({**p, "calib_n": 32, "calib_seed": 4, "aggregate": "sum", "calib_len": 128,
                                       "calib_source": "stdlib-docs"})
     assert canonical({**p, "metric": "taylor1"}) != canonical({**p, "metric": "taylor1", "calib_n": 32})
+
+
+def test_trial_1_is_the_strongest_fixed_recipe_when_the_space_holds_it(llama_folder, tmp_path):
+    """obs with a repair from every pool is queued right after LLM-Pruner's recipe, inside the space; a space
+    without obs queues only the baseline."""
+    from engine.search.space import warm_start_params
+
+    cfg = _cfg(llama_folder, trials=2)
+    warm = warm_start_params(cfg, 4)
+    assert warm["metric"] == "obs" and warm["repair"] == "all" and warm["attn_share"] == "auto"
+    sp = space(cfg, 4)
+    assert all(v in sp[k] if not isinstance(sp[k], tuple) else sp[k][0] <= v <= sp[k][1] for k, v in warm.items())
+    session = create_session(tmp_path / "s", "warm", cfg)
+    run_search(session)
+    first = sorted(_trials(session, cfg), key=lambda t: t.number)[:2]
+    assert first[0].user_attrs.get("baseline") and first[0].params["metric"] == "taylor1"
+    assert first[1].user_attrs.get("warm_start") and first[1].params["metric"] == "obs"
+    assert warm_start_params(_cfg(llama_folder, metrics=["taylor1", "wanda"]), 4) is None
+    single = warm_start_params(_cfg(llama_folder, sources=["stdlib-docs"]), 4)
+    assert single["repair"] == "stdlib-docs"

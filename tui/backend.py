@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import api
-from engine.config import EMBEDDED, MAX_PRUNE, SearchConfig, check_prune
+from engine.config import EMBEDDED, MAX_PRUNE, SEARCH_METRICS, SearchConfig, check_prune
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, event_from_dict
@@ -28,7 +28,7 @@ class NewSession:
     prune: str = "0.20"
     layers: str = "search"  # "search" (first/last kept layers are searched) or "A-B"
     sources: str = "stdlib-docs, self"
-    metrics: list[str] = field(default_factory=lambda: ["taylor1", "taylor2", "taylor-mix", "vector", "wanda"])
+    metrics: list[str] = field(default_factory=lambda: list(SEARCH_METRICS))
     trials: str = "20"
     objective: str = "stdlib-docs/valid, self"
     device: str = "auto"

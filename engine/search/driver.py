@@ -34,7 +34,7 @@ from engine.model.load import Loaded, load_configured, num_layers
 from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.prune.plan import parse_overrides
 from engine.search.data import SearchData
-from engine.search.space import baseline_params, canonical, space, suggest, validate
+from engine.search.space import baseline_params, canonical, space, suggest, validate, warm_start_params
 from engine.search.study import ask_lock, beat_once, fail_orphans, heartbeat, open_study
 from engine.search.trial import TrialOutcome, run_trial
 from engine.session import requests
@@ -251,7 +251,8 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
 
 
 def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_sink) -> Session:
-    """Create the session folder and its study, with trial 0 (the LLM-Pruner baseline) queued."""
+    """Create the session folder and its study, with trial 0 (the LLM-Pruner baseline) queued, and trial 1 (the
+    strongest fixed recipe) when the space holds it."""
     validate(cfg)
     if (root / name).exists():
         Session.create(root, name, {})  # raises the clear "exists" error
@@ -262,6 +263,9 @@ def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_s
         study = open_study(session, cfg)
         base = {k: v for k, v in baseline_params(cfg, n_layers).items() if k not in cfg.fixed}
         study.enqueue_trial(base, user_attrs={"baseline": True})
+        warm = warm_start_params(cfg, n_layers)
+        if warm is not None:  # the strongest fixed recipe next: the search improves on it, not on luck
+            study.enqueue_trial({k: v for k, v in warm.items() if k not in cfg.fixed}, user_attrs={"warm_start": True})
     except BaseException:
         import shutil
 

@@ -104,6 +104,24 @@ def baseline_params(cfg: SearchConfig, n_layers: int) -> dict:
     return recipe
 
 
+def warm_start_params(cfg: SearchConfig, n_layers: int) -> dict | None:
+    """Trial 1: the strongest fixed recipe measured (bench/RESULTS.md, obs.py) — obs scores and a repair from
+    every pool together, MLP channels first, the same cut in every layer of LLM-Pruner's range — so a search
+    starts from it rather than hoping to sample it. None when the space leaves obs out."""
+    sp = space(cfg, n_layers)
+    if "obs" not in sp["metric"]:
+        return None
+    base = baseline_params(cfg, n_layers)
+    repair = ALL if ALL in sp["repair"] else next(r for r in sp["repair"] if r != "none")
+    recipe = {**base, "metric": "obs", "aggregate": "sum", "metric2": "none", "attn_share": "auto",
+              "allocation": "uniform", "ramp": 0.0, "repair": repair, "repair_lambda": 1.0}
+    return {k: v if _inside(v, sp[k]) else base[k] for k, v in recipe.items()}
+
+
+def _inside(value, choices) -> bool:
+    return choices[0] <= value <= choices[1] if isinstance(choices, tuple) else value in choices
+
+
 def validate(cfg: SearchConfig, n_layers: int | None = None) -> None:
     if cfg.trials < 1:
         raise AdapruneError(f"--trials {cfg.trials}: a search needs at least one trial")

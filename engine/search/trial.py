@@ -90,7 +90,7 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
         moments = data.repair_moments(repair)
         once += time.perf_counter() - tc  # built once per session (per text and size)
     second = cached_scores(metric2) if mixing else None
-    if params["metric"] in REPAIR_METRICS:  # from the pool's input moments, once per session and source
+    if params["metric"] in REPAIR_METRICS:  # from every pool's input moments, once per session
         tc = time.perf_counter()
         every = data.obs_scores()
         once += time.perf_counter() - tc
