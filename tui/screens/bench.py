@@ -113,8 +113,11 @@ class BenchScreen(Screen):
     def poll(self) -> None:
         """Follow the benchmark process (it runs detached, so it survives the app) through the events log."""
         if self.running:
-            if self.control is None:
+            if self.control is None:  # attached to a benchmark this screen did not start: say so
                 self.control = Remote(self.app.backend, self.session_name, "bench")
+                holder = self.app.backend.holder(self.session_name, "bench") or {}
+                self.query_one("#status", Static).update(
+                    f"a benchmark runs in process {holder.get('pid', '?')}: following it (c stops it)")
             try:
                 events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
             except AdapruneError:
@@ -180,7 +183,9 @@ class BenchScreen(Screen):
             self.query_one("#stage-row").display = True
             self.query_one("#stage", Static).update(e.stage[:40])
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
-        elif isinstance(e, StageProgress):
+        elif isinstance(e, StageProgress):  # also the first sign of a stage that began before this screen
+            self.query_one("#stage-row").display = True
+            self.query_one("#stage", Static).update(e.stage[:40])
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
         elif isinstance(e, Metric):
             self.show_results()  # every measurement is saved as it lands: show it

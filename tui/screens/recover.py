@@ -244,7 +244,9 @@ class RecoverScreen(Screen):
             self.query_one("#stage-row").display = True
             self.query_one("#stage", Static).update(e.stage[:30])
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
-        elif isinstance(e, StageProgress):
+        elif isinstance(e, StageProgress):  # also the first sign of a stage that began before this screen
+            self.query_one("#stage-row").display = True
+            self.query_one("#stage", Static).update(e.stage[:30])
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
         elif isinstance(e, RecoveryStep):
             self.losses.append(e.loss)
