@@ -40,3 +40,11 @@ def zeroed_copy(model, plan_layers: list[LayerPlan]):
         for c in set(range(mlp.down_proj.in_features)) - set(lp.keep_channels):
             mlp.down_proj.weight[:, c] = 0
     return ref
+
+
+def hidden_error(dense, model, windows) -> float:
+    """Mean squared difference of the last hidden states of two models on `windows`."""
+    with torch.no_grad():
+        a = dense(input_ids=windows, output_hidden_states=True).hidden_states[-1]
+        b = model(input_ids=windows, output_hidden_states=True).hidden_states[-1]
+    return float((a - b).pow(2).mean())

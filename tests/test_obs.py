@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import make_model
+from helpers import hidden_error
 
 from engine.prune.obs import removal_scores
 
@@ -78,13 +79,6 @@ def test_the_callers_weights_are_never_changed():
     assert torch.equal(w, before)
 
 
-def _hidden_error(dense, model, windows) -> float:
-    with torch.no_grad():
-        a = dense(input_ids=windows, output_hidden_states=True).hidden_states[-1]
-        b = model(input_ids=windows, output_hidden_states=True).hidden_states[-1]
-    return float((a - b).pow(2).mean())
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_obs_selects_what_the_repair_compensates_best(kind):
     """Same widths, same repair: channels chosen by obs leave less output error than those chosen by weight
@@ -118,7 +112,7 @@ def test_obs_selects_what_the_repair_compensates_best(kind):
                 assert gone == set(torch.argsort(scores[i].channels)[: len(gone)].tolist())
         cut = pruned_layer_ids(layer_shapes(dense), plan.layers)
         repair_model(model, {i: dense_layers[i] for i in cut}, plan.layers, repair, windows, moments)
-        errors[metric] = _hidden_error(dense, model, windows)
+        errors[metric] = hidden_error(dense, model, windows)
     assert errors["obs"] < errors["l2"]
 
 

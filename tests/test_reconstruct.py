@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import make_model
-from helpers import random_plan
+from helpers import hidden_error, random_plan
 
 from engine.errors import AdapruneError
 from engine.model.structure import count_params, decoder_layers, layer_shapes
@@ -99,22 +99,15 @@ def _pruned_pair(kind: str, seed: int = 0, layer_ids=(1, 2)):
     return dense, model, plan, {i: decoder_layers(dense)[i] for i in ids}
 
 
-def _hidden_error(dense, model, windows) -> float:
-    with torch.no_grad():
-        a = dense(input_ids=windows, output_hidden_states=True).hidden_states[-1]
-        b = model(input_ids=windows, output_hidden_states=True).hidden_states[-1]
-    return float((a - b).pow(2).mean())
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_sequential_reconstruction_lowers_the_output_error_on_the_calibration_set(kind):
     dense, model, plan, dense_layers = _pruned_pair(kind)
     windows = _windows()
-    sliced = _hidden_error(dense, model, windows)
+    sliced = hidden_error(dense, model, windows)
     before = count_params(model)
     repaired = reconstruct(model, dense_layers, plan, windows, lam=0.1, batch_size=5)
     assert repaired == sorted(dense_layers)
-    assert _hidden_error(dense, model, windows) < 0.8 * sliced
+    assert hidden_error(dense, model, windows) < 0.8 * sliced
     # the new parameters are exactly the output biases of the repaired projections
     hidden = dense.config.hidden_size
     added = sum(hidden * (int(decoder_layers(model)[i].self_attn.o_proj.bias is not None) +
