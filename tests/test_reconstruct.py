@@ -15,6 +15,7 @@ from engine.prune.reconstruct import (
     Moments,
     dense_moments,
     layer_inputs,
+    merge_moments,
     pruned_layer_ids,
     reconstruct,
     repair_from_moments,
@@ -48,6 +49,17 @@ def test_moments_merge_matches_direct_computation():
     assert mom.n == x.shape[0]
     torch.testing.assert_close(mom.mean, x.mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mom.cov, torch.cov(x.T, correction=0), rtol=1e-4, atol=1e-4)
+
+
+def test_moments_of_two_texts_merge_into_those_of_both():
+    model = make_model("llama")
+    a, b = _windows(6, seed=1), _windows(10, seed=2)
+    layers = [0, 1]
+    merged = merge_moments([dense_moments(model, layers, a, 4), dense_moments(model, layers, b, 4)])
+    both = dense_moments(model, layers, torch.cat([a, b]), 4)
+    assert merged.keys() == both.keys()
+    for k in both:  # the outer products are float32: equal to their rounding
+        torch.testing.assert_close(merged[k], both[k], rtol=1e-4, atol=1e-5 * float(both[k].abs().max()))
 
 
 def test_ridge_solution_matches_brute_force_least_squares():

@@ -83,8 +83,14 @@ class Moments:
         mu = x.mean(0)
         xc = x - mu
         # the outer products in float32 (fast), their sum and the merge in float64 (Chan et al.)
-        m2 = (xc.T @ xc).double().cpu()
-        mu = mu.double().cpu()
+        self._merge(k, mu.double().cpu(), (xc.T @ xc).double().cpu())
+
+    def merge(self, other: Moments) -> Moments:
+        """Add another set of tokens' moments (exact: those of both sets of tokens together)."""
+        self._merge(other.n, other.mean, other.m2)
+        return self
+
+    def _merge(self, k: int, mu: Tensor, m2: Tensor) -> None:
         delta = mu - self.mean
         total = self.n + k
         self.m2 += m2 + torch.outer(delta, delta) * (self.n * k / total)
@@ -112,6 +118,17 @@ class Moments:
         m = cls(data[f"{prefix}.mean"].numel())
         m.n, m.mean, m.m2 = int(data[f"{prefix}.n"][0]), data[f"{prefix}.mean"].double(), data[f"{prefix}.m2"].double()
         return m
+
+
+def merge_moments(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Moments keyed as `dense_moments` writes them, of every token of `parts` together."""
+    out: dict[str, Tensor] = {}
+    for prefix in sorted({k.rsplit(".", 1)[0] for k in parts[0]}):
+        m = Moments(parts[0][f"{prefix}.mean"].numel())
+        for part in parts:
+            m.merge(Moments.from_tensors(part, prefix))
+        out.update(m.tensors(prefix))
+    return out
 
 
 def ridge_weights(w: Tensor, bias: Tensor | None, mom: Moments, keep: Tensor, lam: float) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ from engine.model.structure import decoder_layers
 from engine.prune.gradsums import GradientCache
 from engine.prune.importance import CalibStats, LayerScores, collect_sample_stats
 from engine.prune.obs import obs_scores
-from engine.prune.reconstruct import Repair, dense_moments
+from engine.prune.reconstruct import Repair, dense_moments, merge_moments
 from engine.search.space import CALIB_LENS, SELECTIONS
 from engine.session.store import Session
 
@@ -126,11 +126,17 @@ class SearchData:
         if key in self.moments:
             self.moments[key] = self.moments.pop(key)  # most recently used last
             return self.moments[key]
-        model = self.loaded.model
-        layers = list(range(len(decoder_layers(model))))
-        windows = self.repair_windows(repair)
-        moments = {k: v.float() if k.endswith(".m2") else v
-                   for k, v in dense_moments(model, layers, windows, CALIB_BATCH, self.control, self.sink).items()}
+        parts = calib_parts(repair.calib)
+        if len(parts) > 1 and repair.take is None:
+            # every window of each text: the moments of each (shared with repairs from one pool), merged exactly
+            moments = merge_moments([self.repair_moments(replace(repair, calib=p, take=parse_spec(p).n))
+                                     for p in parts])
+        else:
+            model = self.loaded.model
+            layers = list(range(len(decoder_layers(model))))
+            windows = self.repair_windows(repair)
+            moments = dense_moments(model, layers, windows, CALIB_BATCH, self.control, self.sink)
+        moments = {k: v.float() if k.endswith(".m2") else v for k, v in moments.items()}
         size = sum(v.numel() * v.element_size() for v in moments.values())
         budget = int(self.cfg.repair_cache_gb * 2**30)
         while self.moments and size + sum(sum(v.numel() * v.element_size() for v in m.values())
