@@ -111,7 +111,7 @@ def oneshot_config(scfg, repaired: bool = False) -> PruneConfig:
 
 
 def calibration_windows(loaded: Loaded, spec_text: str, seed: int, sink: Sink, control: Control):
-    return draw_windows(loaded.model, loaded.tokenizer, spec_text, seed, sink)
+    return draw_windows(loaded.model, loaded.tokenizer, spec_text, seed, sink, control=control)
 
 
 def evaluate_texts(loaded: Loaded, texts: dict[str, object], label: str, sink: Sink,
@@ -155,7 +155,7 @@ def plan_and_prune(loaded: Loaded, cfg: PruneConfig, sink: Sink = null_sink,
     layer_ids = parse_layers(cfg.layers, len(layer_shapes(loaded.model)))
     repair = Repair(cfg.reconstruct_calib, cfg.reconstruct_lambda, seed=cfg.seed) if cfg.reconstruct else None
     # drawn from the dense model (self text is sampled from it), before anything is sliced
-    repair_win = repair_windows(loaded, repair, sink) if repair else None
+    repair_win = repair_windows(loaded, repair, sink, control) if repair else None
     windows, calib_hash = calibration_windows(loaded, cfg.calib, cfg.seed, sink, control)
     shapes = layer_shapes(loaded.model)
     overrides = parse_overrides(cfg.overrides, len(shapes), shapes, cfg.head_mode)

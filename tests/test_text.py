@@ -125,6 +125,27 @@ def test_self_text_is_sampled_from_the_model(tokenizer, monkeypatch):
     assert not [m for m in warned if "padding" in str(m)]
 
 
+def test_self_text_reports_every_token_and_obeys_a_cancel_between_tokens(tokenizer):
+    from conftest import make_model
+
+    from engine.control import Control
+    from engine.errors import Cancelled
+
+    model = make_model("llama")
+    done: list[int] = []
+    windows.sample_self(model, tokenizer, 5, 8, seed=1, batch_size=4, on_batch=done.append)
+    assert done == sorted(done) and done[-1] == 5 and len(done) > 2  # moves within a batch, ends at n
+    control, heard = Control(), []
+
+    def cancel_at_first_token(n: int) -> None:
+        heard.append(n)
+        control.cancel()
+
+    with pytest.raises(Cancelled):
+        windows.sample_self(model, tokenizer, 4, 50, seed=1, on_batch=cancel_at_first_token, control=control)
+    assert len(heard) == 1  # the next token's checkpoint stopped it, not the end of the batch
+
+
 def test_jsonl_text_field(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"content": "x y z"}) + "\n")

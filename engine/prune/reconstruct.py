@@ -366,10 +366,10 @@ def add_biases(model: nn.Module, layout: Mapping[int, Sequence[str]]) -> None:
         describe_widths(model)
 
 
-def repair_windows(loaded, repair: Repair, sink: Sink = null_sink) -> Tensor:
+def repair_windows(loaded, repair: Repair, sink: Sink = null_sink, control: Control | None = None) -> Tensor:
     """The calibration windows of a repair, drawn from the (still dense) loaded model's text or samples."""
     drawn, _ = draw_windows(loaded.model, loaded.tokenizer, repair.calib, repair.seed, sink,
-                            "sample self text (reconstruction)")
+                            "sample self text (reconstruction)", control)
     return drawn[: repair.take]
 
 

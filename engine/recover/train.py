@@ -141,7 +141,8 @@ def _texts_hash(specs: list[str], role: str) -> dict[str, str]:
     return {s: SELF if parse_spec(s).name == SELF else text_hash(load_text(s, role)) for s in specs}
 
 
-def _sampled_text(session: Session, loaded, cfg: RecoverConfig, sink: Sink) -> dict[str, torch.Tensor]:
+def _sampled_text(session: Session, loaded, cfg: RecoverConfig, sink: Sink,
+                  control: Control) -> dict[str, torch.Tensor]:
     """Text the dense model samples for training (`self:NxL` in --data), drawn once and kept in recovery/, so a
     resumed or restarted run trains on the same sequences. `loaded` must still be dense."""
     from safetensors.torch import load_file, save_file
@@ -156,7 +157,8 @@ def _sampled_text(session: Session, loaded, cfg: RecoverConfig, sink: Sink) -> d
             out[spec] = load_file(str(path))["ids"]
             continue
         with Stage(sink, "sample self text (recovery)", ts.n, "samples") as st:
-            ids = sample_self(loaded.model, loaded.tokenizer, ts.n, ts.seq_len, cfg.seed, on_batch=st.advance)
+            ids = sample_self(loaded.model, loaded.tokenizer, ts.n, ts.seq_len, cfg.seed, on_batch=st.advance,
+                              control=control)
         write_atomic(path, lambda tmp, ids=ids: save_file({"ids": ids.contiguous()}, str(tmp)))
         out[spec] = ids
     return out
@@ -329,7 +331,7 @@ def run_recovery(
     with session.lock("recovery"):
         scfg = SearchConfig.from_dict(session.config())
         loaded = load_configured(scfg, sink)
-        sampled = _sampled_text(session, loaded, cfg, sink)  # from the dense model, before it is cut
+        sampled = _sampled_text(session, loaded, cfg, sink, control)  # from the dense model, before it is cut
         with Stage(sink, "recovery windows"):
             train = _windows(loaded.tokenizer, cfg.data, "calib", cfg.seq_len, None, sampled)
             valid = _windows(loaded.tokenizer, cfg.valid, "eval", cfg.valid_len, cfg.valid_windows)
