@@ -242,6 +242,56 @@ def test_a_trial_mixing_two_metrics(llama_folder, tmp_path, metric):
     assert out.params_after < 77232
 
 
+def test_per_sample_statistics_cover_the_windows_trials_use_and_equal_a_whole_pool_pass(llama_folder, tmp_path):
+    from engine.events import StageStarted
+    from engine.model.load import load
+    from engine.prune.importance import collect_sample_stats
+    from engine.search.data import SearchData
+
+    cfg = _cfg(llama_folder, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "lazy", cfg)
+    dense = load(str(llama_folder), device="cpu")
+    events = []
+    data = SearchData(session, cfg, dense, events.append, Control())
+
+    def windows_computed() -> list[int]:
+        return [e.total for e in events if isinstance(e, StageStarted) and e.stage == "per-sample statistics"]
+
+    data.sample_stats("stdlib-docs", 64, torch.tensor([3, 1, 7]))
+    data.sample_stats("stdlib-docs", 64, torch.tensor([1, 7]))  # nothing new
+    stats = data.sample_stats("stdlib-docs", 64, torch.tensor([7, 8, 0]))
+    assert windows_computed() == [3, 2]
+    # a resumed worker reads the windows computed so far and computes only the rest
+    again = SearchData(session, cfg, dense, events.append, Control())
+    resumed = again.sample_stats("stdlib-docs", 64, torch.tensor([0, 1, 2, 3]))
+    assert windows_computed() == [3, 2, 1]
+    ids = data.pool("stdlib-docs")[0][:, :64]
+    whole = collect_sample_stats(dense.model, ids)
+    rows = [0, 1, 2, 3, 7, 8]
+    for k, v in whole.items():
+        torch.testing.assert_close(resumed[k][rows], v[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats[k][[0, 1, 3, 7, 8]], v[[0, 1, 3, 7, 8]], rtol=1e-4, atol=1e-6)
+
+
+def test_the_pool_and_the_objective_sample_self_text_in_one_draw(llama_folder, tmp_path):
+    from engine.data.windows import sample_self
+    from engine.events import StageStarted
+    from engine.model.load import load
+    from engine.search.data import SearchData
+
+    cfg = _cfg(llama_folder)
+    session = create_session(tmp_path / "s", "joint", cfg)
+    dense = load(str(llama_folder), device="cpu")
+    events = []
+    data = SearchData(session, cfg, dense, events.append, Control())
+    data.prepare()
+    draws = [e for e in events if isinstance(e, StageStarted) and e.stage.startswith("sample self text")]
+    assert len(draws) == 1 and draws[0].total == cfg.pool_size + cfg.objective_windows
+    both = sample_self(dense.model, dense.tokenizer, cfg.pool_size + cfg.objective_windows, 128, cfg.seed)
+    assert torch.equal(data.pool("self")[0], both[: cfg.pool_size])
+    assert torch.equal(data.objective_sets()["self"], both[cfg.pool_size:])
+
+
 def test_sessions_listing_survives_damaged_sessions(llama_folder, tmp_path):
     from typer.testing import CliRunner
 

@@ -4,8 +4,8 @@ First-order Taylor importance |w * mean gradient| does not split over windows on
 taken, so it cannot come from per-window group statistics the way the decomposable metrics do. The gradient
 itself does split: its sum over a subset of windows is a cached sum over another subset, plus the windows
 that one lacks, minus the windows it has in excess. A search's trials draw their windows from one pool per
-source, so much of a new subset's gradient is usually summed already: the whole pool's (gathered for free
-during the per-sample statistics pass) or an earlier trial's. A sum is the size of the model's weights in
+source, so much of a new subset's gradient is usually summed already: an earlier trial's, or that of the
+windows a per-sample statistics pass computed (gathered for free during it). A sum is the size of the model's weights in
 fp32, so sums stay in memory under a byte budget instead of going into the session folder.
 """
 
@@ -75,9 +75,11 @@ class GradientCache:
             self.entries.remove(victims[0])
         self.entries.append(entry)
 
-    def pool_accumulator(self, pool: Hashable, n_windows: int, model: nn.Module) -> Callable | None:
-        """An `on_window` callback for a pass that computes every window's gradient anyway (the per-sample
-        statistics): it sums them into the pool's entry. None when that entry would not fit the budget."""
+    def sum_accumulator(self, pool: Hashable, windows: Sequence[int], model: nn.Module,
+                        whole: bool = False) -> Callable | None:
+        """An `on_window` callback for a pass that computes the gradient of each of a pool's `windows` anyway
+        (the per-sample statistics), in that order: it sums them into an entry for those windows (`whole`: the
+        entire pool, kept before any trial's sum). None when that entry would not fit the budget."""
         if not self.fits(sum_bytes(model, squares=True)):
             return None
         grad: dict[str, Tensor] = {}
@@ -93,8 +95,8 @@ class GradientCache:
                 else:
                     grad[k], sq[k] = g.clone(), g.pow(2)
             seen[0] += 1
-            if seen[0] == n_windows:
-                self.put(GradSum(pool, frozenset(range(n_windows)), grad, sq, whole=True))
+            if seen[0] == len(windows):
+                self.put(GradSum(pool, frozenset(int(w) for w in windows), grad, sq, whole=whole))
 
         return on_window
 

@@ -30,6 +30,7 @@ from engine.search.space import CALIB_LENS, SELECTIONS
 from engine.session.store import Session
 
 CALIB_BATCH = 4  # windows per calibration forward/backward (the same as prune_with's default)
+HAVE = "_computed"  # the per-sample statistics file's mask of the pool windows computed so far
 
 
 def slug(spec: str) -> str:
@@ -43,10 +44,11 @@ class SearchData:
         self.session, self.cfg, self.loaded, self.sink, self.control = session, cfg, loaded, sink, control
         self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.objective: dict[str, torch.Tensor] = {}
-        self.samples: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.samples: dict[tuple[str, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # rows, computed
         self.grads = GradientCache(int(cfg.grad_cache_gb * 2**30))
         self.moments: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}  # oldest first
         self.obs: dict[int, LayerScores] | None = None
+        self._joint: dict[str, torch.Tensor] | None = None  # self text drawn once for the pool and the objective
 
     def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
@@ -60,13 +62,35 @@ class SearchData:
 
     def _windows(self, spec: str, role: str, n: int, length: int, seed: int) -> torch.Tensor:
         model, tok = self.loaded.model, self.loaded.tokenizer
+        if parse_spec(spec).name == SELF and (role, n, length, seed) in self._self_roles():
+            return self._self_draw()[role]
         if parse_spec(spec).name == SELF:
             with Stage(self.sink, f"sample self text ({role})", n, "samples") as st:
-                return sample_self(model, tok, n, length, seed, on_batch=st.advance)
+                return sample_self(model, tok, n, length, seed, on_batch=st.advance, control=self.control)
         ids = tokenize(tok, load_text(spec, "calib" if role == "calibration" else "eval"))
         if role == "calibration":
             return random_windows(ids, n, length, seed)
         return eval_windows(ids, length, n)
+
+    def _self_roles(self) -> dict[tuple[str, int, int, int], int]:
+        """The self-text draws a session makes, when the calibration pool and the objective both sample: one
+        draw serves both (a decode step costs about the same for 16 or 64 sequences on a CPU)."""
+        cfg = self.cfg
+        if not (SELF in cfg.sources and SELF in [parse_spec(s).name for s in cfg.objective]
+                and cfg.objective_len == max(CALIB_LENS)):
+            return {}
+        return {("calibration", cfg.pool_size, max(CALIB_LENS), cfg.seed): cfg.pool_size,
+                ("objective", cfg.objective_windows, cfg.objective_len, cfg.seed + 1): cfg.objective_windows}
+
+    def _self_draw(self) -> dict[str, torch.Tensor]:
+        """The calibration pool's and the objective's self text as one draw: different sequences of it."""
+        if self._joint is None:
+            cfg, sizes = self.cfg, list(self._self_roles().values())
+            with Stage(self.sink, "sample self text (calibration and objective)", sum(sizes), "samples") as st:
+                ids = sample_self(self.loaded.model, self.loaded.tokenizer, sum(sizes), max(CALIB_LENS), cfg.seed,
+                                  on_batch=st.advance, control=self.control)
+            self._joint = {"calibration": ids[: sizes[0]], "objective": ids[sizes[0]:]}
+        return self._joint
 
     def pool(self, source: str) -> tuple[torch.Tensor, torch.Tensor]:
         """pool_size windows of the longest calibration length, with the dense model's loss on each."""
@@ -82,21 +106,39 @@ class SearchData:
             self.pools[source] = (data["ids"], data["loss"])
         return self.pools[source]
 
-    def sample_stats(self, source: str, length: int) -> dict[str, torch.Tensor]:
-        """Per-window statistics of a pool at one window length: one backward per window, once per session."""
+    def sample_stats(self, source: str, length: int, subset: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-window statistics of a pool at one window length, rows indexed as the pool: one backward per
+        window, computed the first time a trial asks for that window and kept (stats/), so a search pays for
+        the windows its trials use, not for the whole pool."""
+        from safetensors.torch import load_file, save_file
+
         key = (source, length)
-        if key not in self.samples:
-            ids, _ = self.pool(source)
+        path = self.session.stats_dir / f"samples-{slug(source)}-{length}-{self.cfg.seed}.safetensors"
+        ids, _ = self.pool(source)
+        if key not in self.samples and path.exists():
+            stored = load_file(path)
+            # a file without the mask is a whole pool's pass (sessions before windows were computed lazily)
+            have = stored.pop(HAVE, torch.ones(ids.shape[0], dtype=torch.bool)).bool()
+            self.samples[key] = (stored, have)
+        stats, have = self.samples.get(key, ({}, torch.zeros(ids.shape[0], dtype=torch.bool)))
+        missing = sorted({int(i) for i in subset} - set(have.nonzero().flatten().tolist()))
+        if missing:
             model = self.loaded.model
-
-            def build() -> dict[str, torch.Tensor]:
-                # the pass computes every window's gradient anyway: their sum serves later taylor1 trials
-                pool_sum = self.grads.pool_accumulator(key, ids.shape[0], model)
-                return collect_sample_stats(model, ids[:, :length], self.control, self.sink, pool_sum)
-
+            # these windows' gradients are computed anyway: their sum serves taylor1 trials on them
+            grad_sum = self.grads.sum_accumulator(key, missing, model, whole=len(missing) == ids.shape[0])
             with Stage(self.sink, f"per-sample statistics {source} x{length}"):
-                self.samples[key] = self._cached(f"samples-{slug(source)}-{length}-{self.cfg.seed}", build)
-        return self.samples[key]
+                new = collect_sample_stats(model, ids[missing, :length], self.control, self.sink, grad_sum)
+            rows = torch.tensor(missing)
+            for k, v in new.items():
+                if k not in stats:
+                    stats[k] = torch.zeros((ids.shape[0], *v.shape[1:]), dtype=v.dtype)
+                stats[k][rows] = v
+            have = have.clone()
+            have[rows] = True
+            self.samples[key] = (stats, have)
+            tensors = {**stats, HAVE: have.to(torch.uint8)}
+            write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        return stats
 
     def gradient_stats(self, model, source: str, length: int, subset: torch.Tensor, layer_ids: list[int],
                        squares: bool) -> CalibStats:

@@ -16,7 +16,6 @@ from engine.events import (
 )
 from engine.model.load import Loaded
 from engine.model.structure import count_params, decoder_layers, layer_shapes
-from engine.prune.gradsums import sum_bytes
 from engine.prune.importance import (
     FISHER_METRICS,
     REPAIR_METRICS,
@@ -76,7 +75,7 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     def sample_stats() -> dict:
         nonlocal once
         tc = time.perf_counter()
-        cache = data.sample_stats(params["calib_source"], params["calib_len"])
+        cache = data.sample_stats(params["calib_source"], params["calib_len"], idx)
         once += time.perf_counter() - tc  # built once per session: not this trial's own work
         return cache
 
@@ -98,10 +97,6 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     elif params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
         scores = cached_scores(params["metric"])
     else:  # taylor1 / taylor-mix: from gradient sums shared between trials
-        if data.grads.fits(sum_bytes(model, squares=True)):
-            # the per-sample pass, which most trials need sooner or later, also sums the whole pool's gradients:
-            # from that sum a large subset's gradient costs only the windows it leaves out
-            sample_stats()
         stats = data.gradient_stats(model, params["calib_source"], params["calib_len"], idx, scored,
                                     params["metric"] in FISHER_METRICS)
         scores = score_layers(model, scored, params["metric"], params["aggregate"], stats, cfg.seed)
