@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ from engine.search.study import open_study
 from engine.search.trial import prune_trial
 
 ROOT = Path(__file__).resolve().parent.parent
+# stages of each trial's own work, the stage that holds them all, and one nested in a per-session stage
+PER_TRIAL = {"trials", "calibration statistics", "prune", "reconstruct", "per-sample statistics"}
+OBS_RECIPE = "stdlib-docs:64x128+self:64x128"  # bench/obs.py's strongest fixed recipe: obs on this text, repaired from it
 
 
 def main() -> None:
@@ -58,8 +62,12 @@ def main() -> None:
 
     computed: dict[int, int] = {}  # gradient windows each trial computed (stage "calibration statistics")
     current = [None]
+    once: dict[str, float] = {}  # seconds of the per-session work (caches trials share), by stage
 
     def sink(event) -> None:
+        if event.kind == "stage_finished" and event.stage not in PER_TRIAL:
+            name = " ".join(w for w in event.stage.split() if not w[-1].isdigit())  # without sizes
+            once[name] = once.get(name, 0.0) + event.seconds
         if event.kind == "trial_started":
             current[0] = event.number
             prepared.setdefault("first_trial", time.perf_counter() - t0)
@@ -122,10 +130,13 @@ def main() -> None:
         plan = Plan.from_dict(_plan_of(session, trial, cfg, dense))
         apply_stored_plan(model, plan, data.repair_windows)
         rows.append((label, f"{trial.value:.2f}" if trial.value else "", heldout(model), plan.params_after))
-    for label, repaired in (("oneshot: adaprune prune's defaults", False),
-                            ("oneshot-repaired: prune's defaults + --reconstruct", True)):
+    obs_recipe = replace(oneshot_config(cfg, True), metric="obs", calib=OBS_RECIPE, reconstruct_calib=OBS_RECIPE)
+    for label, pcfg in (("oneshot: adaprune prune's defaults", oneshot_config(cfg)),
+                        ("oneshot-repaired: prune's defaults + --reconstruct", oneshot_config(cfg, True)),
+                        (f"obs-recipe: prune --metric obs --calib {OBS_RECIPE} --reconstruct --reconstruct-calib "
+                         f"(the same)", obs_recipe)):
         copied = Loaded(copy.deepcopy(dense.model), dense.tokenizer, dense.name, None, dense.device, dense.dtype)
-        plan_and_prune(copied, oneshot_config(cfg, repaired), lambda e: None, Control())
+        plan_and_prune(copied, pcfg, lambda e: None, Control())
         rows.append((label, "", heldout(copied.model), sum(p.numel() for p in copied.model.parameters())))
     # magnitude and random with the best trial's configuration otherwise (layers, split, allocation, count)
     for metric in ("l2", "random"):
@@ -162,6 +173,9 @@ def main() -> None:
             f"- best, lower PPL on held-out text than trial 0: {gains(rows[1][2])}\n"
             f"- than oneshot (prune's defaults): {gains(by['oneshot'])}\n"
             f"- than oneshot-repaired (prune's defaults + --reconstruct): {gains(by['oneshot-repaired'])}\n"
+            f"- than obs-recipe (the strongest fixed recipe measured, bench/obs.py): {gains(by['obs-recipe'])}\n"
+            f"- one-time work (s, nested stages overlap): "
+            f"{', '.join(f'{k} {v:.0f}' for k, v in sorted(once.items(), key=lambda kv: -kv[1]))}\n"
             f"- best against dense: {dense_x}\n\n" + "\n".join(lines) + "\n")
     print(body)
     _record(args.out, key, body)
