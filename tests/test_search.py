@@ -292,6 +292,26 @@ def test_the_pool_and_the_objective_sample_self_text_in_one_draw(llama_folder, t
     assert torch.equal(data.objective_sets()["self"], both[cfg.pool_size:])
 
 
+def test_a_session_is_listed_only_once_its_study_exists(llama_folder, tmp_path, monkeypatch):
+    import engine.search.driver as driver
+    from engine.session.store import list_sessions
+
+    seen = []
+    real = driver.open_study
+
+    def listing_meanwhile(session, cfg, *a):  # what the app's sessions list sees while the study is made
+        seen.append([s.name for s in list_sessions(tmp_path / "s")])
+        return real(session, cfg, *a)
+
+    monkeypatch.setattr(driver, "open_study", listing_meanwhile)
+    create_session(tmp_path / "s", "new", _cfg(llama_folder))
+    assert seen == [[]] and [s.name for s in list_sessions(tmp_path / "s")] == ["new"]
+    monkeypatch.setattr(driver, "open_study", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        create_session(tmp_path / "s", "broken", _cfg(llama_folder))
+    assert not (tmp_path / "s" / "broken").exists()  # nothing half-made is left
+
+
 def test_sessions_listing_survives_damaged_sessions(llama_folder, tmp_path):
     from typer.testing import CliRunner
 

@@ -258,17 +258,15 @@ def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_s
         Session.create(root, name, {})  # raises the clear "exists" error
     n_layers = num_layers(cfg.model, cfg.trust_remote_code, sink)
     validate(cfg, n_layers)
-    session = Session.create(root, name, asdict(cfg))
-    try:
+
+    def start_study(session: Session) -> None:
         study = open_study(session, cfg)
         base = {k: v for k, v in baseline_params(cfg, n_layers).items() if k not in cfg.fixed}
         study.enqueue_trial(base, user_attrs={"baseline": True})
         warm = warm_start_params(cfg, n_layers)
         if warm is not None:  # the strongest fixed recipe next: the search improves on it, not on luck
             study.enqueue_trial({k: v for k, v in warm.items() if k not in cfg.fixed}, user_attrs={"warm_start": True})
-    except BaseException:
-        import shutil
 
-        shutil.rmtree(session.path, ignore_errors=True)  # nothing half-made is left behind
-        raise
-    return session
+    # the study is made before the folder is a session: a listing (the app's, every second) never opens a
+    # study while it is being created (two first opens of one SQLite study race to write its version row)
+    return Session.create(root, name, asdict(cfg), start_study)

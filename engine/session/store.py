@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,16 +73,25 @@ class Session:
     # --- creating and opening ------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path, name: str, config: dict) -> Session:
+    def create(cls, root: Path, name: str, config: dict, fill: Callable[[Session], None] | None = None) -> Session:
+        """A new session folder. `fill` writes what it starts with (its study) before session.json, which makes
+        it a session that listings open: nothing reads a half-made one, and a failed fill leaves nothing."""
         check_name(name)
         path = root / name
         if path.exists():
             raise AdapruneError(f"session {name!r} exists in {root}: `adaprune resume {name}` continues it")
         path.mkdir(parents=True)
-        (path / "stats").mkdir()
-        now = time.time()
-        write_json_atomic(path / "session.json", {"schema_version": SCHEMA_VERSION, "name": name, "config": config,
-                                                  "status": "created", "created": now, "updated": now})
+        try:
+            (path / "stats").mkdir()
+            if fill is not None:
+                fill(cls(path))
+            now = time.time()
+            write_json_atomic(path / "session.json", {"schema_version": SCHEMA_VERSION, "name": name,
+                                                      "config": config, "status": "created", "created": now,
+                                                      "updated": now})
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return cls(path)
 
     @classmethod
