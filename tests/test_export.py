@@ -97,6 +97,12 @@ def test_existing_output_is_refused_and_force_replaces_it(tokenizer, tmp_path):
     with pytest.raises(AdapruneError, match="exists"):
         export(model, tokenizer, out)
     assert (out / "keep.txt").read_text() == "mine"
-    export(model, tokenizer, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left behind
+    # --force replaces an earlier export, never a folder of other things (a typo could name $HOME)
+    with pytest.raises(AdapruneError, match="not a model folder"):
+        export(model, tokenizer, out, force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    export(model, tokenizer, tmp_path / "first")
+    (tmp_path / "first" / "keep.txt").write_text("old export")
+    export(model, tokenizer, tmp_path / "first", force=True)
+    assert not (tmp_path / "first" / "keep.txt").exists() and (tmp_path / "first" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "out"]  # no temp folder left behind

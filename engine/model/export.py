@@ -32,6 +32,10 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise AdapruneError(f"output folder {out} exists: choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise AdapruneError(f"{out} exists and is not a folder: choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        # --force replaces an earlier export, never a folder of other things (a typo could name $HOME)
+        raise AdapruneError(f"{out} is not a model folder (no config.json): --force replaces only an earlier "
+                            f"export or an empty folder; choose another --out")
 
 
 def _write_card(folder: Path, card: dict) -> None:
