@@ -1,5 +1,6 @@
 """Pause, resume and cancel from another process, through the session's requests file."""
 
+import os
 import threading
 import time
 
@@ -41,7 +42,9 @@ def test_requests_pause_resume_and_cancel_a_running_job(session):
     with pytest.raises(Cancelled):
         control.checkpoint()
     said = [e.message for e in logged if isinstance(e, Log)]
-    assert [m.split(" by")[0].split(" resumed")[0] for m in said] == ["search paused", "search", "search cancelled"]
+    assert [m.split(":")[0] for m in said] == ["search paused at a safe point", "search resumed",
+                                                "search stopping at a safe point"]
+    assert f"the app (process {os.getpid()})" in said[0] and "asked to cancel" in said[2]  # who, in words
 
 
 def test_requests_for_an_earlier_run_are_ignored_and_bad_ones_refused(session):

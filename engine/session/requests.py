@@ -38,6 +38,13 @@ def requested(session: Session, job: str) -> dict | None:
     return _read(session).get(job)
 
 
+def _asker(req: dict) -> str:
+    """Who asked, in words: requests come from the app (engine.session.requests.request's `by`)."""
+    host, _, pid = str(req.get("by", "")).rpartition(":")
+    here = host == socket.gethostname()
+    return f"the app (process {pid}{'' if here else f' on {host}'})" if pid else "an app"
+
+
 def _read(session: Session) -> dict:
     try:
         data = session.read_json(REQUESTS)
@@ -88,11 +95,11 @@ class SessionControl(Control):
             req = None  # asked of an earlier run (or unreadable)
         command = req["command"] if req else "resume"
         if command == "cancel":
-            self.sink(Log(f"{self.job} cancelled by a request from {req.get('by', '?')}", "warning"))
+            self.sink(Log(f"{self.job} stopping at a safe point: {_asker(req)} asked to cancel", "warning"))
             self.inner.cancel()
         elif command == "pause" and not self.held:
             self.held = True
-            self.sink(Log(f"{self.job} paused by a request from {req.get('by', '?')}; resume continues it",
+            self.sink(Log(f"{self.job} paused at a safe point: {_asker(req)} asked; p in an app resumes it",
                           "warning"))
         elif command in ("resume", "cancel") and self.held:
             self.held = False
