@@ -16,6 +16,7 @@ from engine.prune.reconstruct import (
     dense_moments,
     layer_inputs,
     merge_moments,
+    moments_and_losses,
     pruned_layer_ids,
     reconstruct,
     repair_from_moments,
@@ -60,6 +61,32 @@ def test_moments_of_two_texts_merge_into_those_of_both():
     assert merged.keys() == both.keys()
     for k in both:  # the outer products are float32: equal to their rounding
         torch.testing.assert_close(merged[k], both[k], rtol=1e-4, atol=1e-5 * float(both[k].abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_one_pass_gives_the_moments_and_each_windows_loss(kind):
+    from engine.control import Control
+    from engine.search.data import window_losses
+
+    model = make_model(kind)
+    w = _windows(7)
+    moments, losses = moments_and_losses(model, w, 3)
+    torch.testing.assert_close(losses, window_losses(model, w, Control()), rtol=1e-4, atol=1e-5)
+    # the inputs o_proj and down_proj see in the model's own forward pass
+    seen: dict[str, list] = {}
+    hooks = [getattr(parent, proj).register_forward_pre_hook(
+        lambda _m, args, key=f"{i}.{tag}": seen.setdefault(key, []).append(args[0]))
+        for i, layer in enumerate(decoder_layers(model))
+        for parent, proj, tag in ((layer.self_attn, "o_proj", "o"), (layer.mlp, "down_proj", "down"))]
+    with torch.no_grad():
+        model(input_ids=w)
+    for h in hooks:
+        h.remove()
+    assert {k.rsplit(".", 1)[0] for k in moments} == set(seen)
+    for key, xs in seen.items():
+        ref = Moments.of(xs)
+        torch.testing.assert_close(moments[f"{key}.mean"], ref.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(moments[f"{key}.m2"], ref.m2, rtol=1e-3, atol=1e-4 * float(ref.m2.abs().max()))
 
 
 def test_ridge_solution_matches_brute_force_least_squares():

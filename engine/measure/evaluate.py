@@ -31,6 +31,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[batch, len - 1] negative log-likelihood of each next token of `ids` under `logits` [batch, len, vocab].
+    Scored as one flat [tokens, vocab] matrix: the class-in-the-middle layout costs six times as much on a CPU."""
+    logits = logits[:, :-1].float()
+    target = ids[:, 1:]
+    flat = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             reduction="none")
+    return flat.view(target.shape)
+
+
 def perplexity(
     model: nn.Module,
     windows: torch.Tensor,
@@ -48,12 +58,9 @@ def perplexity(
         for b in range(n_batches):
             control.checkpoint()
             batch = windows[b * batch_size : (b + 1) * batch_size].to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            target = batch[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                     reduction="sum")
-            nll += loss.item()
-            count += target.numel()
+            tokens = next_token_nll(model(input_ids=batch).logits, batch)
+            nll += tokens.sum().item()
+            count += tokens.numel()
             st.advance(b + 1)
     return math.exp(nll / count) if nll / count < 700 else float("inf")
 

@@ -35,6 +35,7 @@ from engine.data.text import check_calib
 from engine.data.windows import draw_windows
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
+from engine.measure.evaluate import next_token_nll
 from engine.model.structure import decoder_layers, layer_shape, layer_shapes
 from engine.prune.plan import LayerPlan
 from engine.prune.slicing import apply_plan, describe_widths, head_rows
@@ -265,28 +266,53 @@ def dense_moments(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, b
                   control: Control | None = None, sink: Sink = null_sink) -> dict[str, Tensor]:
     """Moments of every `o_proj` and `down_proj` input of the dense `model` in `layer_ids`, as tensors keyed
     'LAYER.o' / 'LAYER.down' (for a safetensors cache); any plan pruning within those layers can use them."""
+    return _dense_pass(model, layer_ids, windows, batch_size, control, sink, False)[0]
+
+
+@torch.no_grad()
+def moments_and_losses(model: nn.Module, windows: Tensor, batch_size: int = 4, control: Control | None = None,
+                       sink: Sink = null_sink) -> tuple[dict[str, Tensor], Tensor]:
+    """Every layer's moments (as `dense_moments`) and each window's mean next-token loss, in one pass."""
+    moments, losses = _dense_pass(model, range(len(decoder_layers(model))), windows, batch_size, control, sink,
+                                  True)
+    assert losses is not None
+    return moments, losses
+
+
+def _dense_pass(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, batch_size: int,
+                control: Control | None, sink: Sink, losses: bool) -> tuple[dict[str, Tensor], Tensor | None]:
     control = control or Control()
     layers = decoder_layers(model)
     wanted = sorted(set(layer_ids))
+    last = len(layers) - 1 if losses else wanted[-1]
     out: dict[str, Tensor] = {}
     batches = layer_inputs(model, windows, batch_size)
-    with Stage(sink, f"reconstruction statistics {windows.shape[0]}x{windows.shape[1]}", wanted[-1] + 1,
+    with Stage(sink, f"reconstruction statistics {windows.shape[0]}x{windows.shape[1]}", last + 1,
                "layers") as st:
-        for i in range(wanted[-1] + 1):
+        for i in range(last + 1):
             control.checkpoint()
             layer = layers[i]
-            if i in wanted:
-                xs, zs = [], []
-                for h, kw in batches:
-                    xs.append(_o_inputs(layer.self_attn, layer.input_layernorm(h), kw))
-                    mid = h + layer.self_attn.o_proj(xs[-1])
-                    zs.append(_down_inputs(layer.mlp, layer.post_attention_layernorm(mid)))
-                out.update(Moments.of(xs).tensors(f"{i}.o"))
-                out.update(Moments.of(zs).tensors(f"{i}.down"))
-                del xs, zs
-            batches = [(layer(h, **kw), kw) for h, kw in batches]
+            if i not in wanted:
+                batches = [(layer(h, **kw), kw) for h, kw in batches]
+                st.advance(i + 1)
+                continue
+            xs = [_o_inputs(layer.self_attn, layer.input_layernorm(h), kw) for h, kw in batches]
+            # the layer's output from its parts (as the decoder layer adds them): no second pass through it
+            mids = [h + layer.self_attn.o_proj(x) for (h, _), x in zip(batches, xs, strict=True)]
+            out.update(Moments.of(xs).tensors(f"{i}.o"))
+            del xs
+            zs = [_down_inputs(layer.mlp, layer.post_attention_layernorm(m)) for m in mids]
+            out.update(Moments.of(zs).tensors(f"{i}.down"))
+            batches = [(m + layer.mlp.down_proj(z), kw) for m, z, (_, kw) in zip(mids, zs, batches, strict=True)]
+            del mids, zs
             st.advance(i + 1)
-    return out
+    if not losses:
+        return out, None
+    nll = []
+    for b, (h, _) in enumerate(batches):
+        ids = windows[b * batch_size : (b + 1) * batch_size].to(h.device)
+        nll.append(next_token_nll(model.lm_head(model.model.norm(h)), ids).mean(1).cpu())
+    return out, torch.cat(nll)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from engine.config import SELF, SearchConfig
+from engine.config import SEARCH_METRICS, SELF, SearchConfig
 from engine.control import Control
 from engine.data.text import calib_parts, load_text, parse_spec
 from engine.data.windows import eval_windows, random_windows, sample_self, tokenize
@@ -19,14 +19,15 @@ from engine.events import (
     Stage,
 )
 from engine.files import write_atomic
+from engine.measure.evaluate import next_token_nll
 from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_shot
 from engine.model.load import Loaded
 from engine.model.structure import decoder_layers
 from engine.prune.gradsums import GradientCache
-from engine.prune.importance import CalibStats, LayerScores, collect_sample_stats
+from engine.prune.importance import REPAIR_METRICS, CalibStats, LayerScores, collect_sample_stats
 from engine.prune.obs import obs_scores
-from engine.prune.reconstruct import Repair, dense_moments, merge_moments
-from engine.search.space import CALIB_LENS, SELECTIONS
+from engine.prune.reconstruct import Repair, dense_moments, merge_moments, moments_and_losses
+from engine.search.space import CALIB_LENS, SELECTIONS, repair_sources
 from engine.session.store import Session
 
 CALIB_BATCH = 4  # windows per calibration forward/backward (the same as prune_with's default)
@@ -99,7 +100,12 @@ class SearchData:
 
             def build() -> dict[str, torch.Tensor]:
                 ids = self._windows(source, "calibration", cfg.pool_size, max(CALIB_LENS), cfg.seed)
-                return {"ids": ids, "loss": window_losses(self.loaded.model, ids, self.control)}
+                if source not in repair_sources(cfg) and REPAIR_METRICS.isdisjoint(cfg.metrics or SEARCH_METRICS):
+                    return {"ids": ids, "loss": window_losses(self.loaded.model, ids, self.control)}
+                # repaired and obs trials read the dense model's input moments on the pool: the same pass
+                moments, loss = moments_and_losses(self.loaded.model, ids, CALIB_BATCH, self.control, self.sink)
+                self._keep((pool_repair(source, cfg).calib, cfg.seed, cfg.pool_size), moments)
+                return {"ids": ids, "loss": loss}
 
             with Stage(self.sink, f"calibration pool {source}"):
                 data = self._cached(f"pool-{slug(source)}-{cfg.seed}", build)
@@ -178,6 +184,10 @@ class SearchData:
             layers = list(range(len(decoder_layers(model))))
             windows = self.repair_windows(repair)
             moments = dense_moments(model, layers, windows, CALIB_BATCH, self.control, self.sink)
+        return self._keep(key, moments)
+
+    def _keep(self, key: tuple, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Moments kept in memory under `repair_cache_gb`, the least recently used dropped first."""
         moments = {k: v.float() if k.endswith(".m2") else v for k, v in moments.items()}
         size = sum(v.numel() * v.element_size() for v in moments.values())
         budget = int(self.cfg.repair_cache_gb * 2**30)
@@ -272,9 +282,7 @@ def window_losses(model, ids: torch.Tensor, control: Control, batch_size: int = 
     for b in range(0, ids.shape[0], batch_size):
         control.checkpoint()
         x = ids[b : b + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
-        out.append(nll.cpu())
+        out.append(next_token_nll(model(input_ids=x).logits, x).mean(1).cpu())
     return torch.cat(out)
 
 

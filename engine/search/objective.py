@@ -8,6 +8,7 @@ import math
 import torch
 
 from engine.control import Control
+from engine.measure.evaluate import next_token_nll
 
 
 @torch.inference_mode()
@@ -29,9 +30,9 @@ def progressive_objective(model, sets: dict[str, torch.Tensor], control: Control
             if not batch.shape[0]:
                 continue
             x = batch.to(device)
-            logits = model(input_ids=x).logits[:, :-1].float()
-            nll[name] += torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum").item()
-            count[name] += x[:, 1:].numel()
+            tokens = next_token_nll(model(input_ids=x).logits, x)
+            nll[name] += tokens.sum().item()
+            count[name] += tokens.numel()
         mean_log = sum(nll[k] / count[k] for k in sets if count[k]) / sum(1 for k in sets if count[k])
         value = math.exp(min(mean_log, 700))
         if report is not None and report(step, value):
