@@ -12,6 +12,7 @@ import copy
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,9 +96,11 @@ def check_rows(session: Session, wanted: list[str] | None) -> list[str]:
     return available if wanted is None else list(wanted)
 
 
-def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
-              control: Control) -> tuple[dict[str, dict | None], dict[str, dict]]:
-    """Each row's plan (None for dense): saved ones read, derived ones (trial 0, magnitude, random) made."""
+def row_models(session: Session, loaded, wanted: list[str] | None, windows_for, sink: Sink,
+               control: Control) -> Iterator[tuple[str, dict | None, dict | None, object]]:
+    """Each row in turn as (name, plan, the configuration a derived plan was made from, model), made only
+    when its turn comes, so the first numbers arrive before the last plan is made. A derived plan (trial 0,
+    oneshot, magnitude, random) is made once and kept in bench.json; the model it was made on is measured."""
     cfg = SearchConfig.from_dict(session.config())
     best = best_record(session)
     names = check_rows(session, wanted)
@@ -110,30 +113,33 @@ def row_plans(session: Session, loaded, wanted: list[str] | None, sink: Sink,
         derived["random"] = {**best["params"], "metric": "random", "metric2": "none"}
     saved = session.read_json(RESULTS) or {}
     data = SearchData(session, cfg, loaded, sink, control)
-    plans: dict[str, dict | None] = {}
+    dense = loaded.model  # never cut: every row works on a copy
     for name in names:
+        control.checkpoint()
+        params = derived.get(name)
         if name == "dense":
-            plans[name] = None
-        elif name == "best":
-            plans[name] = best["plan"]
+            yield name, None, None, dense
+            continue
+        if name == "recovered":
+            plan = session_plan(session, recovery_state(session)["plan"])
+            yield name, plan, None, recovered_model(session, copy.deepcopy(dense), windows_for)[0]
+            continue
+        if name == "best":
+            plan = best["plan"]
         elif name.startswith("plan:"):
-            plans[name] = session_plan(session, name)
-        elif name == "recovered":
-            plans[name] = session_plan(session, recovery_state(session)["plan"])
+            plan = session_plan(session, name)
         else:
-            params = derived[name]
             old = saved.get("rows", {}).get(name, {})
-            if old.get("params_config") == params and old.get("plan"):
-                plans[name] = old["plan"]  # made before from the same configuration: same plan
-                continue
-            model = copy.deepcopy(loaded.model)
-            if name in oneshot:  # through `adaprune prune`'s own code: its windows, its sequential repair
-                copied = Loaded(model, loaded.tokenizer, loaded.name, loaded.folder, loaded.device, loaded.dtype)
-                plans[name] = plan_and_prune(copied, oneshot[name], sink, control)[0].to_dict()
-            else:
-                plans[name], _ = prune_trial(model, data, cfg, params, control, sink)
-            del model
-    return plans, derived
+            plan = old["plan"] if old.get("params_config") == params and old.get("plan") else None
+        model = copy.deepcopy(dense)
+        if plan is not None:
+            apply_stored_plan(model, Plan.from_dict(plan), windows_for, control, sink)
+        elif name in oneshot:  # through `adaprune prune`'s own code: its windows, its sequential repair
+            copied = Loaded(model, loaded.tokenizer, loaded.name, loaded.folder, loaded.device, loaded.dtype)
+            plan = plan_and_prune(copied, oneshot[name], sink, control)[0].to_dict()
+        else:
+            plan, _ = prune_trial(model, data, cfg, params, control, sink)
+        yield name, plan, params, model
 
 
 def _objective_rows(scfg: SearchConfig) -> dict[str, set[int]]:
@@ -156,18 +162,6 @@ def _ppl_windows(tokenizer, texts: dict[str, str], cfg: BenchConfig) -> dict[str
     return windows
 
 
-def _row_model(session: Session, name: str, plan: dict | None, dense_model, windows_for, control: Control,
-               sink: Sink):
-    """The model a row measures: the dense one itself, a copy cut to the row's plan, or the recovered one."""
-    if name == "recovered":
-        return recovered_model(session, copy.deepcopy(dense_model), windows_for)[0]
-    if plan is None:
-        return dense_model
-    model = copy.deepcopy(dense_model)
-    apply_stored_plan(model, Plan.from_dict(plan), windows_for, control, sink)
-    return model
-
-
 def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None,
               since: float | None = None) -> dict:
     """Measure the rows and merge the numbers into the session's bench.json; returns its contents.
@@ -187,7 +181,6 @@ def _measure(session: Session, cfg: BenchConfig, tasks, texts, sink: Sink, contr
     loaded = load_configured(scfg, sink, frozen=True)
     seen = _objective_rows(scfg)
     dense_params = count_params(loaded.model)
-    plans, derived = row_plans(session, loaded, cfg.rows, sink, control)
     results = session.read_json(RESULTS) or {"rows": {}}
     env = environment(loaded)
     windows = _ppl_windows(loaded.tokenizer, texts, cfg)
@@ -197,17 +190,16 @@ def _measure(session: Session, cfg: BenchConfig, tasks, texts, sink: Sink, contr
 
     dense_model = loaded.model
     windows_for = SearchData(session, scfg, loaded, sink, control).repair_windows  # for repaired plans
-    for name, plan in plans.items():
+    for name, plan, params_config, model in row_models(session, loaded, cfg.rows, windows_for, sink, control):
         row = results["rows"].get(name, {})
         ident = plan_id(plan) + (f"+lora-{adapter_id(session)}" if name == "recovered" else "")
         if row.get("plan_id") != ident:
             row = {}  # a different plan now (e.g. a new best): its old numbers describe another model
-        model = _row_model(session, name, plan, dense_model, windows_for, control, sink)
         if name == "recovered":
             row["recovery_loss"] = loss_name(RecoverConfig.from_dict(recovery_state(session)["config"]))
         row.update(plan_id=ident, params=count_params(model), env=env,
-                   recipe=(plan or {}).get("recipe", {}), plan=plan if name in derived else None,
-                   params_config=derived.get(name))
+                   recipe=(plan or {}).get("recipe", {}), plan=plan if params_config is not None else None,
+                   params_config=params_config)
         results["rows"][name] = row
         save()
         for key, (w, digest, spec, n) in windows.items():
