@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from engine.bench.table import plot_png, plot_text, table, to_csv, to_markdown
 from engine.config import BenchConfig, PruneConfig, RecoverConfig, SearchConfig
 from engine.control import Control
+from engine.data.text import HUB, STDLIB
 from engine.events import Sink, null_sink
 from engine.search.trial_rows import TrialRow, TrialRows
 from engine.session.layout import (
@@ -33,8 +34,11 @@ if TYPE_CHECKING:
     from engine.prune.plan import Plan
     from engine.review import LayerRow
 
+HUB_TEXTS = tuple(HUB)  # text names read through `datasets` (they need the hub)
+BUILTIN_TEXT = STDLIB  # the text shipped in the package
+
 __all__ = [
-    "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
+    "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
     "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "model_layers",
     "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "request", "requested", "reevaluate",

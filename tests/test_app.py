@@ -516,7 +516,7 @@ def test_a_search_started_in_the_app_outlives_it_and_a_new_app_controls_it(tmp_p
             assert isinstance(screen, SearchScreen) and screen.view_mode == "attach"
             await until(pilot, lambda: screen.control is not None)
             await pilot.press("p")
-            await until(pilot, lambda: "paused by a request" in text_of(app, "#log"), timeout=60)
+            await until(pilot, lambda: "paused at a safe point: the app" in text_of(app, "#log"), timeout=60)
             await pilot.press("p")
             await until(pilot, lambda: "resumed" in text_of(app, "#log"), timeout=60)
             await pilot.press("c")

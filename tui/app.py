@@ -116,12 +116,14 @@ class AdapruneApp(App):
         self.push_screen(RecoverScreen(name))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        """The palette: Textual's own (theme, keys, screenshot), then every key of this screen and the app,
+        """The palette: Textual's own (theme, screenshot), then every key of this screen and the app,
         from their bindings (so the palette, the help and the footer cannot disagree)."""
         for command in super().get_system_commands(screen):
-            if command.title != "Quit":  # Textual's quits at once; ours asks while work runs
+            # Textual's Quit quits at once (ours asks while work runs); its Keys panel repeats our Help
+            if command.title not in ("Quit", "Keys"):
                 yield command
-        yield SystemCommand("New session", "Open the new-session form", self.open_new_session)
+        if not isinstance(screen, SessionsScreen):  # there its own "New" key says it
+            yield SystemCommand("New session", "Open the new-session form", self.open_new_session)
         for owner in (screen, self):
             for b in keys.bindings(type(owner)):
                 action = b.action.partition("(")[0]

@@ -33,3 +33,13 @@ class Checklist(SelectionList[str]):
         if selection.value not in self._selected and len(segments) > 1:
             segments[1] = Segment(" " * len(segments[1].text), segments[1].style)
         return Strip(segments, strip.cell_length)
+
+
+def hold_eta(screen, control) -> None:
+    """Hide every progress bar's ETA while the work the screen follows is paused: it would count the pause."""
+    try:
+        paused = control is not None and control.paused
+    except Exception:  # an unreadable requests file asks nothing
+        paused = False
+    for eta in screen.query("ETAStatus"):
+        eta.display = not paused

@@ -14,7 +14,7 @@ from engine.config import BenchConfig
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, StageProgress, StageStarted
 from tui.screens.dialogs import field_row
-from tui.screens.search import Remote
+from tui.screens.follow import FollowsProcess, Remote
 from tui.widgets import Check
 
 
@@ -31,8 +31,8 @@ class BenchForm(ModalScreen[BenchConfig | None]):
                          markup=False, classes="dim hintline")
             yield field_row("Rows/task", Input("100", id="limit", placeholder="all", compact=True))
             yield field_row("PPL texts", Input("stdlib-docs", id="ppl", compact=True))
-            yield Static("wikitext2, ptb, c4 (need the hub), stdlib-docs, or .txt/.jsonl/.parquet files",
-                         markup=False, classes="dim hintline")
+            yield Static(f"{', '.join(api.HUB_TEXTS)} (need the hub), {api.BUILTIN_TEXT}, or .txt/.jsonl/.parquet "
+                         f"files", markup=False, classes="dim hintline")
             yield Check("speed and memory (prefill and decode; slow on a CPU)", value=False, id="speed",
                            compact=True)
             yield Static("", markup=False, id="problem", classes="error")
@@ -65,7 +65,10 @@ class BenchForm(ModalScreen[BenchConfig | None]):
         self.dismiss(None)
 
 
-class BenchScreen(Screen):
+class BenchScreen(FollowsProcess, Screen):
+    JOB, WHAT = "bench", "benchmark"
+    PAUSE_NOTE = "pausing at the next measurement (p resumes)"
+
     BINDINGS = [Binding("r", "run", "Run / extend", id="bench.run", tooltip="run or extend the table (a form)"),
                 Binding("p", "pause", "Pause", id="bench.pause", tooltip="pause or resume at the next measurement"),
                 Binding("c", "cancel", "Cancel", id="bench.cancel",
@@ -100,33 +103,10 @@ class BenchScreen(Screen):
         self.poll()
         self.set_interval(0.5, self.poll)
 
-    @property
-    def running(self) -> bool:
-        """A benchmark process works on the session: the one this app started, or any holding its lock."""
-        if self.process is not None and self.process.poll() is None:
-            return True
-        try:
-            return self.app.backend.holder(self.session_name, "bench") is not None
-        except AdapruneError:
-            return False
-
-    def poll(self) -> None:
-        """Follow the benchmark process (it runs detached, so it survives the app) through the events log."""
-        if self.running:
-            if self.control is None:  # attached to a benchmark this screen did not start: say so
-                self.control = Remote(self.app.backend, self.session_name, "bench")
-                holder = self.app.backend.holder(self.session_name, "bench") or {}
-                self.query_one("#status", Static).update(
-                    f"a benchmark runs in process {holder.get('pid', '?')}: following it (c stops it)")
-            try:
-                events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
-            except AdapruneError:
-                events = []
-            for e in events:
-                self.apply(e)
-        elif self.control is not None:
-            self.control = None
-            self.ended()
+    def attached(self) -> None:
+        if self.process is None:  # a benchmark this screen did not start: say whose it is
+            holder = self.app.backend.holder(self.session_name, "bench") or {}
+            self.say(f"a benchmark runs in process {holder.get('pid', '?')}: following it (c stops it)")
 
     def ended(self) -> None:
         self.show_results()
@@ -160,7 +140,7 @@ class BenchScreen(Screen):
             t.add_row(*line)
 
     def action_run(self) -> None:
-        if self.running:
+        if self.running():
             self.notify("a benchmark is running", severity="warning")
             return
 
@@ -181,11 +161,11 @@ class BenchScreen(Screen):
     def apply(self, e) -> None:
         if isinstance(e, StageStarted):
             self.query_one("#stage-row").display = True
-            self.query_one("#stage", Static).update(e.stage[:40])
+            self.query_one("#stage", Static).update(e.stage)
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
         elif isinstance(e, StageProgress):  # also the first sign of a stage that began before this screen
             self.query_one("#stage-row").display = True
-            self.query_one("#stage", Static).update(e.stage[:40])
+            self.query_one("#stage", Static).update(e.stage)
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
         elif isinstance(e, Metric):
             self.show_results()  # every measurement is saved as it lands: show it
@@ -193,38 +173,6 @@ class BenchScreen(Screen):
                                                      f"keeps measuring if the app quits)")
         elif isinstance(e, Log) and e.level != "debug":
             self.query_one("#status", Static).update(e.message)
-
-    @property
-    def control(self):
-        return self._control
-
-    @control.setter
-    def control(self, value) -> None:
-        self._control = value
-        if self.is_mounted:
-            self.refresh_bindings()  # pause and cancel show in the footer only while something runs here
-
-    def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action in ("pause", "cancel"):
-            return self.control is not None
-        return True
-
-    def action_pause(self) -> None:
-        if self.control is None:
-            self.notify("no benchmark is running here", severity="warning")
-        elif self.control.paused:
-            self.control.resume()
-            self.query_one("#status", Static).update("resuming")
-        else:
-            self.control.pause()
-            self.query_one("#status", Static).update("pausing at the next measurement (p resumes)")
-
-    def action_cancel(self) -> None:
-        if self.control is None:
-            self.notify("no benchmark is running here", severity="warning")
-            return
-        self.control.cancel()
-        self.query_one("#status", Static).update("stopping at the next safe point…")
 
     def action_back(self) -> None:
         self.app.pop_screen()

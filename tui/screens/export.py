@@ -3,6 +3,8 @@ Face folder, with progress; the status line under the form says what is written 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -23,6 +25,7 @@ class ExportScreen(Screen):
         super().__init__()
         self.session_name = name
         self.running = False
+        self.control = None  # the running export's, while it runs
         self.choices: list = []  # api.PlanChoice, in the order of the radio buttons
         self.trained: str | None = None  # the plan a finished recovery was trained on
         self.index = 0  # the chosen plan
@@ -135,20 +138,30 @@ class ExportScreen(Screen):
         if recovered and plan != self.trained:
             self.say(f"the LoRA recovery was trained on {self.trained}: choose that plan, or clear the LoRA box")
             return
+        if Path(out).expanduser().exists() and not force:  # before any work, in the words of this form
+            self.say(f"{out} exists: tick 'replace the folder if it exists', or give another folder")
+            return
         self.running = True
         self.say(f"writing {plan} to {out}…")
-        start_job(self, "export", lambda sink, control: self.app.backend.export(name, out, force, widths, sink,
-                                                                                 control, recovered, plan))
+        self.control = start_job(self, "export", lambda sink, control: self.app.backend.export(
+            name, out, force, widths, sink, control, recovered, plan))
+
 
     def on_engine_event(self, message: EngineEvent) -> None:
-        stage = getattr(message.event, "stage", None)
+        e = message.event
+        stage = getattr(e, "stage", None)
         if stage:
-            self.say(f"{stage}…")
+            done, total = getattr(e, "done", None), getattr(e, "total", None)
+            step = f" {done}/{total}" if done is not None and total else ""
+            self.say(f"{stage}{step}… (Escape stops)")
 
     def on_job_done(self, message: JobDone) -> None:
         if message.job != "export":
             return
-        self.running = False
+        self.running, self.control = False, None
+        if message.cancelled:
+            self.say("stopped: nothing was written")
+            return
         if message.error:
             self.say(f"error: {message.error}")
             return
@@ -158,4 +171,9 @@ class ExportScreen(Screen):
         self.notify(f"exported to {out}")
 
     def action_back(self) -> None:
+        if self.running:  # stop first: the folder is written in the background, so leaving would hide its end
+            if self.control is not None:
+                self.control.cancel()
+            self.say("stopping at the next safe point (nothing half-written is left); Escape goes back once it has stopped")
+            return
         self.app.pop_screen()

@@ -222,7 +222,7 @@ class LayersScreen(Screen):
         e = message.event
         if isinstance(e, StageStarted):
             self.query_one("#stage-row").display = True
-            self.query_one("#stage", Static).update(e.stage[:30])
+            self.query_one("#stage", Static).update(e.stage)
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
         elif isinstance(e, StageProgress):
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)

@@ -25,7 +25,7 @@ from engine.config import RecoverConfig
 from engine.errors import AdapruneError
 from engine.events import Log, RecoveryStep, StageProgress, StageStarted
 from tui.screens.dialogs import field_row
-from tui.screens.search import Remote
+from tui.screens.follow import FollowsProcess, Remote
 from tui.widgets import Check, Radio
 
 
@@ -101,7 +101,10 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
         self.dismiss(None)
 
 
-class RecoverScreen(Screen):
+class RecoverScreen(FollowsProcess, Screen):
+    JOB, WHAT, LOCK_WHAT = "recover", "recovery", "recovery"
+    PAUSE_NOTE, CANCEL_NOTE = "pausing at the next step (p resumes)", "stopping after this step…"
+
     BINDINGS = [
         Binding("r", "train", "Recover", id="recover.train", tooltip="start or continue the recovery (a form)"),
         Binding("p", "pause", "Pause", id="recover.pause", tooltip="pause or resume at the next step"),
@@ -147,31 +150,8 @@ class RecoverScreen(Screen):
         # the saved state when nothing runs here (the events show a running one live)
         self.set_interval(3, lambda: None if self.control is not None else self.show_state())
 
-    def running(self) -> bool:
-        """A recovery process works on the session: the one this app started, or any holding its lock."""
-        if self.process is not None and self.process.poll() is None:
-            return True
-        try:
-            holder = self.app.backend.holder(self.session_name)
-        except AdapruneError:
-            return False
-        return holder is not None and holder.get("what") == "recovery"
-
-    def poll(self) -> None:
-        """Follow the recovery process (it runs detached, so it survives the app) through the events log."""
-        alive = self.running()
-        if alive:
-            if self.control is None:
-                self.control = Remote(self.app.backend, self.session_name, "recover")
-            try:
-                events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
-            except AdapruneError:
-                events = []
-            for e in events:
-                self.apply(e)
-        elif self.control is not None:
-            self.control = None
-            self.ended()
+    def attached(self) -> None:
+        self.show_state()
 
     def ended(self) -> None:
         self.show_state()
@@ -185,8 +165,11 @@ class RecoverScreen(Screen):
             error = self.app.backend.last_error(self.session_name, "recover") or f"the recovery exited with {code}"
             self.query_one("#status", Static).update(error)
             self.notify(error, severity="error")
+        elif state is None or not state.get("step"):
+            self.query_one("#status", Static).update("stopped before the first step: nothing to keep; r starts it")
         else:
-            self.query_one("#status", Static).update("stopped: every finished step is saved; r continues it")
+            self.query_one("#status", Static).update(f"stopped at step {state['step']}: the steps done are saved; "
+                                                     f"r continues from there")
 
     def show_state(self) -> None:
         try:
@@ -195,6 +178,10 @@ class RecoverScreen(Screen):
             self.query_one("#summary", Static).update(f"error: {e}")
             return
         summary = self.query_one("#summary", Static)
+        if state is None and self.control is not None:
+            summary.update("preparing the recovery (loading, text, dense PPL) in its own process: it keeps going "
+                           "if the app quits")
+            return
         if state is None:
             summary.update("no recovery yet: r starts one (LLM-Pruner's LoRA recipe on the built-in corpus)")
             return
@@ -235,6 +222,7 @@ class RecoverScreen(Screen):
                 return
             self.app.background["recover", self.session_name] = self.process
             self.control = Remote(self.app.backend, self.session_name, "recover")
+            self.show_state()
             self.query_one("#status", Static).update(f"starting the recovery in process {self.process.pid}…")
 
         self.app.push_screen(RecoverForm(state, choices), go)
@@ -242,11 +230,11 @@ class RecoverScreen(Screen):
     def apply(self, e) -> None:
         if isinstance(e, StageStarted):
             self.query_one("#stage-row").display = True
-            self.query_one("#stage", Static).update(e.stage[:30])
+            self.query_one("#stage", Static).update(e.stage)
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=0)
         elif isinstance(e, StageProgress):  # also the first sign of a stage that began before this screen
             self.query_one("#stage-row").display = True
-            self.query_one("#stage", Static).update(e.stage[:30])
+            self.query_one("#stage", Static).update(e.stage)
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
         elif isinstance(e, RecoveryStep):
             self.losses.append(e.loss)
@@ -259,38 +247,6 @@ class RecoverScreen(Screen):
                 self.query_one(DataTable).add_row(str(e.step), f"{e.loss:.3f}", f"{e.lr:.2g}", f"{e.valid_ppl:.2f}")
         elif isinstance(e, Log):
             self.query_one("#status", Static).update(e.message)
-
-    @property
-    def control(self):
-        return self._control
-
-    @control.setter
-    def control(self, value) -> None:
-        self._control = value
-        if self.is_mounted:
-            self.refresh_bindings()  # pause and cancel show in the footer only while something runs here
-
-    def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action in ("pause", "cancel"):
-            return self.control is not None  # offered only while a recovery runs here
-        return True
-
-    def action_pause(self) -> None:
-        if self.control is None:
-            self.notify("no recovery is running here", severity="warning")
-        elif self.control.paused:
-            self.control.resume()
-            self.query_one("#status", Static).update("resuming")
-        else:
-            self.control.pause()
-            self.query_one("#status", Static).update("pausing at the next step (p resumes)")
-
-    def action_cancel(self) -> None:
-        if self.control is None:
-            self.notify("no recovery is running here", severity="warning")
-            return
-        self.control.cancel()
-        self.query_one("#status", Static).update("stopping after this step…")
 
     def action_export(self) -> None:
         self.app.open_export(self.session_name)

@@ -33,12 +33,14 @@ from engine.events import (
     event_from_dict,
 )
 from tui.report import calib_text, layout_text, metric_text
+from tui.screens.follow import JobControls, Remote
+from tui.widgets import hold_eta
 
 # what matters first on 80 columns; the configuration follows (scroll right for all of it)
 COLUMNS = ("trial", "objective", "vs base", "state", "metric", "calibration", "layout")
 
 
-class SearchScreen(Screen):
+class SearchScreen(JobControls, Screen):
     BINDINGS = [
         Binding("p", "pause", "Pause", id="search.pause", tooltip="pause or resume at the next safe point"),
         Binding("c", "cancel", "Cancel", id="search.cancel", tooltip="stop the search (the session stays resumable)"),
@@ -111,21 +113,6 @@ class SearchScreen(Screen):
         self.query_one("#title", Static).update(f"session {self.session_name}: {what}{paused}")
         self.refresh_bindings()  # pause and cancel are offered only while this app runs the search
 
-    @property
-    def control(self):
-        return self._control
-
-    @control.setter
-    def control(self, value) -> None:
-        self._control = value
-        if self.is_mounted:
-            self.refresh_bindings()  # pause and cancel show in the footer only while something runs here
-
-    def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action in ("pause", "cancel"):
-            return self.control is not None
-        return True
-
     def show_best_plan(self) -> None:
         """What the search has found so far, in what it keeps (the last trial's log is not the result)."""
         try:
@@ -151,6 +138,10 @@ class SearchScreen(Screen):
             return None
 
     def poll(self) -> None:
+        self._poll()
+        hold_eta(self, self.control)
+
+    def _poll(self) -> None:
         try:
             events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
         except AdapruneError as e:
@@ -164,6 +155,9 @@ class SearchScreen(Screen):
             self.control = Remote(self.app.backend, self.session_name)
             self.update_title()
         elif not alive:
+            bar = self.query_one("#stage-bar", ProgressBar)
+            if bar.total is None:  # a stage the log began but no process is running now: no endless pulse
+                bar.update(total=1, progress=0)
             if self.control is not None:
                 self.control = None  # the process this screen followed has ended
                 self.update_title()
@@ -199,7 +193,7 @@ class SearchScreen(Screen):
             self.query_one("#trials-bar", ProgressBar).update(progress=done)
         elif isinstance(event, StageStarted) and event.stage != "trials":
             self.stage_started = time.monotonic()
-            self.query_one("#stage", Static).update(_short(event.stage))
+            self.query_one("#stage", Static).update(event.stage)
             self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=0)
         elif isinstance(event, StageProgress) and event.stage != "trials":
             self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=event.done)
@@ -208,7 +202,7 @@ class SearchScreen(Screen):
             if event.outcome == "done":
                 bar.update(total=bar.total or 1, progress=bar.total or 1)
             else:
-                self.query_one("#stage", Static).update(_short(f"{event.stage} ({event.outcome})"))
+                self.query_one("#stage", Static).update(f"{event.stage} ({event.outcome})")
         elif isinstance(event, Log) and event.level != "info":
             self.query_one("#log", Static).update(_short(event.message, 200))  # the trial's plan line is not shown
         elif isinstance(event, SearchFinished) and live:
@@ -277,27 +271,6 @@ class SearchScreen(Screen):
 
     def action_export(self) -> None:
         self.app.open_export(self.session_name)
-
-
-class Remote:
-    """Pause, resume and cancel for a search running in another process: requests in the session folder,
-    which every process working on it obeys at its next safe point (and acknowledges in the events log)."""
-
-    def __init__(self, backend, name: str, job: str = "search") -> None:
-        self.backend, self.name, self.job = backend, name, job
-
-    @property
-    def paused(self) -> bool:
-        return self.backend.requested(self.name, self.job) == "pause"
-
-    def pause(self) -> None:
-        self.backend.request(self.name, "pause", self.job)
-
-    def resume(self) -> None:
-        self.backend.request(self.name, "resume", self.job)
-
-    def cancel(self) -> None:
-        self.backend.request(self.name, "cancel", self.job)
 
 
 def _stopped(message: str) -> str:
