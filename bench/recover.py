@@ -3,6 +3,10 @@ KL divergence to the dense model (`--distil`) at the same steps: what each costs
 neither the search nor the recovery read. Records its section in bench/RESULTS.md.
 
     .venv/bin/python bench/recover.py [--session /tmp/adaprune-bench-XXXX/bench] [--steps 100]
+        [--run lm@stdlib-docs --run kl@self:128x256 ...]
+
+Each --run is LOSS@TEXT[,TEXT...]: lm (LLM-Pruner's language-modelling loss) or kl (`--distil`, KL to the dense
+model), trained on those texts (`self:NxL` is text the dense model samples). Default: lm and kl on stdlib-docs.
 
 Without --session it takes the newest session bench/search.py left in the temp folder.
 """
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--session", type=Path, help="a session folder with a completed search")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--windows", type=int, default=40, help="held-out PPL windows of 128 tokens per text")
+    ap.add_argument("--run", action="append", help="LOSS@TEXT[,TEXT...] (lm or kl); repeat for several runs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
     folder = args.session or newest_bench_session()
@@ -74,14 +79,18 @@ def main() -> None:
             print({k: v for k, v in event.to_dict().items() if k != "t"}, flush=True)
 
     runs = []
-    for distil in (0.0, 1.0):
-        cfg = RecoverConfig(steps=args.steps, distil=distil)
+    for run in args.run or ["lm@stdlib-docs", "kl@stdlib-docs"]:
+        loss, _, data = run.partition("@")
+        if loss not in ("lm", "kl") or not data:
+            sys.exit(f"--run {run!r}: give LOSS@TEXT[,TEXT...] with LOSS lm or kl")
+        cfg = RecoverConfig(steps=args.steps, distil=1.0 if loss == "kl" else 0.0, data=data.split(","))
         t0 = time.perf_counter()
         state = run_recovery(folder.parent, folder.name, cfg, sink, restart=True)
         wall = time.perf_counter() - t0
         merged, _ = recovered_model(session, copy.deepcopy(dense.model), windows_for)
-        rows.append((f"best + LoRA, loss {loss_name(cfg)}", {k: perplexity(merged, v) for k, v in sets.items()}))
-        runs.append((loss_name(cfg), state, wall))
+        label = f"{loss_name(cfg)} on {', '.join(cfg.data)}"
+        rows.append((f"best + LoRA, loss {label}", {k: perplexity(merged, v) for k, v in sets.items()}))
+        runs.append((label, state, wall))
         del merged
     names = list(sets)
     short = {n: ("WikiText-2 test" if n == str(WIKITEXT) else "stdlib-docs test") for n in names}
@@ -93,9 +102,10 @@ def main() -> None:
     body = (f"## recover.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
             f"`adaprune recover` on the best plan of the search.py session (embedded model, 20% removed): LoRA "
             f"r={c['rank']}, alpha {c['alpha']}, dropout {c['dropout']} on {', '.join(c['targets'])}; "
-            f"{c['steps']} steps of {c['batch_size']}x{c['seq_len']} tokens from {', '.join(c['data'])} (its "
-            f"calibration split), lr {c['lr']:g} with {c['warmup']} warm-up steps; once with the language-modelling "
-            f"loss (LLM-Pruner's), once with `--distil` (KL to the dense model's next-token distributions). "
+            f"{c['steps']} steps of {c['batch_size']}x{c['seq_len']} tokens (texts: their calibration splits; "
+            f"`self:NxL`: N sequences the dense model samples, drawn once), lr {c['lr']:g} with {c['warmup']} "
+            f"warm-up steps; loss LM is LLM-Pruner's language-modelling loss, KL `--distil` (KL to the dense "
+            f"model's next-token distributions). Wall time includes sampling self text. "
             f"Held-out PPL: {args.windows} windows of 128 tokens of texts neither the search nor the recovery "
             f"read.\n\n")
     for (label, state, wall), (_, ppl) in zip(runs, rows[2:], strict=True):

@@ -28,7 +28,7 @@ from engine.config import PruneConfig, SearchConfig
 from engine.control import Control
 from engine.data.text import load_text
 from engine.data.windows import eval_windows, tokenize
-from engine.measure.evaluate import perplexity
+from engine.measure.evaluate import perplexity, speed
 from engine.model.load import Loaded, load
 from engine.oneshot import evaluation_sets, oneshot_config, plan_and_prune
 from engine.prune.importance import SAMPLE_METRICS
@@ -55,6 +55,10 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = SearchConfig(trials=args.trials, sampler=args.sampler)
+    # how fast this machine is today (shared machines vary): prefill of 4x128 tokens by the dense model
+    probe = load(cfg.model)
+    tok_s = speed(probe.model, probe.model.config.vocab_size, batch=4, prompt_len=128, new_tokens=1).prefill_tok_s
+    del probe
     root = Path(tempfile.mkdtemp(prefix="adaprune-bench-"))
     t0 = time.perf_counter()
     session = create_session(root, "bench", cfg)
@@ -163,6 +167,7 @@ def main() -> None:
             f"Default search (`adaprune search --trials {args.trials} --sampler {args.sampler}`) on the embedded model at 20%: objective = "
             f"geometric mean PPL on stdlib-docs/valid and text sampled from the dense model, 16 windows of 128 "
             f"tokens each. Held-out PPL: {args.windows} windows of 128 tokens of texts the search never saw.\n\n"
+            f"- this machine's speed at the time: dense prefill {tok_s:.0f} tokens/s (4x128, fp32)\n"
             f"- wall time of the whole search: {wall / 60:.1f} min ({prepared.get('first_trial', 0):.0f} s before "
             f"trial 0 started: loading, calibration pools, objective texts)\n"
             f"- trials evaluated: {len(trials)} ({len(complete)} complete, {len(trials) - len(complete)} stopped "
