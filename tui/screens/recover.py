@@ -103,7 +103,8 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
 
 class RecoverScreen(FollowsProcess, Screen):
     JOB, WHAT, LOCK_WHAT = "recover", "recovery", "recovery"
-    PAUSE_NOTE, CANCEL_NOTE = "pausing at the next step (p resumes)", "stopping after this step…"
+    PAUSE_NOTE = "pausing at the next step (p resumes)"
+    CANCEL_NOTE = "stopping at the next safe point (a step in progress finishes first)…"
 
     BINDINGS = [
         Binding("r", "train", "Recover", id="recover.train", tooltip="start or continue the recovery (a form)"),
