@@ -99,7 +99,7 @@ class RecoverConfig:
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 1e-4
-    warmup: int = 10  # steps of linear warm-up, then linear decay to zero
+    warmup: int | None = None  # steps of linear warm-up (None: a tenth of the steps, at most 10), then decay
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.05

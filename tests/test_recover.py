@@ -152,6 +152,7 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
     root = searched.path.parent
     cases = [
         (dict(steps=0), "--steps 0"),
+        (dict(steps=2, warmup=10), "--warmup 10: give 0 to 2 steps, at most --steps"),
         (dict(lr=-1.0), "--lr -1"),
         (dict(targets=["q_proj", "lm_head"]), "--targets"),
         (dict(data=["self"]), "self:NxL"),
@@ -190,6 +191,9 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
 def test_learning_rate_schedule():
     cfg = RecoverConfig(steps=10, warmup=2, lr=1.0)
     assert [round(lr_at(cfg, s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    # unset: a tenth of the steps, at most 10, so a short run still reaches its rate
+    assert [round(lr_at(RecoverConfig(steps=4, lr=1.0), s), 3) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_at(RecoverConfig(steps=500, lr=1.0), 8) == pytest.approx(0.9)
 
 
 def test_distil_loss_is_the_kl_divergence():

@@ -237,11 +237,12 @@ def _empty(what: str):
 def recovery_args(name: str, cfg, resume: bool, restart: bool) -> list[str]:
     """`adaprune recover` arguments that give the process exactly `cfg` (a test parses them back)."""
     args = ["recover", name, "--plan", cfg.plan, "--steps", cfg.steps, "--batch", cfg.batch_size,
-            "--seq-len", cfg.seq_len, "--lr", repr(cfg.lr), "--warmup", cfg.warmup, "--rank", cfg.rank,
+            "--seq-len", cfg.seq_len, "--lr", repr(cfg.lr), "--rank", cfg.rank,
             "--alpha", cfg.alpha, "--dropout", repr(cfg.dropout), "--targets", ",".join(cfg.targets),
             "--valid-windows", cfg.valid_windows, "--eval-every", cfg.eval_every, "--save-every",
             cfg.save_every, "--seed", cfg.seed, *(a for d in cfg.data for a in ("--data", d)),
             *(a for v in cfg.valid for a in ("--valid", v)),
+            *(["--warmup", cfg.warmup] if cfg.warmup is not None else []),
             *(["--grad-checkpointing"] if cfg.grad_checkpointing else []),
             *(["--distil", "--distil-weight", repr(cfg.distil)] if cfg.distil else []),
             *(["--resume"] if resume else []), *(["--restart"] if restart else [])]

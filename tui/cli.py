@@ -292,7 +292,7 @@ def recover_cmd(
     batch: int = typer.Option(4, help="sequences per step"),
     seq_len: int = typer.Option(256, help="tokens per sequence (LLM-Pruner: 256)"),
     lr: float = typer.Option(1e-4, help="peak learning rate (linear warm-up, then linear decay)"),
-    warmup: int = typer.Option(10, help="warm-up steps"),
+    warmup: int | None = typer.Option(None, help="warm-up steps [default: a tenth of --steps, at most 10]"),
     rank: int = typer.Option(8, help="LoRA rank"),
     alpha: int = typer.Option(16, help="LoRA alpha"),
     dropout: float = typer.Option(0.05, help="LoRA dropout"),

@@ -56,7 +56,8 @@ def validate(cfg: RecoverConfig) -> None:
         (cfg.batch_size >= 1, f"--batch {cfg.batch_size}: give at least one sequence per step"),
         (cfg.seq_len >= 8, f"--seq-len {cfg.seq_len}: give at least 8 tokens"),
         (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr {cfg.lr}: give a positive learning rate"),
-        (cfg.warmup >= 0, f"--warmup {cfg.warmup}: give zero or more steps"),
+        (cfg.warmup is None or 0 <= cfg.warmup <= cfg.steps,
+         f"--warmup {cfg.warmup}: give 0 to {cfg.steps} steps, at most --steps (or the rate never reaches --lr)"),
         (cfg.rank >= 1, f"--rank {cfg.rank}: the LoRA rank must be at least 1"),
         (cfg.alpha > 0, f"--alpha {cfg.alpha}: give a positive LoRA alpha"),
         (0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: give a probability in [0, 1)"),
@@ -96,11 +97,17 @@ def distil_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
     return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+def warmup_steps(cfg: RecoverConfig) -> int:
+    """The warm-up asked for, or a tenth of the steps (at most 10), so a short run still reaches its rate."""
+    return min(10, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
+
+
 def lr_at(cfg: RecoverConfig, step: int) -> float:
     """Linear warm-up over `warmup` steps, then linear decay to zero at the last step (as transformers does)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
 
 
 def batch_indices(n_windows: int, step: int, batch_size: int, seed: int) -> list[int]:
