@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from fake_backend import FakeBackend, recorded_events
+from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Input, Static
 
 from engine.control import Control
@@ -39,6 +40,15 @@ async def until(pilot, condition, timeout: float = 10.0) -> None:
             return
         await pilot.pause(0.02)
     assert condition(), "the app did not get there in time"
+
+
+async def tab_stops(app, pilot, presses: int = 24) -> list:
+    """What Tab focuses, press after press: a container there would be a stop with no visible mark (no-color)."""
+    seen = []
+    for _ in range(presses):
+        await pilot.press("tab")
+        seen.append(app.focused)
+    return seen
 
 
 async def settle(app, pilot) -> None:
@@ -96,6 +106,8 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
                 box = screen.query_one(f"#{field}", Input)  # every field's value is on screen at 80x24
                 assert box.region.height >= 1 and app.screen.region.contains_region(box.region), field
             assert app.focused is screen.query_one("#name", Input)  # at the top, not on Start
+            assert not any(type(w) is VerticalScroll for w in await tab_stops(app, pilot))
+            screen.query_one("#name", Input).focus()
             await pilot.press("enter")
             assert not backend.calls  # a stray Enter starts nothing
             for field, value, problem in (("model", "../nope/model", "does not exist"),
@@ -321,6 +333,8 @@ def test_export_writes_the_chosen_folder(tmp_path):
             await pilot.press("x")
             assert isinstance(app.screen, ExportScreen)
             assert "widths" in text_of(app, "#format") and "parameters removed" in text_of(app, "#format")
+            assert not any(type(w) is VerticalScroll for w in await tab_stops(app, pilot, 12))
+            app.screen.query_one("#out", Input).focus()
             app.screen.query_one("#out", Input).value = str(tmp_path / "out")
             await pilot.press("enter")  # moves on: only ctrl+s or the button writes
             assert not [c for c in backend.calls if c[0] == "export"]

@@ -32,7 +32,7 @@ class ExportScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with VerticalScroll(id="export"):
+        with VerticalScroll(id="export", can_focus=False):  # Tab goes field to field; focus scrolls
             yield Static(f"export session {self.session_name}", markup=False, id="title")
             yield Label("Plan to write", classes="field")
             yield RadioSet(id="plans", compact=True)

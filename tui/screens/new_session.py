@@ -40,7 +40,7 @@ class NewSessionScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with VerticalScroll(id="form"):
+        with VerticalScroll(id="form", can_focus=False):  # Tab goes field to field; focus scrolls
             yield Static("New search session: fields are checked as you type; ctrl+s starts it.", markup=False,
                          classes="dim")
             for f in fields(NewSession):
