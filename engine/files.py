@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,9 +36,16 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `dest`; when the block ends without an error it becomes `dest`
     (an existing `dest` is removed first only with `replace`). On an error it is removed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    # os.mkdir applies the user's umask (mkdtemp would make it 0700: a team sharing an export could not read it)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(6)}"
+    tmp.mkdir()
     try:
         yield tmp
+        # safetensors writes 0600 files: give every file the mode the user's umask gives (the folder's, less x)
+        mode = tmp.stat().st_mode & 0o666
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                f.chmod(mode)
         if replace and dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

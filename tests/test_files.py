@@ -1,8 +1,11 @@
 """All-or-nothing writes: a failure part-way leaves the previous version and no temporary file behind."""
 
 import json
+import os
+import stat
 
 import pytest
+import torch
 
 from engine.files import atomic_folder, write_atomic, write_json_atomic
 
@@ -44,3 +47,21 @@ def test_folder_replaces_an_old_one_only_when_asked(tmp_path):
         (tmp / "new").write_text("y")
     assert [p.name for p in dest.iterdir()] == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_folder_and_its_files_take_the_users_umask(tmp_path, umask):
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_folder(tmp_path / "export") as tmp:
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))  # safetensors writes 0600
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    dest = tmp_path / "export"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o777 & ~umask
+    for name in ("sub/model.safetensors", "config.json"):
+        assert stat.S_IMODE((dest / name).stat().st_mode) == 0o666 & ~umask, name
