@@ -47,6 +47,7 @@ def _trials(session, cfg):
 def test_search_records_everything_in_the_session(llama_folder, tmp_path):
     cfg = _cfg(llama_folder)
     session = create_session(tmp_path / "s", "run1", cfg)
+    assert session.path.stat().st_mode & 0o777 == 0o700  # the user's text and samples: theirs alone
     events = []
     result = run_search(session, events.append)
     assert result["completed"] == 4

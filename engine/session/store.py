@@ -80,7 +80,7 @@ class Session:
         path = root / name
         if path.exists():
             raise AdapruneError(f"session {name!r} exists in {root}: `adaprune resume {name}` continues it")
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, mode=0o700)  # the user's text and samples: theirs alone (parents as umask says)
         try:
             (path / "stats").mkdir()
             if fill is not None:
