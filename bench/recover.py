@@ -5,8 +5,9 @@ neither the search nor the recovery read. Records its section in bench/RESULTS.m
     .venv/bin/python bench/recover.py [--session /tmp/adaprune-bench-XXXX/bench] [--steps 100]
         [--run lm@stdlib-docs --run kl@self:128x256 ...]
 
-Each --run is LOSS@TEXT[,TEXT...]: lm (LLM-Pruner's language-modelling loss) or kl (`--distil`, KL to the dense
-model), trained on those texts (`self:NxL` is text the dense model samples). Default: lm and kl on stdlib-docs.
+Each --run is LOSS@TEXT[,TEXT...][@LR]: lm (LLM-Pruner's language-modelling loss) or kl (`--distil`, KL to the
+dense model), trained on those texts (`self:NxL` is text the dense model samples), at peak learning rate LR
+(default: recover's). Default: lm and kl on stdlib-docs.
 
 Without --session it takes the newest session bench/search.py left in the temp folder.
 """
@@ -39,7 +40,7 @@ from engine.model.load import load
 from engine.oneshot import evaluation_sets
 from engine.prune.plan import Plan
 from engine.prune.reconstruct import apply_stored_plan
-from engine.recover.train import loss_name, recovered_model, run_recovery
+from engine.recover.train import loss_name, recovered_model, run_recovery, warmup_steps
 from engine.search.data import SearchData
 from engine.session.store import Session
 
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--session", type=Path, help="a session folder with a completed search")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--windows", type=int, default=40, help="held-out PPL windows of 128 tokens per text")
-    ap.add_argument("--run", action="append", help="LOSS@TEXT[,TEXT...] (lm or kl); repeat for several runs")
+    ap.add_argument("--run", action="append", help="LOSS@TEXT[,TEXT...][@LR] (lm or kl); repeatable")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
     folder = args.session or newest_bench_session()
@@ -81,14 +82,16 @@ def main() -> None:
     runs = []
     for run in args.run or ["lm@stdlib-docs", "kl@stdlib-docs"]:
         loss, _, data = run.partition("@")
+        data, _, lr = data.partition("@")
         if loss not in ("lm", "kl") or not data:
-            sys.exit(f"--run {run!r}: give LOSS@TEXT[,TEXT...] with LOSS lm or kl")
-        cfg = RecoverConfig(steps=args.steps, distil=1.0 if loss == "kl" else 0.0, data=data.split(","))
+            sys.exit(f"--run {run!r}: give LOSS@TEXT[,TEXT...][@LR] with LOSS lm or kl")
+        cfg = RecoverConfig(steps=args.steps, distil=1.0 if loss == "kl" else 0.0, data=data.split(","),
+                            **({"lr": float(lr)} if lr else {}))
         t0 = time.perf_counter()
         state = run_recovery(folder.parent, folder.name, cfg, sink, restart=True)
         wall = time.perf_counter() - t0
         merged, _ = recovered_model(session, copy.deepcopy(dense.model), windows_for)
-        label = f"{loss_name(cfg)} on {', '.join(cfg.data)}"
+        label = f"{loss_name(cfg)} on {', '.join(cfg.data)}, lr {cfg.lr:g}"
         rows.append((f"best + LoRA, loss {label}", {k: perplexity(merged, v) for k, v in sets.items()}))
         runs.append((label, state, wall))
         del merged
@@ -103,8 +106,8 @@ def main() -> None:
             f"`adaprune recover` on the best plan of the search.py session (embedded model, 20% removed): LoRA "
             f"r={c['rank']}, alpha {c['alpha']}, dropout {c['dropout']} on {', '.join(c['targets'])}; "
             f"{c['steps']} steps of {c['batch_size']}x{c['seq_len']} tokens (texts: their calibration splits; "
-            f"`self:NxL`: N sequences the dense model samples, drawn once), lr {c['lr']:g} with {c['warmup']} "
-            f"warm-up steps; loss LM is LLM-Pruner's language-modelling loss, KL `--distil` (KL to the dense "
+            f"`self:NxL`: N sequences the dense model samples, drawn once), linear decay after "
+            f"{warmup_steps(RecoverConfig.from_dict(c))} warm-up steps; loss LM is LLM-Pruner's language-modelling loss, KL `--distil` (KL to the dense "
             f"model's next-token distributions). Wall time includes sampling self text. "
             f"Held-out PPL: {args.windows} windows of 128 tokens of texts neither the search nor the recovery "
             f"read.\n\n")
