@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from engine.errors import Cancelled
+from engine.faults import crash_point
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,13 @@ class Stage:
         self._t0 = 0.0
 
     def __enter__(self) -> Stage:
+        crash_point("stage", self.stage)
         self._t0 = time.perf_counter()
         self.sink(StageStarted(self.stage, self.total, self.unit))
         return self
 
     def advance(self, done: int) -> None:
+        crash_point("stage", self.stage)
         self.sink(StageProgress(self.stage, done, self.total))
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:

@@ -1,9 +1,11 @@
 """Writes that are all or nothing: a file or folder is built beside its destination under a temporary name
-and renamed into place, so a crash at any moment leaves the old version or the new one, never half of one."""
+and renamed into place, so a crash at any moment leaves the old version or the new one, never half of one.
+A crash leaves its temporary behind; the next write of the same destination removes it."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -11,13 +13,47 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from engine.faults import crash_point
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def clear_stale(folder: Path, pattern: str = "*") -> None:
+    """Remove the temporaries of destinations matching `pattern` in `folder` that a dead process left (its pid
+    is in their name)."""
+    for old in folder.glob(f".{pattern}.tmp*"):
+        pid = old.name.rpartition(".tmp")[2].partition(".")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+
+def _clear_stale(dest: Path) -> None:
+    clear_stale(dest.parent, glob.escape(dest.name))
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes the whole file to a temporary sibling of `path`, which then replaces `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _clear_stale(path)
+    tmp = _tmp_name(path)
     try:
         write(tmp)
+        crash_point("write", str(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -36,9 +72,9 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `dest`; when the block ends without an error it becomes `dest`
     (an existing `dest` is removed first only with `replace`). On an error it is removed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir applies the user's umask (mkdtemp would make it 0700: a team sharing an export could not read it)
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(6)}"
-    tmp.mkdir()
+    _clear_stale(dest)
+    tmp = _tmp_name(dest)
+    tmp.mkdir()  # mkdir applies the user's umask (mkdtemp makes 0700: a team sharing an export could not read it)
     try:
         yield tmp
         # safetensors writes 0600 files: give every file the mode the user's umask gives (the folder's, less x)
@@ -46,8 +82,13 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             if f.is_file() and not f.is_symlink():
                 f.chmod(mode)
-        if replace and dest.exists():
-            shutil.rmtree(dest)
+        crash_point("write", str(dest))
+        old = None
+        if replace and dest.exists():  # moved aside, not deleted first: the window without `dest` stays short
+            old = _tmp_name(dest)
+            os.replace(dest, old)
         os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

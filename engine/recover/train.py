@@ -28,7 +28,7 @@ from engine.data.text import check_source, load_text, parse_spec, text_hash
 from engine.data.windows import eval_windows, sample_self, tokenize
 from engine.errors import AdapruneError, Cancelled
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
-from engine.files import atomic_folder, write_atomic
+from engine.files import atomic_folder, clear_stale, write_atomic
 from engine.measure.evaluate import perplexity
 from engine.model.load import load_configured
 from engine.model.structure import count_params
@@ -198,6 +198,7 @@ def _save(session: Session, peft_model, optimizer, state: dict) -> None:
     for old in recovery_dir(session).glob("ckpt-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+    clear_stale(recovery_dir(session), "ckpt-*")  # a checkpoint a killed run left half-made
     for old in (ADAPTER, OPTIMIZER):  # the first layout's checkpoint, once a newer one is named
         (recovery_dir(session) / old).unlink(missing_ok=True)
 

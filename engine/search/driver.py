@@ -9,6 +9,7 @@ hopeless trial early. Trial 0 is LLM-Pruner's recipe, enqueued, so every later t
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import time
@@ -36,9 +37,9 @@ from engine.prune.plan import parse_overrides
 from engine.search.data import SearchData
 from engine.search.space import baseline_params, canonical, space, suggest, validate, warm_start_params
 from engine.search.study import ask_lock, beat_once, fail_orphans, heartbeat, open_study
-from engine.search.trial import TrialOutcome, run_trial
+from engine.search.trial import TrialOutcome, prune_trial, run_trial
 from engine.session import requests
-from engine.session.layout import write_best
+from engine.session.layout import best_record, write_best
 from engine.session.store import Session
 from engine.session.study import (
     best_trial,
@@ -193,6 +194,23 @@ class _Driver:
         self.current = None
 
 
+def settle_best(session: Session, cfg: SearchConfig, study, dense: Loaded, data: SearchData, sp: dict,
+                sink: Sink, control: Control) -> None:
+    """Make plan.json name the study's best trial. A process killed between a trial's result and the write of
+    its plan leaves a best without a plan: the plan is rebuilt (the trial's pruning, not its objective)."""
+    b = best_trial(study)
+    record = best_record(session)
+    if b is None or (record is not None and record.get("trial") == b[0]):
+        return
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == b[0])
+    params = suggest(frozen, sp, cfg.fixed)
+    sink(Log(f"trial {b[0]} is the best but its plan was not saved (its process stopped in between): "
+             f"rebuilding it"))
+    model = copy.deepcopy(dense.model)
+    plan, _ = prune_trial(model, data, cfg, params, control, sink)
+    write_best(session, {"trial": b[0], "value": b[1], "params": params, "plan": plan})
+
+
 def _prepare(session: Session, sink: Sink) -> tuple[SearchConfig, Loaded, dict]:
     """The session's configuration, checked once without and once with the model; the dense model; the space."""
     cfg = SearchConfig.from_dict(session.config())
@@ -224,6 +242,8 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         session.update(status="running", storage=storage_url(session, cfg), dense_params=count_params(dense.model))
     data = SearchData(session, cfg, dense, sink, control)
     data.prepare()
+    if not worker:
+        settle_best(session, cfg, study, dense, data, sp, sink, control)
     driver = _Driver(session, cfg, study, dense, data, sp, sink, control)
     status = "done"
     # the whole search as one stage: a progress bar with the count of trials and an ETA
@@ -254,8 +274,7 @@ def create_session(root: Path, name: str, cfg: SearchConfig, sink: Sink = null_s
     """Create the session folder and its study, with trial 0 (the LLM-Pruner baseline) queued, and trial 1 (the
     strongest fixed recipe) when the space holds it."""
     validate(cfg)
-    if (root / name).exists():
-        Session.create(root, name, {})  # raises the clear "exists" error
+    Session.check_free(root, name)  # before the model is read
     n_layers = num_layers(cfg.model, cfg.trust_remote_code, sink)
     validate(cfg, n_layers)
 

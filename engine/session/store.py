@@ -24,7 +24,8 @@ from pathlib import Path
 
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, StageProgress
-from engine.files import write_json_atomic
+from engine.faults import crash_point, die, due
+from engine.files import pid_alive, write_json_atomic
 
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -39,14 +40,22 @@ def default_dir() -> Path:
     return Path(os.environ.get("ADAPRUNE_SESSIONS", "sessions"))
 
 
-def pid_alive(pid: int) -> bool:
+CREATING = ".creating"  # the creating process's pid, until session.json makes the folder a session
+
+
+def _creator(path: Path) -> int | None:
+    """The pid that is creating the folder `path` (alive or not), or None when it is not being created."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        pid = (path / CREATING).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return int(pid) if pid.isdigit() else 0  # a marker cut short: its writer died before the first byte was out
+
+
+def _ends_torn(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 @dataclass
@@ -76,12 +85,12 @@ class Session:
     def create(cls, root: Path, name: str, config: dict, fill: Callable[[Session], None] | None = None) -> Session:
         """A new session folder. `fill` writes what it starts with (its study) before session.json, which makes
         it a session that listings open: nothing reads a half-made one, and a failed fill leaves nothing."""
-        check_name(name)
         path = root / name
-        if path.exists():
-            raise AdapruneError(f"session {name!r} exists in {root}: `adaprune resume {name}` continues it")
+        if cls.check_free(root, name):
+            shutil.rmtree(path)  # its creator was killed before it was a session: nothing in it is complete
         path.mkdir(parents=True, mode=0o700)  # the user's text and samples: theirs alone (parents as umask says)
         try:
+            (path / CREATING).write_text(str(os.getpid()), encoding="utf-8")
             (path / "stats").mkdir()
             if fill is not None:
                 fill(cls(path))
@@ -89,10 +98,28 @@ class Session:
             write_json_atomic(path / "session.json", {"schema_version": SCHEMA_VERSION, "name": name,
                                                       "config": config, "status": "created", "created": now,
                                                       "updated": now})
+            (path / CREATING).unlink()
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
         return cls(path)
+
+    @staticmethod
+    def check_free(root: Path, name: str) -> bool:
+        """Refuse a name that is taken; True when the folder is what a killed creation left (create replaces it)."""
+        check_name(name)
+        path = root / name
+        if not path.exists():
+            return False
+        if (path / "session.json").exists():
+            raise AdapruneError(f"session {name!r} exists in {root}: `adaprune resume {name}` continues it")
+        creator = _creator(path)
+        if creator is None:
+            raise AdapruneError(f"{path} exists and is not a session: choose another name, or remove it")
+        if creator and pid_alive(creator):
+            raise AdapruneError(f"session {name!r} is being created by process {creator}: wait for it, or choose "
+                                f"another name")
+        return True
 
     @classmethod
     def open(cls, root: Path, name: str) -> Session:
@@ -145,8 +172,16 @@ class Session:
             if event.done < event.total and now - self._progress_logged.get(event.stage, 0.0) < 1.0:
                 return
             self._progress_logged[event.stage] = now
-        with self.events_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(event.to_dict(), default=str) + "\n")
+        line = (json.dumps(event.to_dict(), default=str) + "\n").encode()
+        crash_point("event", event.kind)
+        with self.events_path.open("ab") as f:
+            if f.tell() and _ends_torn(self.events_path):
+                f.write(b"\n")  # a crash cut the last line: the next event starts a line of its own
+            if due("torn", event.kind):
+                f.write(line[: len(line) // 2])
+                f.flush()
+                die()
+            f.write(line)
 
     def read_events(self) -> tuple[list[dict], list[int]]:
         """All readable events, and the line numbers of any that are corrupt (kept out, reported)."""
