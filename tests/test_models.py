@@ -57,3 +57,37 @@ def test_a_gguf_that_is_not_a_model(tmp_path):
     models = Path(os.environ["ADAPRUNE_CACHE"]) / "models"
     left = [p.name for p in models.iterdir()] if models.exists() else []
     assert not [n for n in left if n.startswith((".", "x-"))]  # nothing half-converted in the cache
+
+
+def test_a_folders_own_code_runs_only_when_the_user_asks(tmp_path, tokenizer, monkeypatch):
+    """A model folder whose config maps to Python code in it: loading never imports that code unless
+    trust_remote_code is asked for (the positive control shows the mapping is real)."""
+    import json
+
+    from conftest import make_model
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder, marker = tmp_path / "remote", tmp_path / "code-ran"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n\n\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load(str(folder), device="cpu")
+    assert not marker.exists() and type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert type(load(str(folder), device="cpu", trust_remote_code=True).model).__name__ == "EvilForCausalLM"
+    assert marker.exists()
+
+
+def test_no_pickle_anywhere_in_the_code():
+    """Sessions and exports are JSON, SQLite and safetensors: nothing in the code can unpickle."""
+    root = Path(__file__).resolve().parent.parent
+    for path in [*root.glob("engine/**/*.py"), *root.glob("tui/**/*.py"), *root.glob("bench/*.py")]:
+        text = path.read_text(encoding="utf-8")
+        for bad in ("import pickle", "torch.load(", "pickle.load", "weights_only=False"):
+            assert bad not in text, f"{path.relative_to(root)} uses {bad}"
