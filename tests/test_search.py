@@ -520,3 +520,35 @@ def test_trial_1_is_the_strongest_fixed_recipe_when_the_space_holds_it(llama_fol
     assert warm_start_params(_cfg(llama_folder, metrics=["taylor1", "wanda"]), 4) is None
     single = warm_start_params(_cfg(llama_folder, sources=["stdlib-docs"]), 4)
     assert single["repair"] == "stdlib-docs"
+
+
+def test_a_trial_out_of_memory_fails_with_its_reason_and_the_search_goes_on(llama_folder, tmp_path, monkeypatch):
+    import engine.search.driver as driver
+
+    real, calls = driver.run_trial, []
+
+    def tight(dense, data, cfg, params, *rest):
+        calls.append(params)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(dense, data, cfg, params, *rest)
+
+    monkeypatch.setattr(driver, "run_trial", tight)
+    cfg = _cfg(llama_folder, trials=3, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "oom", cfg)
+    events = []
+    run_search(session, events.append)
+    trials = _trials(session, cfg)
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["error"].startswith("out of memory: CUDA out of memory")
+    assert completed(open_study(session, cfg)) == 3  # the budget is still met
+    assert any(isinstance(e, TrialFinished) and e.state == "failed" and "out of memory" in e.message for e in events)
+
+    def never(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(driver, "run_trial", never)
+    again = create_session(tmp_path / "s", "oom2", cfg)
+    with pytest.raises(AdapruneError, match="5 trials in a row failed .*out of memory.*then resume"):
+        run_search(again)
+    assert again.manifest()["status"] == "failed"

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from engine.config import SearchConfig
 from engine.control import Control
@@ -52,6 +55,14 @@ from engine.session.study import (
 )
 
 MAX_DUPLICATES_IN_A_ROW = 25
+MAX_FAILURES_IN_A_ROW = 5  # then the cause is not the configuration: stop and say why
+
+
+def free_memory() -> None:
+    """Give back what a failed trial held (its model copy and activations) before the next one starts."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _Driver:
@@ -65,6 +76,7 @@ class _Driver:
         self.me = f"{os.getpid()}@{socket.gethostname()}"
         self.current = None  # the trial this process holds, to be failed and queued again if interrupted
         self.duplicates_in_a_row = 0
+        self.failures_in_a_row = 0
 
     def budget_spent(self, before: int | None = None) -> bool:
         trials = self.study.get_trials(deepcopy=False)
@@ -131,11 +143,17 @@ class _Driver:
         try:
             with heartbeat(self.study, trial):
                 out = run_trial(self.dense, self.data, self.cfg, params, report, self.control, self.sink)
-        except AdapruneError as e:  # this configuration cannot be built (e.g. an unreachable split)
-            trial.set_user_attr("error", str(e))
+        except (AdapruneError, torch.OutOfMemoryError, MemoryError) as e:
+            # this configuration cannot be built (e.g. an unreachable split) or does not fit: the search goes on
+            reason = str(e) if isinstance(e, AdapruneError) else f"out of memory: {str(e)[:200]}"
+            del e
+            free_memory()
+            trial.set_user_attr("error", reason)
             self.close(TrialState.FAIL)
-            self.sink(TrialFinished(trial.number, "failed", None, params, message=str(e)))
+            self.sink(TrialFinished(trial.number, "failed", None, params, message=reason))
+            self.failures_in_a_row += 1
             return None
+        self.failures_in_a_row = 0
         if trial_state(self.study, trial.number) != TrialState.RUNNING:
             # another process judged this trial dead and failed it (its configuration is queued again)
             self.sink(Log(f"trial {trial.number} was closed by another process while it ran here; its result "
@@ -180,6 +198,9 @@ class _Driver:
             out = self.evaluate(trial, params)
             if out is not None:
                 self.record(trial, params, out)
+            elif self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                raise AdapruneError(f"{self.failures_in_a_row} trials in a row failed (the last: "
+                                    f"{trial.user_attrs.get('error', 'closed elsewhere')}): fix that, then resume")
             self.sink(StageProgress("trials", completed(self.study), self.cfg.trials))
 
     def release(self) -> None:
