@@ -25,7 +25,7 @@ from pathlib import Path
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, StageProgress
 from engine.faults import crash_point, die, due
-from engine.files import pid_alive, write_json_atomic
+from engine.files import pid_alive, storage, write_json_atomic
 
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -173,15 +173,16 @@ class Session:
                 return
             self._progress_logged[event.stage] = now
         line = (json.dumps(event.to_dict(), default=str) + "\n").encode()
-        crash_point("event", event.kind)
-        with self.events_path.open("ab") as f:
-            if f.tell() and _ends_torn(self.events_path):
-                f.write(b"\n")  # a crash cut the last line: the next event starts a line of its own
-            if due("torn", event.kind):
-                f.write(line[: len(line) // 2])
-                f.flush()
-                die()
-            f.write(line)
+        with storage(self.events_path):
+            crash_point("event", event.kind)
+            with self.events_path.open("ab") as f:
+                if f.tell() and _ends_torn(self.events_path):
+                    f.write(b"\n")  # a crash cut the last line: the next event starts a line of its own
+                if due("torn", event.kind):
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    die()
+                f.write(line)
 
     def read_events(self) -> tuple[list[dict], list[int]]:
         """All readable events, and the line numbers of any that are corrupt (kept out, reported)."""

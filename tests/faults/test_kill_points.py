@@ -7,73 +7,23 @@ test chains its kills: the run that recovers from one kill is itself killed at t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from kills import adaprune, finished, intact, killed, make_tiny, no_temporaries, search_args, trial_values
 
 from engine.config import SearchConfig
 from engine.search.study import open_study
-from engine.session.store import Session
 from engine.session.study import completed
-
-CLI = [sys.executable, "-c", "from tui.cli import main; main()"]
-
-
-def adaprune(root: Path, *args, kill: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPRUNE_KILL")}
-    env.update(ADAPRUNE_SESSIONS=str(root), HF_HUB_OFFLINE="1", COLUMNS="120")
-    if kill:
-        env["ADAPRUNE_KILL_AT"] = kill
-    return subprocess.run([*CLI, *(str(a) for a in args)], env=env, capture_output=True, text=True, timeout=900)
-
-
-def finished(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def killed(result: subprocess.CompletedProcess, point: str) -> None:
-    assert result.returncode == -signal.SIGKILL, f"never reached {point}: rc {result.returncode}\n{result.stderr[-3000:]}"
-
-
-def intact(root: Path, name: str) -> Session:
-    """The session lists, and every JSON file in it parses."""
-    r = adaprune(root, "sessions")
-    assert r.returncode == 0 and name in r.stdout, r.stdout + r.stderr
-    session = Session.open(root, name)
-    for path in session.path.rglob("*.json"):
-        if not path.name.startswith("."):
-            json.loads(path.read_text(encoding="utf-8"))
-    return session
-
-
-def no_temporaries(folder: Path) -> None:
-    left = [p for p in folder.rglob(".*") if ".tmp" in p.name]
-    assert not left, left
-
-
-def trial_values(session: Session) -> dict[int, float]:
-    study = open_study(session, SearchConfig.from_dict(session.config()))
-    return {t.number: t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"}
 
 
 @pytest.fixture
-def tiny(tmp_path, tokenizer) -> Path:
-    from conftest import make_model
-
-    folder = tmp_path / "tiny"
-    make_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def tiny(tmp_path, tokenizer):
+    return make_tiny(tmp_path / "tiny", tokenizer)
 
 
 def test_a_search_killed_again_and_again_finishes_with_every_trial_kept(tmp_path, tiny):
     root = tmp_path / "sessions"
-    search = ["search", "--session", "s", "--model", tiny, "--trials", 4, "--objective-windows", 2,
-              "--source", "stdlib-docs", "--objective", "stdlib-docs/valid", "--device", "cpu", "--no-early-stop"]
+    search = search_args(tiny, "s", 4)
     # killed while the session is being created: it is not a session yet, and the same command starts afresh
     killed(adaprune(root, *search, kill="write:session.json"), "creation")
     r = adaprune(root, "sessions")
