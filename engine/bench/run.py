@@ -51,10 +51,14 @@ def validate(cfg: BenchConfig) -> tuple[list[TaskSpec], dict[str, str]]:
     """Everything checkable before a model is loaded: task files row by row, PPL texts readable."""
     if cfg.limit is not None and cfg.limit < 1:
         raise AdapruneError(f"--limit {cfg.limit}: give a positive number of rows per task")
-    if any(n < 2 for n in cfg.seq_lens) or (cfg.ppl_windows is not None and cfg.ppl_windows < 1):
-        raise AdapruneError("PPL needs windows of at least 2 tokens and at least one window")
+    if any(n < 2 for n in cfg.seq_lens):
+        raise AdapruneError(f"--seq-len {min(cfg.seq_lens)}: give PPL windows of at least 2 tokens (128 or 2048 "
+                            f"are the usual)")
+    if cfg.ppl_windows is not None and cfg.ppl_windows < 1:
+        raise AdapruneError(f"--ppl-windows {cfg.ppl_windows}: give a positive number of windows (0: the whole "
+                            f"text)")
     if any(b < 1 for b in cfg.batches):
-        raise AdapruneError("prefill batch sizes must be positive")
+        raise AdapruneError(f"--batch {min(cfg.batches)}: give prefill batch sizes of at least 1")
     tasks = [parse_task(t) for t in cfg.tasks]
     texts = {}
     for spec in cfg.ppl:

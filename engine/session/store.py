@@ -12,6 +12,7 @@ Never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -88,6 +89,7 @@ class Session:
         path = root / name
         if cls.check_free(root, name):
             shutil.rmtree(path)  # its creator was killed before it was a session: nothing in it is complete
+        made_root = not root.exists()
         path.mkdir(parents=True, mode=0o700)  # the user's text and samples: theirs alone (parents as umask says)
         try:
             (path / CREATING).write_text(str(os.getpid()), encoding="utf-8")
@@ -101,6 +103,9 @@ class Session:
             (path / CREATING).unlink()
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
+            if made_root:  # a refused first session leaves no empty sessions folder either
+                with contextlib.suppress(OSError):
+                    root.rmdir()
             raise
         return cls(path)
 
