@@ -57,3 +57,60 @@ def test_requests_for_an_earlier_run_are_ignored_and_bad_ones_refused(session):
     (session.path / "requests.json").write_text("{not json")
     assert requested(session, "search") is None  # a damaged file asks nothing
     SessionControl(session, "search").checkpoint()
+
+
+def test_the_cli_pauses_resumes_and_cancels_a_headless_search(tmp_path, tokenizer):
+    """`adaprune pause|resume|cancel NAME` from another terminal steer a search another process runs."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import make_model
+    from typer.testing import CliRunner
+
+    from tui.cli import app
+
+    folder = tmp_path / "tiny"
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    root = tmp_path / "sessions"
+    runner = CliRunner()
+
+    def cli(*args):
+        return runner.invoke(app, [*map(str, args), "--sessions-dir", str(root)])
+
+    cmd = [sys.executable, "-c", "from tui.cli import main; main()", "search", "--session", "h", "--model",
+           str(folder), "--trials", "200", "--objective-windows", "2", "--source", "stdlib-docs", "--objective",
+           "stdlib-docs/valid", "--device", "cpu", "--sessions-dir", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        events = root / "h" / "events.jsonl"
+
+        def logged(text: str, timeout: float = 300) -> None:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                if events.exists() and text in events.read_text():
+                    return
+                assert proc.poll() is None, proc.stderr.read()[-2000:]
+                time.sleep(0.2)
+            raise AssertionError(f"never logged {text!r}")
+
+        logged('"trial_started"')
+        r = cli("pause", "h")
+        assert r.exit_code == 0 and f"asked the search of h (process {proc.pid}) to pause" in r.output, r.output
+        logged("search paused at a safe point: adaprune (process")
+        r = cli("resume", "h")  # running and paused: un-paused, not a second driver
+        assert r.exit_code == 0 and "to go on" in r.output, r.output
+        logged("search resumed")
+        r = cli("resume", "h", "--job", "recover")
+        assert r.exit_code == 2 and "adaprune recover h --resume" in r.output
+        r = cli("cancel", "h", "--job", "bench")
+        assert r.exit_code == 2 and "no benchmark of session 'h' is running" in r.output
+        assert cli("cancel", "h").exit_code == 0
+        assert proc.wait(timeout=300) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads((root / "h" / "session.json").read_text())["status"] == "cancelled"
+    r = cli("pause", "h")
+    assert r.exit_code == 2 and "nothing of session 'h' is running now" in r.output

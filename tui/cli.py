@@ -225,11 +225,47 @@ def search_cmd(
     _drive(api.create_session(_root(sessions_dir), session, cfg))
 
 
+JOB_OPTION = typer.Option(None, "--job", help="search, recover or bench (default: the one running)")
+
+
+def _steer(name: str, command: str, job: str | None, sessions_dir: Path) -> None:
+    session = api.Session.open(_root(sessions_dir), name)
+    job, holder = api.steer(session, command, job)
+    what = {"pause": "pause at its next safe point", "resume": "go on", "cancel": "stop at its next safe point"}
+    Console(emoji=False).print(f"asked the {api.JOBS[job]} of {escape(name)} (process {holder.get('pid')}) to "
+                               f"{what[command]}" + (f"; `adaprune resume {escape(name)}` goes on"
+                                                     if command == "pause" else ""))
+
+
+@app.command("pause")
+@clean_errors
+def pause_cmd(name: str, job: str | None = JOB_OPTION, sessions_dir: Path = SESSIONS_DIR) -> None:
+    """Pause a session's running search, recovery or benchmark (any process, any terminal) at a safe point."""
+    _steer(name, "pause", job, sessions_dir)
+
+
+@app.command("cancel")
+@clean_errors
+def cancel_cmd(name: str, job: str | None = JOB_OPTION, sessions_dir: Path = SESSIONS_DIR) -> None:
+    """Stop a session's running search, recovery or benchmark at a safe point (a search resumes later)."""
+    _steer(name, "cancel", job, sessions_dir)
+
+
 @app.command("resume")
 @clean_errors
-def resume_cmd(name: str, sessions_dir: Path = SESSIONS_DIR) -> None:
-    """Continue a session's search after a crash, a kill or a closed SSH connection."""
-    _drive(api.Session.open(_root(sessions_dir), name))
+def resume_cmd(name: str, job: str | None = JOB_OPTION, sessions_dir: Path = SESSIONS_DIR) -> None:
+    """Un-pause a session's running work, or continue its search after a crash, a kill or a closed SSH
+    connection."""
+    session = api.Session.open(_root(sessions_dir), name)
+    running = api.running_jobs(session)
+    if job in ("recover", "bench") and job not in running:
+        how = f"`adaprune recover {name} --resume` continues a stopped recovery" if job == "recover" else \
+            f"`adaprune bench {name} ...` measures again (the rows done are kept)"
+        raise AdapruneError(f"no {api.JOBS[job]} of session {name!r} is running now: {how}")
+    if running:
+        _steer(name, "resume", job, sessions_dir)
+        return
+    _drive(session)
 
 
 @app.command("worker")

@@ -24,13 +24,46 @@ COMMANDS = ("pause", "resume", "cancel")
 POLL_S = 0.5  # how often a safe point re-reads the file (a stat and a small JSON read)
 
 
-def request(session: Session, job: str, command: Command) -> None:
+JOBS = {"search": "search", "recover": "recovery", "bench": "benchmark"}  # a request's job, in words
+
+
+def request(session: Session, job: str, command: Command, who: str = "the app") -> None:
     """Ask every process working on the session's `job` ("search") to pause, resume or cancel."""
     if command not in COMMANDS:
         raise AdapruneError(f"unknown request {command!r}: pause, resume or cancel")
     data = _read(session)
-    data[job] = {"command": command, "t": time.time(), "by": f"{socket.gethostname()}:{os.getpid()}"}
+    data[job] = {"command": command, "t": time.time(), "by": f"{socket.gethostname()}:{os.getpid()}", "who": who}
     session.write_json(REQUESTS, data)
+
+
+def running_jobs(session: Session) -> dict[str, dict]:
+    """The session's jobs a live process holds now ({job: its lock's holder}): search or recover, and bench."""
+    out = {}
+    held = session.holder()
+    if held:
+        out["recover" if held.get("what") == "recovery" else "search"] = held
+    bench = session.holder("bench")
+    if bench:
+        out["bench"] = bench
+    return out
+
+
+def steer(session: Session, command: Command, job: str | None = None, who: str = "adaprune") -> tuple[str, dict]:
+    """Send `command` to the session's running `job` (or the only one running); the job and its holder."""
+    running = running_jobs(session)
+    if job is not None and job not in JOBS:
+        raise AdapruneError(f"--job {job}: give {', '.join(JOBS)}")
+    if job is None:
+        if not running:
+            raise AdapruneError(f"nothing of session {session.name!r} is running now")
+        if len(running) > 1:
+            raise AdapruneError(f"session {session.name!r} runs a {' and a '.join(JOBS[j] for j in running)}: "
+                                f"say which with --job {' or --job '.join(running)}")
+        job = next(iter(running))
+    elif job not in running:
+        raise AdapruneError(f"no {JOBS[job]} of session {session.name!r} is running now")
+    request(session, job, command, who)
+    return job, running[job]
 
 
 def requested(session: Session, job: str) -> dict | None:
@@ -39,10 +72,11 @@ def requested(session: Session, job: str) -> dict | None:
 
 
 def _asker(req: dict) -> str:
-    """Who asked, in words: requests come from the app (engine.session.requests.request's `by`)."""
+    """Who asked, in words ("the app (process N)", "adaprune (process N)")."""
     host, _, pid = str(req.get("by", "")).rpartition(":")
+    who = str(req.get("who", "the app"))
     here = host == socket.gethostname()
-    return f"the app (process {pid}{'' if here else f' on {host}'})" if pid else "an app"
+    return f"{who} (process {pid}{'' if here else f' on {host}'})" if pid else who
 
 
 def _read(session: Session) -> dict:
@@ -99,8 +133,8 @@ class SessionControl(Control):
             self.inner.cancel()
         elif command == "pause" and not self.held:
             self.held = True
-            self.sink(Log(f"{self.job} paused at a safe point: {_asker(req)} asked; p in an app resumes it",
-                          "warning"))
+            self.sink(Log(f"{self.job} paused at a safe point: {_asker(req)} asked; p in an app or `adaprune "
+                          f"resume {self.session.name}` resumes it", "warning"))
         elif command in ("resume", "cancel") and self.held:
             self.held = False
             self.sink(Log(f"{self.job} resumed", "warning"))
