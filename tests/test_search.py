@@ -59,9 +59,10 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
     assert not bad and sum(e["kind"] == "trial_finished" for e in logged) >= 4
     assert session.manifest()["status"] == "done"
     kinds = sorted({p.name.split("-")[0] for p in session.stats_dir.iterdir()})
-    # trial 1 (obs, the strongest fixed recipe) always builds its scores; per-sample statistics when TPE asks
-    assert kinds in (["objective", "obs", "pool"], ["objective", "obs", "pool", "samples"])
-    assert all(p.suffix == ".safetensors" for p in session.stats_dir.iterdir())
+    # trial 1 (obs, the strongest fixed recipe) always builds its scores; per-sample statistics when TPE asks;
+    # the self text both the pool and the objective sample, as one draw
+    assert kinds in (["objective", "obs", "pool", "self"], ["objective", "obs", "pool", "samples", "self"])
+    assert all(p.suffix == ".safetensors" for p in session.stats_dir.iterdir())  # no build lock left
     row = summary(session)
     assert row["done"] == 4 and row["best"] == pytest.approx(best["value"])
     # the best plan exports and loads
@@ -552,3 +553,30 @@ def test_a_trial_out_of_memory_fails_with_its_reason_and_the_search_goes_on(llam
     with pytest.raises(AdapruneError, match="5 trials in a row failed .*out of memory.*then resume"):
         run_search(again)
     assert again.manifest()["status"] == "failed"
+
+
+def test_two_workers_started_together_build_each_one_time_artifact_once(llama_folder, tmp_path):
+    """A worker started beside another waits for the calibration pools, objective texts, self-sampled text and
+    obs scores the other builds (counted by the writes both make), instead of building them again."""
+    from collections import Counter
+
+    cfg = _cfg(llama_folder, trials=4)  # stdlib-docs and self text, in the pools and the objective
+    root = tmp_path / "s"
+    session = create_session(root, "pair", cfg)
+    log = tmp_path / "writes.log"
+    env = {**os.environ, "ADAPRUNE_SESSIONS": str(root), "ADAPRUNE_FAULT_LOG": str(log)}
+    cmd = [sys.executable, "-c", "from tui.cli import main; main()", "worker", "pair"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    writes = Counter(Path(line.split(" ", 1)[1].strip()).name for line in log.read_text().splitlines()
+                     if line.startswith("write ") and "/stats/" in line)
+    once = {name: n for name, n in writes.items() if not name.startswith("samples-")}
+    assert once and all(n == 1 for n in once.values()), writes
+    assert {n.split("-")[0] for n in once} >= {"pool", "objective", "self"}, writes
+    events, _ = session.read_events()
+    assert sum(e["kind"] == "stage_started" and e["stage"].startswith("sample self text") for e in events) == 1
+    assert any(e["kind"] == "log" and "to build" in e["message"] for e in events)  # one waited, and said so
+    assert completed(open_study(session, cfg)) == 4

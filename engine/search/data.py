@@ -28,6 +28,7 @@ from engine.prune.importance import REPAIR_METRICS, CalibStats, LayerScores, col
 from engine.prune.obs import obs_scores
 from engine.prune.reconstruct import Repair, dense_moments, merge_moments, moments_and_losses
 from engine.search.space import CALIB_LENS, SELECTIONS, repair_sources
+from engine.session.artifacts import build_lock
 from engine.session.store import Session
 
 CALIB_BATCH = 4  # windows per calibration forward/backward (the same as prune_with's default)
@@ -57,8 +58,11 @@ class SearchData:
         path = self.session.stats_dir / f"{name}.safetensors"
         if path.exists():
             return load_file(path)
-        tensors = build()
-        write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        with build_lock(self.session, name, self.sink, self.control):
+            if path.exists():  # another process (a worker) built it while this one waited
+                return load_file(path)
+            tensors = build()
+            write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
         return tensors
 
     def _windows(self, spec: str, role: str, n: int, length: int, seed: int) -> torch.Tensor:
@@ -87,9 +91,14 @@ class SearchData:
         """The calibration pool's and the objective's self text as one draw: different sequences of it."""
         if self._joint is None:
             cfg, sizes = self.cfg, list(self._self_roles().values())
-            with Stage(self.sink, "sample self text (calibration and objective)", sum(sizes), "samples") as st:
-                ids = sample_self(self.loaded.model, self.loaded.tokenizer, sum(sizes), max(CALIB_LENS), cfg.seed,
-                                  on_batch=st.advance, control=self.control)
+
+            def build() -> dict[str, torch.Tensor]:
+                with Stage(self.sink, "sample self text (calibration and objective)", sum(sizes), "samples") as st:
+                    return {"ids": sample_self(self.loaded.model, self.loaded.tokenizer, sum(sizes), max(CALIB_LENS),
+                                               cfg.seed, on_batch=st.advance, control=self.control)}
+
+            # kept on disk too: a worker started beside the driver reads this draw instead of sampling its own
+            ids = self._cached(f"self-{sum(sizes)}x{max(CALIB_LENS)}-{cfg.seed}", build)["ids"]
             self._joint = {"calibration": ids[: sizes[0]], "objective": ids[sizes[0]:]}
         return self._joint
 
@@ -116,7 +125,7 @@ class SearchData:
         """Per-window statistics of a pool at one window length, rows indexed as the pool: one backward per
         window, computed the first time a trial asks for that window and kept (stats/), so a search pays for
         the windows its trials use, not for the whole pool."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         key = (source, length)
         path = self.session.stats_dir / f"samples-{slug(source)}-{length}-{self.cfg.seed}.safetensors"
@@ -129,22 +138,38 @@ class SearchData:
         stats, have = self.samples.get(key, ({}, torch.zeros(ids.shape[0], dtype=torch.bool)))
         missing = sorted({int(i) for i in subset} - set(have.nonzero().flatten().tolist()))
         if missing:
-            model = self.loaded.model
-            # these windows' gradients are computed anyway: their sum serves taylor1 trials on them
-            grad_sum = self.grads.sum_accumulator(key, missing, model, whole=len(missing) == ids.shape[0])
-            with Stage(self.sink, f"per-sample statistics {source} x{length}"):
-                new = collect_sample_stats(model, ids[missing, :length], self.control, self.sink, grad_sum)
-            rows = torch.tensor(missing)
-            for k, v in new.items():
-                if k not in stats:
-                    stats[k] = torch.zeros((ids.shape[0], *v.shape[1:]), dtype=v.dtype)
-                stats[k][rows] = v
-            have = have.clone()
-            have[rows] = True
-            self.samples[key] = (stats, have)
-            tensors = {**stats, HAVE: have.to(torch.uint8)}
-            write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
-        return stats
+            with build_lock(self.session, path.stem, self.sink, self.control):
+                if path.exists():  # another process may have computed some of these windows meanwhile
+                    stored = load_file(path)
+                    have = stored.pop(HAVE, torch.ones(ids.shape[0], dtype=torch.bool)).bool()
+                    stats = stored
+                missing = sorted({int(i) for i in subset} - set(have.nonzero().flatten().tolist()))
+                if missing:
+                    self._compute_samples(key, path, ids, stats, have, missing)
+                else:
+                    self.samples[key] = (stats, have)
+        return self.samples.get(key, (stats, have))[0]
+
+    def _compute_samples(self, key: tuple[str, int], path, ids: torch.Tensor, stats: dict, have: torch.Tensor,
+                         missing: list[int]) -> None:
+        from safetensors.torch import save_file
+
+        source, length = key
+        model = self.loaded.model
+        # these windows' gradients are computed anyway: their sum serves taylor1 trials on them
+        grad_sum = self.grads.sum_accumulator(key, missing, model, whole=len(missing) == ids.shape[0])
+        with Stage(self.sink, f"per-sample statistics {source} x{length}"):
+            new = collect_sample_stats(model, ids[missing, :length], self.control, self.sink, grad_sum)
+        rows = torch.tensor(missing)
+        for k, v in new.items():
+            if k not in stats:
+                stats[k] = torch.zeros((ids.shape[0], *v.shape[1:]), dtype=v.dtype)
+            stats[k][rows] = v
+        have = have.clone()
+        have[rows] = True
+        self.samples[key] = (stats, have)
+        tensors = {**stats, HAVE: have.to(torch.uint8)}
+        write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
     def gradient_stats(self, model, source: str, length: int, subset: torch.Tensor, layer_ids: list[int],
                        squares: bool) -> CalibStats:
