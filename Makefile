@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaprune-installed
 
-.PHONY: demo prune test lint bench clean
+.PHONY: demo prune test soak lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ prune: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+soak: $(STAMP)
+	$(BIN)/pytest -q -s -m soak
 
 bench: $(STAMP)
 	$(BIN)/python bench/prune_recipes.py
