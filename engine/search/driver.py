@@ -55,6 +55,7 @@ from engine.session.study import (
 )
 
 MAX_DUPLICATES_IN_A_ROW = 25
+WAIT_S = 0.5  # how often a worker looks again while the others' running trials fill the budget
 MAX_FAILURES_IN_A_ROW = 5  # then the cause is not the configuration: stop and say why
 
 
@@ -78,10 +79,13 @@ class _Driver:
         self.duplicates_in_a_row = 0
         self.failures_in_a_row = 0
 
-    def budget_spent(self, before: int | None = None) -> bool:
+    def budget_spent(self, before: int | None = None, running: bool = True) -> bool:
+        """Whether the trials so far (with `running`, those other processes are evaluating too) fill the budget."""
+        from optuna.trial import TrialState
+
         trials = self.study.get_trials(deepcopy=False)
-        return sum(1 for t in trials if (before is None or t.number < before) and counts_toward_budget(t)) \
-            >= self.cfg.trials
+        return sum(1 for t in trials if (before is None or t.number < before) and counts_toward_budget(t)
+                   and (running or t.state != TrialState.RUNNING)) >= self.cfg.trials
 
     def claim(self):
         """Ask for the next trial, owned by this process from its first moment; None when the budget is spent
@@ -183,11 +187,17 @@ class _Driver:
         """Trials until the budget is spent (or the sampler only repeats itself)."""
         while True:
             self.control.checkpoint()
+            if self.budget_spent(running=False):
+                return
             if self.budget_spent():
-                return
+                # the trials other workers run fill the budget, unless one turns out a duplicate or dies:
+                # wait for them rather than leave the search one trial short
+                fail_orphans(self.study, self.sink)
+                time.sleep(WAIT_S)
+                continue
             trial = self.claim()
-            if trial is None:
-                return
+            if trial is None:  # another worker took the last slot meanwhile: look again
+                continue
             params = suggest(trial, self.sp, self.cfg.fixed)
             if self.reuse(trial, params):
                 if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
