@@ -44,6 +44,8 @@ class FakeBackend(Backend):
                           "done": 6, "best": 40.5, "status": "done", "log": list(self.events),
                           "plan": json.loads((DATA / "plan.json").read_text()),
                           "bench": json.loads((DATA / "bench.json").read_text())} for n in names}
+        if "alpha" in self.store:  # stopped with trials to go: `r` resumes it (a finished one has nothing to resume)
+            self.store["alpha"].update(done=4, status="stopped")
         self.calls: list[tuple] = []
         self.running: set[str] = set()
         self.delay = 0.0

@@ -144,6 +144,20 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
     run(go())
 
 
+def test_resuming_a_finished_search_starts_nothing(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            app.screen.query_one(DataTable).move_cursor(row=1)  # beta: all 6 trials done
+            await pilot.press("r")
+            await pilot.pause()
+            assert not [c for c in backend.calls if c[0] == "start"] and not app.searches()
+            assert isinstance(app.screen, SearchScreen)  # its trials, to look at
+
+    run(go())
+
+
 def test_pause_resume_and_cancel_a_running_search(tmp_path):
     """The app runs a search in a process of its own and controls it through the session's requests."""
     async def go():
@@ -408,7 +422,7 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
             assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", True, "best")
             await pilot.press("escape", "escape")
             assert isinstance(app.screen, SessionsScreen)
-            assert "done, LoRA" in str(app.screen.query_one(DataTable).get_cell("alpha", "status"))
+            assert "stopped, LoRA" in str(app.screen.query_one(DataTable).get_cell("alpha", "status"))
 
     run(go())
 

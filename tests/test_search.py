@@ -580,3 +580,18 @@ def test_two_workers_started_together_build_each_one_time_artifact_once(llama_fo
     assert sum(e["kind"] == "stage_started" and e["stage"].startswith("sample self text") for e in events) == 1
     assert any(e["kind"] == "log" and "to build" in e["message"] for e in events)  # one waited, and said so
     assert completed(open_study(session, cfg)) == 4
+
+
+def test_resuming_a_finished_search_loads_nothing_and_keeps_it_done(searched_template, tmp_path, monkeypatch):
+    import engine.search.driver as driver
+
+    session = searched_template(tmp_path / "s", "fin")
+    session.update(status="cancelled")  # e.g. a resume of it stopped while it loaded the model, before this fix
+
+    def loaded(*_a, **_k):
+        raise AssertionError("a finished search loaded its model")
+
+    monkeypatch.setattr(driver, "load_configured", loaded)
+    result = run_search(session)
+    assert result["already_done"] and result["completed"] == 2
+    assert session.manifest()["status"] == "done"

@@ -86,6 +86,11 @@ class AdapruneApp(App):
             self.notify(str(e), severity="error")
             return
         if mode == "drive" and not running:
+            row = next((r for r in self.backend.sessions() if r.get("name") == name), {})
+            if row.get("trials") and row.get("done", 0) >= row["trials"] and row.get("best") is not None:
+                self.notify(f"nothing to resume: {name} has run all {row['trials']} trials", severity="information")
+                mode = "view"
+        if mode == "drive" and not running:
             others = [n for n in self.searches() if n != name]
             if others:
                 self.notify(f"a search started here still runs ({others[0]}): one at a time, they share the "

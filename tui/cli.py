@@ -177,7 +177,12 @@ def _drive(session, worker: bool = False) -> None:
         else:
             with session.lock():
                 # requests made since this process began are for it (an app may ask before the lock is taken)
-                api.run_search(session, sink, since=STARTED)
+                result = api.run_search(session, sink, since=STARTED)
+            if result.get("already_done"):
+                n, (trial, value) = result["completed"], result["best"]
+                console.print(f"{escape(session.name)}: all {n} trials are done (best: trial {trial}, objective "
+                              f"{value:.3f}); nothing to resume. `adaprune search` with more --trials in a new "
+                              f"session searches further")
 
 
 @app.command("search")

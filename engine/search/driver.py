@@ -242,6 +242,19 @@ def settle_best(session: Session, cfg: SearchConfig, study, dense: Loaded, data:
     write_best(session, {"trial": b[0], "value": b[1], "params": params, "plan": plan})
 
 
+def _already_done(session: Session) -> dict | None:
+    """A search that has run all its trials and saved its best has nothing to resume: say so without loading
+    the model (and without turning its status into "cancelled" when the user stops that load)."""
+    cfg = SearchConfig.from_dict(session.config())
+    study = open_study(session, cfg)
+    done, b, record = completed(study), best_trial(study), best_record(session)
+    if done < cfg.trials or b is None or record is None or record.get("trial") != b[0]:
+        return None
+    if session.manifest().get("status") != "done":
+        session.update(status="done")
+    return {"completed": done, "best": b, "already_done": True}
+
+
 def _prepare(session: Session, sink: Sink) -> tuple[SearchConfig, Loaded, dict]:
     """The session's configuration, checked once without and once with the model; the dense model; the space."""
     cfg = SearchConfig.from_dict(session.config())
@@ -257,6 +270,10 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
                worker: bool = False, since: float | None = None) -> dict:
     """Drive (or, as a worker, join) the session's study until its trial budget is spent. `since`: when
     this run was asked for (a process's start); pause and cancel requests from before it are not for it."""
+    if not worker:
+        done = _already_done(session)
+        if done is not None:
+            return done
     sink = session.logged(sink)
     # pause and cancel from any process (an app attached later, after the terminal that started it is gone);
     # what was asked of an earlier run is not for this one (workers go by their driver's start)
