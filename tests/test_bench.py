@@ -215,3 +215,17 @@ def test_a_benchmark_logs_to_the_session_obeys_requests_and_runs_one_at_a_time(s
     logged = [e for e in searched.read_events()[0] if e.get("kind") == "metric"]
     assert logged and logged[-1]["model"] == "dense"
     assert searched.holder("bench") is None
+
+
+def test_later_edits_do_not_leak_into_the_rows_derived_from_best(searched):
+    """baseline and magnitude are made as best was (its protected layers), not with overrides the session took
+    on after it (those are the row plan:overrides)."""
+    cfg = BenchConfig(ppl=["stdlib-docs"], seq_lens=[32], ppl_windows=1, rows=["baseline", "magnitude"])
+    before = run_bench(searched, cfg)["rows"]
+    (searched.path / "bench.json").unlink()
+    config = searched.config()
+    searched.update(config={**config, "overrides": {"1": "lock"}})  # what a re-evaluate on Layers saves
+    after = run_bench(searched, cfg)["rows"]
+    for row in ("baseline", "magnitude"):
+        assert after[row]["plan"] == before[row]["plan"], row
+        assert after[row]["params"] == before[row]["params"]

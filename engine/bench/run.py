@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from engine.config import SELF, BenchConfig, RecoverConfig, SearchConfig
@@ -105,8 +105,12 @@ def row_models(session: Session, loaded, wanted: list[str] | None, windows_for, 
     """Each row in turn as (name, plan, the configuration a derived plan was made from, model), made only
     when its turn comes, so the first numbers arrive before the last plan is made. A derived plan (trial 0,
     oneshot, magnitude, random) is made once and kept in bench.json; the model it was made on is measured."""
-    cfg = SearchConfig.from_dict(session.config())
     best = best_record(session)
+    # derived rows keep the layers the best plan kept (its overrides), not edits the session took on later
+    # (those are the row plan:overrides): every row answers "what if best had been made another way"
+    made_with = ((best or {}).get("plan") or {}).get("recipe", {}).get("overrides", {})
+    cfg = replace(SearchConfig.from_dict(session.config()), overrides={
+        i: "lock" if list(kc) == [0, 0] else {"heads": kc[0], "channels": kc[1]} for i, kc in made_with.items()})
     names = check_rows(session, wanted)
     n_layers = len(decoder_layers(loaded.model))
     derived = {"baseline": {**baseline_params(cfg, n_layers), **cfg.fixed}}
@@ -134,7 +138,9 @@ def row_models(session: Session, loaded, wanted: list[str] | None, windows_for, 
             plan = session_plan(session, name)
         else:
             old = saved.get("rows", {}).get(name, {})
-            plan = old["plan"] if old.get("params_config") == params and old.get("plan") else None
+            same = old.get("params_config") == params and old.get("plan") and \
+                old["plan"].get("recipe", {}).get("overrides", {}) == made_with
+            plan = old["plan"] if same else None
         model = copy.deepcopy(dense)
         if plan is not None:
             apply_stored_plan(model, Plan.from_dict(plan), windows_for, control, sink)
