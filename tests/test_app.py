@@ -423,6 +423,18 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
             await pilot.press("escape", "escape")
             assert isinstance(app.screen, SessionsScreen)
             assert "stopped, LoRA" in str(app.screen.query_one(DataTable).get_cell("alpha", "status"))
+            # edits re-evaluated after the recovery: the edited plan is the default, and LoRA (trained on best)
+            # is not offered for it; choosing best offers it again
+            await pilot.press("l", "v", "y")
+            await settle(app, pilot)
+            await pilot.press("escape", "x")
+            await pilot.pause()
+            lora = app.screen.query_one("#lora")
+            assert app.screen.query_one("#choice-1").value and lora.disabled and not lora.value
+            assert "trained on best" in str(lora.label)
+            app.screen.query_one("#choice-0").value = True
+            await pilot.pause()
+            assert not lora.disabled and lora.value and "merge the LoRA recovery" in str(lora.label)
 
     run(go())
 

@@ -28,6 +28,7 @@ class ExportScreen(Screen):
         self.control = None  # the running export's, while it runs
         self.choices: list = []  # api.PlanChoice, in the order of the radio buttons
         self.trained: str | None = None  # the plan a finished recovery was trained on
+        self.lora_state: dict | None = None
         self.index = 0  # the chosen plan
 
     def compose(self) -> ComposeResult:
@@ -90,23 +91,35 @@ class ExportScreen(Screen):
         uniform.disabled = c.name != "best"  # uniform widths re-plan the best trial's configuration
         if uniform.disabled and uniform.value:
             self.query_one("#plan", RadioButton).value = True
+        self.sync_lora()
         out = self.query_one("#out", Input)
         if out.value.startswith(f"out/{self.session_name}"):  # still the suggestion: name it after the plan
             out.value = f"out/{self.session_name}-{c.name.removeprefix('plan:')}"
 
     def show_lora(self) -> None:
         try:
-            state = self.app.backend.recovery_state(self.session_name)
+            self.lora_state = self.app.backend.recovery_state(self.session_name)
         except AdapruneError:
-            state = None
-        lora = self.query_one("#lora", Checkbox)
-        if state is not None and state["status"] == "done":
-            self.trained = state.get("plan", "best")
+            self.lora_state = None
+        if self.lora_state is not None and self.lora_state["status"] == "done":
+            self.trained = self.lora_state.get("plan", "best")
+        self.sync_lora()
+
+    def sync_lora(self) -> None:
+        """The LoRA box: offered (and ticked) only for the plan the finished recovery was trained on."""
+        lora, state = self.query_one("#lora", Checkbox), self.lora_state
+        if state is None:
+            return
+        if state["status"] != "done":
+            lora.disabled, lora.value = True, False
+            lora.label = f"LoRA recovery {state['status']} at step {state['step']}: merge it once it is done"
+        elif self.choices and self.chosen().name == self.trained:
             lora.disabled, lora.value = False, True
-            lora.label = (f"with the LoRA recovery merged in (trained on {self.trained}, {state['step']} steps, "
-                          f"validation PPL {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f})")
-        elif state is not None:
-            lora.label = f"LoRA recovery stopped at step {state['step']}: finish it first (f on the sessions screen)"
+            lora.label = (f"merge the LoRA recovery ({state['step']} steps, validation PPL "
+                          f"{state['valid_ppl_before']:.1f} -> {state['valid_ppl_after']:.1f})")
+        else:
+            lora.disabled, lora.value = True, False
+            lora.label = f"LoRA recovery: trained on {self.trained}, not on this plan"
 
     def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
         if event.radio_set.id == "plans":
