@@ -158,6 +158,32 @@ def test_resuming_a_finished_search_starts_nothing(tmp_path):
     run(go())
 
 
+def test_the_recover_form_for_a_stopped_run_shows_its_start_button(tmp_path):
+    """Continuing a stopped recovery uses its own settings: the new-run fields hide, so Start is on screen."""
+    import json
+
+    from fake_backend import DATA
+
+    from tui.screens.recover import RecoverForm
+
+    async def go():
+        backend = FakeBackend(tmp_path)
+        state = json.loads((DATA / "recovery_state.json").read_text())
+        backend.store["alpha"]["recovery"] = {**state, "status": "stopped", "step": 3}
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f", "r")
+            await pilot.pause()
+            form = app.screen
+            assert isinstance(form, RecoverForm) and not form.query_one("#fresh").display
+            assert app.screen.region.contains_region(form.query_one("#run").region)
+            form.query_one("#resume").value = False  # train again: the fields come back
+            await pilot.pause()
+            assert form.query_one("#fresh").display and form.query_one("#steps").region.height == 1
+
+    run(go())
+
+
 def test_pause_resume_and_cancel_a_running_search(tmp_path):
     """The app runs a search in a process of its own and controls it through the session's requests."""
     async def go():

@@ -50,25 +50,40 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
                 yield Check("continue where it stopped (its own settings)", value=True, id="resume")
             elif self.state is not None:
                 yield Static("a finished recovery exists: starting discards it", markup=False, classes="error")
-            yield Static("LoRA fine-tuning of the pruned model (LLM-Pruner's recipe), resumable; export merges "
-                         "it in.", markup=False, classes="question")
-            if self.choices:
-                yield Label("Plan to train", classes="field")
-                with RadioSet(id="plan", compact=True):
-                    for i, c in enumerate(self.choices):
-                        value = f", objective {c.value:.3f}" if c.value is not None else ""
-                        yield Radio(f"{c.label}{value}", value=i == 0, id=f"plan-{i}", compact=True)
-            yield field_row("Text", Input(", ".join(d.data), id="data", compact=True))
-            yield Static("stdlib-docs, .txt/.jsonl/.parquet files, or hub names; comma-separated", markup=False,
-                         classes="dim hintline")
-            yield field_row("Steps", Input(str(d.steps), id="steps", compact=True))
-            yield field_row("LR", Input(f"{d.lr:g}", id="lr", compact=True))
-            yield field_row("LoRA rank", Input(str(d.rank), id="rank", compact=True))
-            yield field_row("Batch", Input(f"{d.batch_size}x{d.seq_len}", id="shape", compact=True))
-            yield Static("sequences x tokens per step", markup=False, classes="dim hintline")
+            with Vertical(id="fresh"):  # a new run's settings: hidden while "continue" is ticked
+                yield from self.fresh_fields(d)
             yield Static("", markup=False, id="problem", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Start (ctrl+s)", variant="primary", id="run", compact=True)
+
+    def fresh_fields(self, d: RecoverConfig) -> ComposeResult:
+        yield Static("LoRA fine-tuning of the pruned model (LLM-Pruner's recipe), resumable; export merges "
+                     "it in.", markup=False, classes="question")
+        if self.choices:
+            yield Label("Plan to train", classes="field")
+            with RadioSet(id="plan", compact=True):
+                for i, c in enumerate(self.choices):
+                    value = f", objective {c.value:.3f}" if c.value is not None else ""
+                    yield Radio(f"{c.label}{value}", value=i == 0, id=f"plan-{i}", compact=True)
+        yield field_row("Text", Input(", ".join(d.data), id="data", compact=True))
+        yield Static("stdlib-docs, .txt/.jsonl/.parquet files, or hub names; comma-separated", markup=False,
+                     classes="dim hintline")
+        yield field_row("Steps", Input(str(d.steps), id="steps", compact=True))
+        yield field_row("LR", Input(f"{d.lr:g}", id="lr", compact=True))
+        yield field_row("LoRA rank", Input(str(d.rank), id="rank", compact=True))
+        yield field_row("Batch", Input(f"{d.batch_size}x{d.seq_len}", id="shape", compact=True))
+        yield Static("sequences x tokens per step", markup=False, classes="dim hintline")
+
+    def on_mount(self) -> None:
+        self.show_fresh()
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        if event.checkbox.id == "resume":
+            self.show_fresh()
+
+    def show_fresh(self) -> None:
+        resume = self.query("#resume") and self.query_one("#resume", Checkbox).value
+        self.query_one("#fresh").display = not resume
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_run()
