@@ -129,15 +129,16 @@ class SessionControl(Control):
             req = None  # asked of an earlier run (or unreadable)
         command = req["command"] if req else "resume"
         if command == "cancel":
-            self.sink(Log(f"{self.job} stopping at a safe point: {_asker(req)} asked to cancel", "warning"))
+            self.sink(Log(f"{JOBS.get(self.job, self.job)} stopping at a safe point: {_asker(req)} asked to cancel",
+                          "warning"))
             self.inner.cancel()
         elif command == "pause" and not self.held:
             self.held = True
-            self.sink(Log(f"{self.job} paused at a safe point: {_asker(req)} asked; p in an app or `adaprune "
-                          f"resume {self.session.name}` resumes it", "warning"))
+            self.sink(Log(f"{JOBS.get(self.job, self.job)} paused at a safe point: {_asker(req)} asked; p in an "
+                          f"app or `adaprune resume {self.session.name}` resumes it", "warning"))
         elif command in ("resume", "cancel") and self.held:
             self.held = False
-            self.sink(Log(f"{self.job} resumed", "warning"))
+            self.sink(Log(f"{JOBS.get(self.job, self.job)} resumed", "warning"))
 
     def checkpoint(self) -> None:
         self._sync()
