@@ -481,6 +481,7 @@ def test_quit_asks_while_work_runs_and_engine_errors_do_not_crash(tmp_path):
             assert app.is_running and "alpha" not in backend.requests
             await pilot.press("f1")
             assert isinstance(app.screen, Help)
+            assert "[sessions.delete]" in app.screen.text and "[search.pause]" in app.screen.text  # keymap ids
             await pilot.press("escape", "ctrl+q")
             assert isinstance(app.screen, Choose)
             await pilot.press(answer)

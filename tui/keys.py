@@ -41,11 +41,12 @@ def bindings(cls: type) -> list[Binding]:
 
 
 def help_text(sections: list[tuple[str, type]], keymap: dict[str, str]) -> str:
-    """One block per screen: `key  what it does`, in the order the bindings are declared."""
+    """One block per screen: `key  what it does  [binding id]`, in the order the bindings are declared (the id
+    is what keymap.json remaps)."""
     out = []
     for title, cls in sections:
         out.append(title)
         for b in bindings(cls):
-            out.append(f"  {keys_of(b, keymap):<9} {b.tooltip or b.description}")
+            out.append(f"  {keys_of(b, keymap):<9} {b.tooltip or b.description}" + (f"  [{b.id}]" if b.id else ""))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
