@@ -77,8 +77,9 @@ def test_sessions_table_rename_and_delete(tmp_path):
             await pilot.press("enter")
             await pilot.pause()
             assert set(backend.store) == {"beta", "gamma"}
+            assert app.screen.selected() == "gamma"  # the cursor follows the renamed session, not its old row
             await pilot.press("d")
-            assert isinstance(app.screen, Confirm)
+            assert isinstance(app.screen, Confirm) and "gamma" in str(app.screen.question)
             await pilot.press("n")
             assert set(backend.store) == {"beta", "gamma"}
             await pilot.press("d", "y")

@@ -63,18 +63,19 @@ class SessionsScreen(Screen):
 
         self.app.call_from_thread(show)
 
-    def refresh_rows(self) -> None:
+    def refresh_rows(self, select: str | None = None) -> None:
+        """Read the sessions again; the cursor stays on the session it was on (or moves to `select`)."""
         self.generation += 1
         try:
             rows = self.app.backend.sessions()
         except AdapruneError as e:
             self.notify(str(e), severity="error")
             return
-        self.show_rows(rows)
+        self.show_rows(rows, select)
 
-    def show_rows(self, rows: list[dict]) -> None:
+    def show_rows(self, rows: list[dict], select: str | None = None) -> None:
         table = self.query_one(DataTable)
-        selected = self.selected()
+        selected = select or self.selected()
         table.clear()
         for r in rows:
             when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%m-%d %H:%M") if r.get("updated") else ""
@@ -159,9 +160,10 @@ class SessionsScreen(Screen):
             return None
 
         def done(new: str | None) -> None:
-            if new and new.strip() != name:
+            renamed = bool(new) and new.strip() != name
+            if renamed:
                 self.notify(f"renamed {name} to {new.strip()}")
-            self.refresh_rows()
+            self.refresh_rows(select=new.strip() if renamed else None)  # the cursor follows the session
 
         self.app.push_screen(Ask(f"New name for {name}:", name, rename), done)
 
