@@ -122,6 +122,9 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
                 assert screen.query_one(f"#{field}-problem", Static).region.height >= 1  # visible beside it
                 screen.query_one(f"#{field}", Input).value = {"model": "smollm2-135m", "sources": "stdlib-docs",
                                                                "objective": "stdlib-docs/valid"}[field]
+            screen.query_one("#name", Input).value = str(tmp_path)  # a path that exists: named as a bad name
+            await pilot.pause()
+            assert "letters, digits" in text_of(app, "#name-problem")
             screen.query_one("#prune", Input).value = "2"
             screen.query_one("#name", Input).value = "bad name"
             await pilot.pause()

@@ -75,7 +75,7 @@ class Backend:
                 problems[field_name] = str(e) if isinstance(e, AdapruneError) else "not a number"
 
         check("name", lambda: api.check_name(form.name))
-        if form.name and (self.root / form.name).exists():
+        if form.name and "name" not in problems and (self.root / form.name).exists():
             problems["name"] = f"a session named {form.name!r} exists already"
         check("model", lambda: api.check_model(form.model))
         check("prune", lambda: _fraction(form.prune))

@@ -34,7 +34,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_name(name: str) -> None:
     if not _NAME.match(name):
-        raise AdapruneError(f"session name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)")
+        raise AdapruneError(f"session name {name!r}: use letters, digits, '.', '_' or '-' (up to 64), starting "
+                            f"with a letter or digit")
 
 
 def default_dir() -> Path:
