@@ -107,7 +107,9 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
                 box = screen.query_one(f"#{field}", Input)  # every field's value is on screen at 80x24
                 assert box.region.height >= 1 and app.screen.region.contains_region(box.region), field
             assert app.focused is screen.query_one("#name", Input)  # at the top, not on Start
-            assert not any(type(w) is VerticalScroll for w in await tab_stops(app, pilot))
+            stops = await tab_stops(app, pilot)
+            assert not any(type(w) is VerticalScroll for w in stops)
+            assert screen.query_one("#metrics").highlighted is not None  # focused, it shows where its cursor is
             screen.query_one("#name", Input).focus()
             await pilot.press("enter")
             assert not backend.calls  # a stray Enter starts nothing
@@ -378,6 +380,7 @@ def test_export_writes_the_chosen_folder(tmp_path):
             assert isinstance(app.screen, ExportScreen)
             assert "widths" in text_of(app, "#format") and "parameters removed" in text_of(app, "#format")
             assert not any(type(w) is VerticalScroll for w in await tab_stops(app, pilot, 12))
+            assert app.screen.query_one("#plans").query(".-selected")  # a keyboard cursor (seen in no-color)
             app.screen.query_one("#out", Input).focus()
             app.screen.query_one("#out", Input).value = str(tmp_path / "out")
             await pilot.press("enter")  # moves on: only ctrl+s or the button writes

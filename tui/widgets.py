@@ -23,6 +23,11 @@ class Check(Checkbox):
 
 
 class Checklist(SelectionList[str]):
+    def on_focus(self) -> None:
+        """Focused with nothing highlighted, the list shows no cursor at all (invisible in no-color)."""
+        if self.highlighted is None and self.option_count:
+            self.highlighted = 0
+
     def render_line(self, y: int) -> Strip:
         strip = super().render_line(y)
         try:

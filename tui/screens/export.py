@@ -72,6 +72,8 @@ class ExportScreen(Screen):
             plans.mount(Radio(f"{c.label}{value}: {c.plan.params_after:,} parameters", value=i == default,
                                     id=f"choice-{i}", compact=True))
         self.index = default
+        # buttons mounted after the set: give it its keyboard cursor (else focus shows nowhere in no-color)
+        self.call_after_refresh(plans.action_next_button)
         self.show_lora()
         self.show_choice()
         out = self.query_one("#out", Input)
