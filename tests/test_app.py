@@ -204,6 +204,8 @@ def test_pause_resume_and_cancel_a_running_search(tmp_path):
             assert "running in process 4242" in text_of(app, "#title")
             await pilot.press("p")
             assert backend.requests["alpha"] == "pause" and "pause requested" in text_of(app, "#title")
+            # the footer's p now says Resume, not Pause
+            assert screen.check_action("resume", ()) and not screen.check_action("pause", ())
             await pilot.pause(0.2)
             rows = screen.query_one(DataTable).row_count
             await pilot.pause(0.3)

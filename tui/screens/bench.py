@@ -71,6 +71,7 @@ class BenchScreen(FollowsProcess, Screen):
 
     BINDINGS = [Binding("r", "run", "Run / extend", id="bench.run", tooltip="run or extend the table (a form)"),
                 Binding("p", "pause", "Pause", id="bench.pause", tooltip="pause or resume at the next measurement"),
+                Binding("p", "resume", "Resume", id="bench.resume", tooltip="go on from where it paused"),
                 Binding("c", "cancel", "Cancel", id="bench.cancel",
                         tooltip="stop (what is measured is kept; r runs the rest)"),
                 Binding("escape", "back", "Back", id="bench.back", tooltip="back (the benchmark keeps running)")]

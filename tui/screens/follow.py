@@ -48,9 +48,15 @@ class JobControls:
             self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action in ("pause", "cancel"):
-            return self.control is not None  # offered only while the job runs here
+        # offered only while the job runs here; p pauses, or resumes once paused (the footer says which)
+        if action == "cancel":
+            return self.control is not None
+        if action in ("pause", "resume"):
+            return self.control is not None and self.control.paused == (action == "resume")
         return True
+
+    def action_resume(self) -> None:
+        self.action_pause()  # toggles: the binding shown says which way
 
 
 class FollowsProcess(JobControls):
@@ -108,6 +114,7 @@ class FollowsProcess(JobControls):
         else:
             self.control.pause()
             self.say(self.PAUSE_NOTE)
+        self.refresh_bindings()
 
     def action_cancel(self) -> None:
         if self.control is None:

@@ -124,6 +124,7 @@ class RecoverScreen(FollowsProcess, Screen):
     BINDINGS = [
         Binding("r", "train", "Recover", id="recover.train", tooltip="start or continue the recovery (a form)"),
         Binding("p", "pause", "Pause", id="recover.pause", tooltip="pause or resume at the next step"),
+        Binding("p", "resume", "Resume", id="recover.resume", tooltip="go on from where it paused"),
         Binding("c", "cancel", "Cancel", id="recover.cancel", tooltip="stop (finished steps are kept; r continues)"),
         Binding("x", "export", "Export", id="recover.export", tooltip="export with the adapter merged in"),
         Binding("escape", "back", "Back", id="recover.back", tooltip="back (the recovery keeps running)"),

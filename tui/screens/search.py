@@ -43,6 +43,7 @@ COLUMNS = ("trial", "objective", "vs base", "state", "metric", "calibration", "l
 class SearchScreen(JobControls, Screen):
     BINDINGS = [
         Binding("p", "pause", "Pause", id="search.pause", tooltip="pause or resume at the next safe point"),
+        Binding("p", "resume", "Resume", id="search.resume", tooltip="go on from where it paused"),
         Binding("c", "cancel", "Cancel", id="search.cancel", tooltip="stop the search (the session stays resumable)"),
         Binding("l", "layers", "Layers", id="search.layers", tooltip="the best plan, layer by layer"),
         Binding("b", "bench", "Bench", id="search.bench", tooltip="benchmarks"),
@@ -61,6 +62,7 @@ class SearchScreen(JobControls, Screen):
         self.log_offset = 0
         self.stage_started = 0.0
         self.trials_total = 0
+        self.pause_acked = False  # the engine logged that it has paused (not only that a pause was asked)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -109,7 +111,9 @@ class SearchScreen(JobControls, Screen):
                 what = f"running in process {holder.get('pid')} on {holder.get('host')}"
             else:
                 what = "following its events (no process holds it)"
-        paused = " — pause requested" if self.control is not None and self.control.paused else ""
+        paused = ""
+        if self.control is not None and self.control.paused:
+            paused = " — paused (p resumes)" if self.pause_acked else " — pause requested"
         self.query_one("#title", Static).update(f"session {self.session_name}: {what}{paused}")
         self.refresh_bindings()  # pause and cancel are offered only while this app runs the search
 
@@ -205,6 +209,10 @@ class SearchScreen(JobControls, Screen):
                 self.query_one("#stage", Static).update(f"{event.stage} ({event.outcome})")
         elif isinstance(event, Log) and event.level != "info":
             self.query_one("#log", Static).update(_short(event.message, 200))  # the trial's plan line is not shown
+            if "paused at a safe point" in event.message or event.message.endswith(" resumed"):
+                self.pause_acked = "paused at a safe point" in event.message  # the engine says it has paused
+                if live:
+                    self.update_title()
         elif isinstance(event, SearchFinished) and live:
             best = f", best trial {event.best_number} ({event.best_value:.3f})" if event.best_value else ""
             more = " (resumable: r on the sessions screen)" if event.status == "cancelled" else ""
