@@ -311,6 +311,7 @@ def test_layers_review_override_and_reevaluate(tmp_path):
             await settle(app, pilot)
             assert backend.calls[-1] == ("reevaluate", "alpha", {pruned: (1, 0)})
             assert "objective 41.250" in text_of(app, "#status")
+            assert "your re-evaluated edits" in text_of(app, "#summary")  # the rows are the plan just measured
             await pilot.press("r")
             assert "on target" in text_of(app, "#summary")
             await pilot.press("v", "y")  # no edits: clears the overrides

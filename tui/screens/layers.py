@@ -15,7 +15,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 
-from engine.api import check_edit, counts_of, layer_rows, overrides_to_edits, params_with
+from engine.api import OVERRIDES_PLAN, check_edit, counts_of, layer_rows, overrides_to_edits, params_with
 from engine.errors import AdapruneError
 from engine.events import Log, StageProgress, StageStarted
 from tui.jobs import EngineEvent, JobDone, start_job
@@ -56,6 +56,7 @@ class LayersScreen(Screen):
         self.control = None  # the running re-evaluation's
         self.saved: dict[int, tuple[int, int]] = {}  # the edits the session holds (re-evaluated)
         self.pending: dict[int, tuple[int, int]] = {}  # the edits being re-evaluated
+        self.showing = ""  # what the rows show, when not the best plan (the re-evaluated edits)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -106,8 +107,9 @@ class LayersScreen(Screen):
         target = p.params_before - p.target_removed
         status = "on target" if abs(after - target) <= 0.002 * p.params_before else (
             f"{(target - after) / p.params_before:+.2%} from the target: re-evaluate (v) rebalances the other layers")
+        shown = self.showing or f"best trial {self.best['trial']} (objective {self.best['value']:.3f})"
         self.query_one("#summary", Static).update(
-            f"best trial {self.best['trial']} (objective {self.best['value']:.3f}) — parameters {after:,} of "
+            f"{shown} — parameters {after:,} of "
             f"{p.params_before:,} ({1 - after / p.params_before:.2%} removed; target "
             f"{p.target_removed / p.params_before:.0%}): {status}")
 
@@ -244,6 +246,14 @@ class LayersScreen(Screen):
             return
         r = message.result
         self.saved = self.pending
+        try:  # the rows show the plan just measured: the other layers as the re-evaluation rebalanced them
+            fresh = next((c.plan for c in self.app.backend.plans(self.session_name)
+                          if c.name == f"plan:{OVERRIDES_PLAN}"), None)
+        except AdapruneError:
+            fresh = None
+        if fresh is not None:
+            self.plan, self.showing = fresh, f"your re-evaluated edits (objective {r['value']:.3f})"
+            self.render_rows()
         self.query_one("#status", Static).update(
             f"with these overrides: objective {r['value']:.3f} (best trial: {self.best['value']:.3f}), "
             f"{r['params_after']:,} parameters; saved as the session's overrides and as plan:overrides (x exports it)")
