@@ -338,11 +338,18 @@ def test_bench_table_and_run(tmp_path):
             await pilot.press("ctrl+s")
             assert "no-such-file" in text_of(app, "#problem")  # refused in the form, before any work
             app.screen.query_one("#ppl", Input).value = "stdlib-docs"
+            app.screen.query_one("#rows", Input).value = "dense, nope"
+            await pilot.press("ctrl+s")
+            assert "no row 'nope'" in text_of(app, "#problem")
+            app.screen.query_one("#rows", Input).value = "dense, best"
+            app.screen.query_one("#windows", Input).value = "2"
+            assert app.screen.region.contains_region(app.screen.query_one("#run").region)  # at 80x24
             await pilot.press("ctrl+s")
             screen = app.screen
             # its own process: followed through the events log, the table refreshed as numbers land
             await until(pilot, lambda: ("alpha", "bench") in {(n, j) for j, n in app.background})
             assert backend.calls[-1][0] == "bench" and backend.calls[-1][2].ppl == ["stdlib-docs"]
+            assert backend.calls[-1][2].rows == ["dense", "best"] and backend.calls[-1][2].ppl_windows == 2
             await until(pilot, lambda: "benchmark done" in text_of(app, "#status"))
             assert screen.control is None and not app.searches("bench")
 

@@ -33,6 +33,10 @@ class BenchForm(ModalScreen[BenchConfig | None]):
             yield field_row("PPL texts", Input("stdlib-docs", id="ppl", compact=True))
             yield Static(f"{', '.join(api.HUB_TEXTS)} (need the hub), {api.BUILTIN_TEXT}, or .txt/.jsonl/.parquet "
                          f"files", markup=False, classes="dim hintline")
+            yield field_row("Windows", Input("40", id="windows", placeholder="0: the whole text", compact=True))
+            yield field_row("Rows", Input("", id="rows", placeholder="all", compact=True))
+            yield Static("dense, best, baseline, oneshot, oneshot-repaired, magnitude, random, recovered, "
+                         "plan:NAME", markup=False, classes="dim hintline")
             yield Check("speed and memory (prefill and decode; slow on a CPU)", value=False, id="speed",
                            compact=True)
             yield Static("", markup=False, id="problem", classes="error")
@@ -50,14 +54,22 @@ class BenchForm(ModalScreen[BenchConfig | None]):
         items = [t.strip() for t in self.query_one("#tasks", Input).value.split(",") if t.strip()]
         ppl = [t.strip() for t in self.query_one("#ppl", Input).value.split(",") if t.strip()]
         limit = self.query_one("#limit", Input).value.strip()
+        windows = self.query_one("#windows", Input).value.strip()
+        rows = [t.strip() for t in self.query_one("#rows", Input).value.split(",") if t.strip()]
         try:
             cfg = BenchConfig(tasks=items, ppl=ppl, limit=int(limit) if limit else None,
+                              ppl_windows=int(windows or 0) or None, rows=rows or None,
                               speed=self.query_one("#speed", Checkbox).value)
             if not (cfg.tasks or cfg.ppl or cfg.speed):
                 raise AdapruneError("choose something to measure")
+            known = ("dense", "best", "baseline", "oneshot", "oneshot-repaired", "magnitude", "random", "recovered")
+            bad = [r for r in rows if r not in known and not r.startswith("plan:")]
+            if bad:
+                raise AdapruneError(f"no row {bad[0]!r}: choose among those listed under Rows")
             api.validate_bench(cfg)
         except (AdapruneError, ValueError) as e:
-            self.query_one("#problem", Static).update(str(e) if isinstance(e, AdapruneError) else "limit: a number")
+            self.query_one("#problem", Static).update(str(e) if isinstance(e, AdapruneError) else
+                                                      "rows/task and windows: whole numbers")
             return
         self.dismiss(cfg)
 
