@@ -102,6 +102,8 @@ def test_the_cli_pauses_resumes_and_cancels_a_headless_search(tmp_path, tokenize
         r = cli("resume", "h")  # running and paused: un-paused, not a second driver
         assert r.exit_code == 0 and "to go on" in r.output, r.output
         logged("search resumed")
+        r = cli("resume", "h")  # running and not paused: nothing to resume, and it says what would help
+        assert r.exit_code == 2 and "not paused" in r.output and "adaprune pause h" in r.output, r.output
         r = cli("resume", "h", "--job", "recover")
         assert r.exit_code == 2 and "adaprune recover h --resume" in r.output
         r = cli("cancel", "h", "--job", "bench")
