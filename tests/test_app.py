@@ -257,6 +257,11 @@ def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
             assert screen.query_one(DataTable).row_count == 0
             backend.store["beta"]["log"].extend(recorded_events())  # the headless process writes its log
             await until(pilot, lambda: screen.query_one(DataTable).row_count == N_TRIALS)
+            await pilot.press("ctrl+q")  # quitting while following another's search asks, as for our own
+            from tui.screens.dialogs import Choose
+            assert isinstance(app.screen, Choose) and "search of beta" in str(app.screen.question)
+            await pilot.press("escape")
+            assert app.screen is screen and "beta" not in backend.requests
             await pilot.press("c")  # nothing of ours to cancel
             assert not any(c[0] == "search" for c in backend.calls)
 

@@ -24,6 +24,7 @@ from tui.backend import Backend, NewSession
 from tui.screens.bench import BenchScreen
 from tui.screens.dialogs import HELP_INTRO, Choose, Confirm, Help
 from tui.screens.export import ExportScreen
+from tui.screens.follow import Remote
 from tui.screens.layers import LayersScreen
 from tui.screens.new_session import NewSessionScreen
 from tui.screens.recover import RecoverScreen
@@ -156,6 +157,11 @@ class AdapruneApp(App):
 
     def action_quit_app(self) -> None:
         running = [(job, name) for job in ("search", "recover", "bench") for name in self.searches(job)]
+        # and those another process runs that a screen here follows (and can pause and cancel)
+        for screen in self.screen_stack:
+            control = getattr(screen, "control", None)
+            if isinstance(control, Remote) and (control.job, control.name) not in running:
+                running.append((control.job, control.name))
         if running and not self.jobs:
             noun = {"search": "search", "recover": "recovery", "bench": "benchmark"}
             what = ", ".join(f"the {noun[job]} of {name}" for job, name in running)
