@@ -257,6 +257,13 @@ def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
             assert screen.query_one(DataTable).row_count == 0
             backend.store["beta"]["log"].extend(recorded_events())  # the headless process writes its log
             await until(pilot, lambda: screen.query_one(DataTable).row_count == N_TRIALS)
+            from engine.search.trial_rows import TrialRow
+            params = screen.board.rows[0].params  # a row updated in place to a wider state is not cut
+            for state in ("running", "duplicate"):
+                screen.show_row(TrialRow(99, params, state=state))
+                await pilot.pause()
+            table = screen.query_one(DataTable)
+            assert table.columns["state"].content_width >= len("duplicate")
             await pilot.press("ctrl+q")  # quitting while following another's search asks, as for our own
             from tui.screens.dialogs import Choose
             assert isinstance(app.screen, Choose) and "search of beta" in str(app.screen.question)

@@ -234,7 +234,7 @@ class SearchScreen(JobControls, Screen):
         key = str(r.number)
         if key in table.rows:
             for col, value in zip(COLUMNS, cells, strict=True):
-                table.update_cell(key, col, value)
+                table.update_cell(key, col, value, update_width=True)  # "running" -> "stopped at 3"
         else:
             table.add_row(*cells, key=key)
 
