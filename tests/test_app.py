@@ -431,6 +431,10 @@ def test_export_writes_the_chosen_folder(tmp_path):
             await pilot.pause()
             assert "edited plan" in str(app.screen.query_one("#choice-1").label)
             assert app.screen.query_one("#choice-1").value and app.screen.query_one("#uniform").disabled
+            for chosen, other in ((0, 1), (1, 0)):  # one plan chosen at a time, and chosen again
+                app.screen.query_one(f"#choice-{chosen}").value = True
+                await pilot.pause()
+                assert not app.screen.query_one(f"#choice-{other}").value and app.screen.index == chosen
             await pilot.press("ctrl+s")
             await settle(app, pilot)
             assert backend.calls[-1][-1] == "plan:overrides" and "saved plan:overrides" in text_of(app, "#status")
@@ -475,6 +479,7 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
             await pilot.press("ctrl+s")
             await settle(app, pilot)
             assert backend.calls[-1] == ("export", "alpha", str(tmp_path / "out"), False, "plan", True, "best")
+            assert "LoRA recovery merged in" in text_of(app, "#status")  # the outcome says what was written
             await pilot.press("escape", "escape")
             assert isinstance(app.screen, SessionsScreen)
             assert "stopped, LoRA" in str(app.screen.query_one(DataTable).get_cell("alpha", "status"))
@@ -490,6 +495,12 @@ def test_recovery_runs_live_pauses_and_then_exports_merged(tmp_path):
             app.screen.query_one("#choice-0").value = True
             await pilot.pause()
             assert not lora.disabled and lora.value and "merge the LoRA recovery" in str(lora.label)
+            lora.value = False  # cleared by the user: switching plans and back keeps it cleared
+            await pilot.pause()
+            for i in (1, 0):
+                app.screen.query_one(f"#choice-{i}").value = True
+                await pilot.pause()
+            assert not lora.disabled and not lora.value
 
     run(go())
 

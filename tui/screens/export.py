@@ -30,13 +30,17 @@ class ExportScreen(Screen):
         self.trained: str | None = None  # the plan a finished recovery was trained on
         self.lora_state: dict | None = None
         self.index = 0  # the chosen plan
+        self.problem = ""  # the plans could not be read
+        self.exported_lora = False  # the running or last export merges the LoRA recovery
+        self.lora_wanted = True  # the LoRA box as the user left it (ticked until they clear it)
 
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll(id="export", can_focus=False):  # Tab goes field to field; focus scrolls
             yield Static(f"export session {self.session_name}", markup=False, id="title")
             yield Label("Plan to write", classes="field")
-            yield RadioSet(id="plans", compact=True)
+            # the buttons are composed in the set (mounted later, the set would not know which one is on)
+            yield RadioSet(*self.plan_buttons(), id="plans", compact=True)
             yield Static("", markup=False, id="format", classes="dim")
             yield Label("Widths", classes="field")
             with RadioSet(id="widths", compact=True):
@@ -53,27 +57,23 @@ class ExportScreen(Screen):
         yield Static("", markup=False, id="status")
         yield Footer(compact=True)
 
-    def on_mount(self) -> None:
+    def plan_buttons(self) -> list[Radio]:
         try:
             self.choices = self.app.backend.plans(self.session_name)
         except AdapruneError as e:
-            self.query_one("#status", Static).update(f"error: {e}")
-            self.query_one("#go", Button).disabled = True
-            return
-        if not self.choices:
-            self.query_one("#status", Static).update("no completed trial yet: nothing to export")
-            self.query_one("#go", Button).disabled = True
-            return
-        plans = self.query_one("#plans", RadioSet)
+            self.problem = f"error: {e}"
+            return []
         # your edits, once re-evaluated, are what you meant to export: chosen by default (and said so)
-        default = next((i for i, c in enumerate(self.choices) if c.name == f"plan:{api.OVERRIDES_PLAN}"), 0)
-        for i, c in enumerate(self.choices):
-            value = f", objective {c.value:.3f}" if c.value is not None else ""
-            plans.mount(Radio(f"{c.label}{value}: {c.plan.params_after:,} parameters", value=i == default,
-                                    id=f"choice-{i}", compact=True))
-        self.index = default
-        # buttons mounted after the set: give it its keyboard cursor (else focus shows nowhere in no-color)
-        self.call_after_refresh(plans.action_next_button)
+        self.index = next((i for i, c in enumerate(self.choices) if c.name == f"plan:{api.OVERRIDES_PLAN}"), 0)
+        return [Radio(f"{c.label}{f', objective {c.value:.3f}' if c.value is not None else ''}: "
+                      f"{c.plan.params_after:,} parameters", value=i == self.index, id=f"choice-{i}", compact=True)
+                for i, c in enumerate(self.choices)]
+
+    def on_mount(self) -> None:
+        if self.problem or not self.choices:
+            self.query_one("#status", Static).update(self.problem or "no completed trial yet: nothing to export")
+            self.query_one("#go", Button).disabled = True
+            return
         self.show_lora()
         self.show_choice()
         out = self.query_one("#out", Input)
@@ -116,12 +116,16 @@ class ExportScreen(Screen):
             lora.disabled, lora.value = True, False
             lora.label = f"LoRA recovery {state['status']} at step {state['step']}: merge it once it is done"
         elif self.choices and self.chosen().name == self.trained:
-            lora.disabled, lora.value = False, True
+            lora.disabled, lora.value = False, self.lora_wanted
             lora.label = (f"merge the LoRA recovery ({state['step']} steps, validation PPL "
                           f"{state['valid_ppl_before']:.1f} -> {state['valid_ppl_after']:.1f})")
         else:
             lora.disabled, lora.value = True, False
             lora.label = f"LoRA recovery: trained on {self.trained}, not on this plan"
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        if event.checkbox.id == "lora" and not event.checkbox.disabled:
+            self.lora_wanted = event.value  # the user's; switching plans and back keeps it
 
     def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
         if event.radio_set.id == "plans":
@@ -156,8 +160,8 @@ class ExportScreen(Screen):
         if Path(out).expanduser().exists() and not force:  # before any work, in the words of this form
             self.say(f"{out} exists: tick 'replace the folder if it exists', or give another folder")
             return
-        self.running = True
-        self.say(f"writing {plan} to {out}…")
+        self.running, self.exported_lora = True, recovered
+        self.say(f"writing {plan}{' with the LoRA recovery merged in' if recovered else ''} to {out}…")
         self.control = start_job(self, "export", lambda sink, control: self.app.backend.export(
             name, out, force, widths, sink, control, recovered, plan))
 
@@ -182,7 +186,8 @@ class ExportScreen(Screen):
             return
         out = self.query_one("#out", Input).value.strip()
         how = "plain transformers" if message.result == "uniform" else "trust_remote_code=True"
-        self.say(f"saved {self.chosen().name} to {out} ({message.result} widths; loads with {how})")
+        merged = ", the LoRA recovery merged in" if self.exported_lora else ""
+        self.say(f"saved {self.chosen().name}{merged} to {out} ({message.result} widths; loads with {how})")
         self.notify(f"exported to {out}")
 
     def action_back(self) -> None:
