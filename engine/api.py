@@ -51,8 +51,15 @@ __all__ = [
 
 
 def bench_results(session: Session) -> dict | None:
-    """The session's benchmark table (bench.json), or None before the first `bench`."""
-    return session.read_json(RESULTS)
+    """The session's benchmark table (bench.json), or None before the first `bench`; a row whose model changed
+    since it was measured (a new best, a re-trained recovery) carries "outdated": why."""
+    from engine.bench.outdated import outdated_rows
+
+    results = session.read_json(RESULTS)
+    if results:
+        for name, why in outdated_rows(session, results).items():
+            results["rows"][name]["outdated"] = why
+    return results
 
 
 def best_plan(session: Session) -> tuple[Plan | None, dict | None]:

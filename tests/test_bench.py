@@ -229,3 +229,30 @@ def test_later_edits_do_not_leak_into_the_rows_derived_from_best(searched):
     for row in ("baseline", "magnitude"):
         assert after[row]["plan"] == before[row]["plan"], row
         assert after[row]["params"] == before[row]["params"]
+
+
+def test_rows_of_a_model_the_session_no_longer_has_are_marked_outdated(tmp_path, searched_template):
+    from engine import api
+    from engine.session.layout import best_record, plan_id, save_plan, write_best
+
+    session = searched_template(tmp_path, "old")
+    best = best_record(session)
+    saved = {**best["plan"], "note": "edited"}
+    save_plan(session, "mine", saved)
+    rows = {"dense": {"plan_id": "dense", "params": 10}, "best": {"plan_id": plan_id(best["plan"]), "params": 8},
+            "plan:mine": {"plan_id": plan_id(saved), "params": 8},
+            "recovered": {"plan_id": plan_id(best["plan"]) + "+lora-abc", "params": 8, "recovery_loss": "LM"}}
+    session.write_json("bench.json", {"rows": rows, "dense_params": 10})
+    marked = {n: r.get("outdated") for n, r in api.bench_results(session)["rows"].items()}
+    assert marked == {"dense": None, "best": None, "plan:mine": None,
+                      "recovered": "its LoRA recovery was discarded"}
+    write_best(session, {**best, "plan": {**best["plan"], "note": "a new best"}})
+    save_plan(session, "mine", {**saved, "note": "again"})
+    results = api.bench_results(session)
+    assert results["rows"]["best"]["outdated"] == "a new best trial since"
+    assert results["rows"]["plan:mine"]["outdated"] == "plan:mine was saved again since"
+    header, body = api.table(results)
+    assert [line[0] for line in body] == ["dense", "best (outdated)", "recovered (LM) (outdated)",
+                                          "plan:mine (outdated)"]
+    assert "recovered is outdated: its LoRA recovery was discarded" in api.to_markdown(results)
+    assert "outdated" not in json.loads((session.path / "bench.json").read_text())["rows"]["best"]  # only shown

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from engine.bench.outdated import row_identity
 from engine.config import SELF, BenchConfig, RecoverConfig, SearchConfig
 from engine.control import Control
 from engine.data.text import load_text, parse_spec, text_hash
@@ -36,9 +37,7 @@ from engine.search.space import baseline_params
 from engine.search.trial import prune_trial
 from engine.session.layout import (
     RESULTS,
-    adapter_id,
     best_record,
-    plan_id,
     recovery_state,
     saved_plans,
     session_plan,
@@ -202,7 +201,7 @@ def _measure(session: Session, cfg: BenchConfig, tasks, texts, sink: Sink, contr
     windows_for = SearchData(session, scfg, loaded, sink, control).repair_windows  # for repaired plans
     for name, plan, params_config, model in row_models(session, loaded, cfg.rows, windows_for, sink, control):
         row = results["rows"].get(name, {})
-        ident = plan_id(plan) + (f"+lora-{adapter_id(session)}" if name == "recovered" else "")
+        ident = row_identity(session, name, plan)
         if row.get("plan_id") != ident:
             row = {}  # a different plan now (e.g. a new best): its old numbers describe another model
         if name == "recovered":

@@ -31,6 +31,7 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
     for name in order:
         r = rows[name]
         shown = f"{name} ({r['recovery_loss']})" if r.get("recovery_loss") else name
+        shown += " (outdated)" if r.get("outdated") else ""
         line = [shown, f"{r['params']:,}", f"{r['params'] / total:.1%}" if total else ""]
         line += [_f(r.get("ppl", {}).get(k, {}).get("value"), ".2f") for k in ppl_keys]
         accs = {k: r.get("zeroshot", {}).get(k, {}).get("acc") for k in task_keys}
@@ -88,6 +89,8 @@ def provenance(results: dict) -> list[str]:
     lines = [f"{', '.join(names) if len(envs) > 1 else 'all rows'}: {env}" for env, names in envs.items()]
     lines += list(sources)
     lines.append("plans: " + ", ".join(f"{n} {r.get('plan_id')}" for n, r in rows.items()))
+    lines += [f"{n} is outdated: {r['outdated']} (its numbers are of the model it measured then; bench measures "
+              f"it again)" for n, r in rows.items() if r.get("outdated")]
     return lines
 
 
