@@ -134,6 +134,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 def event_from_dict(data: dict[str, Any]) -> Event:
     data = dict(data)
+    data.pop("job", None)  # which job logged it (a session's log holds them all)
     cls = EVENT_TYPES[data.pop("kind")]
     return cls(**data)
 

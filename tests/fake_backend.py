@@ -190,9 +190,9 @@ class FakeBackend(Backend):
     def last_error(self, name: str, job: str = "search") -> str | None:
         return "error: the model folder vanished: restore it or start a new session"
 
-    def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
+    def follow(self, name: str, offset: int, job: str | None = None) -> tuple[list[Event], int]:
         log = self._get(name)["log"]
-        return [event_from_dict(dict(r)) for r in log[offset:]], len(log)
+        return [event_from_dict(dict(r)) for r in log[offset:] if job is None or r.get("job", job) == job], len(log)
 
     def best_plan(self, name: str):
         best = self._get(name)["plan"]

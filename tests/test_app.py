@@ -164,6 +164,37 @@ def test_resuming_a_finished_search_starts_nothing(tmp_path):
     run(go())
 
 
+def test_a_saved_search_says_how_its_last_run_ended_and_shows_only_its_own_events(tmp_path):
+    events = recorded_events()
+    cut = next(i for i, e in enumerate(events) if e["kind"] == "trial_started" and e["number"] == 3)
+    cancelled = [{"kind": "log", "t": 0.0, "message": "search stopping at a safe point: the app asked to cancel",
+                  "level": "warning"},
+                 {"kind": "search_finished", "t": 0.0, "status": "cancelled", "completed": 3, "total": 6,
+                  "best_number": 1, "best_value": 382.8}]
+    bench = [{"kind": "stage_started", "t": 0.0, "stage": "PPL stdlib-docs@128 (best)", "total": 4, "unit": "",
+              "job": "bench"}]
+
+    async def go(log: list[dict]) -> tuple[str, str, str]:
+        backend = FakeBackend(tmp_path)
+        backend.store["beta"]["log"] = log
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            app.screen.query_one(DataTable).move_cursor(row=1)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, SearchScreen)
+            return text_of(app, "#title"), text_of(app, "#log"), text_of(app, "#stage")
+
+    title, log, _ = run(go(events[:cut] + cancelled))
+    assert "cancelled, 3/6 trials" in title and "r on the sessions screen resumes" in title
+    assert "asked to cancel" in log
+    # resumed later to the end, then benchmarked: the cancel is old news and the bench's stages are not the search's
+    title, log, stage = run(go(events[:cut] + cancelled + events[cut:] + bench))
+    assert "done, 6/6 trials" in title and "cancel" not in log and "PPL" not in stage
+    title, _, _ = run(go(events[:cut]))  # killed: no end in its log
+    assert "stopped" in title and "resumes" in title
+
+
 def test_the_recover_form_for_a_stopped_run_shows_its_start_button(tmp_path):
     """Continuing a stopped recovery uses its own settings: the new-run fields hide, so Start is on screen."""
     import json

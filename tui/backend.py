@@ -168,10 +168,14 @@ class Backend:
             return f"the {job} process failed: {lines[-1]} ({job}.log in the session has the details)"
         return lines[-1] if lines else None
 
-    def follow(self, name: str, offset: int) -> tuple[list[Event], int]:
+    def follow(self, name: str, offset: int, job: str | None = None) -> tuple[list[Event], int]:
+        """The session's events since `offset`; with `job`, only that job's (and untagged ones, from older
+        logs)."""
         rows, offset = self.session(name).follow_events(offset)
         events = []
         for row in rows:
+            if job is not None and row.get("job", job) != job:
+                continue
             try:
                 events.append(event_from_dict(row))
             except (KeyError, TypeError):

@@ -41,10 +41,11 @@ class Checklist(SelectionList[str]):
 
 
 def hold_eta(screen, control) -> None:
-    """Hide every progress bar's ETA while the work the screen follows is paused: it would count the pause."""
+    """Hide every progress bar's ETA while the work the screen follows is paused (it would count the pause) or
+    when nothing runs (it would count down to nothing)."""
     try:
-        paused = control is not None and control.paused
+        idle = control is None or control.paused
     except Exception:  # an unreadable requests file asks nothing
-        paused = False
+        idle = False
     for eta in screen.query("ETAStatus"):
-        eta.display = not paused
+        eta.display = not idle

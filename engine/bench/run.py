@@ -179,7 +179,7 @@ def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, contro
     (default: now) are obeyed, so an app that started it in a process of its own follows and controls it."""
     tasks, texts = validate(cfg)
     check_rows(session, cfg.rows)
-    sink = session.logged(sink)
+    sink = session.logged(sink, "bench")
     control = SessionControl(session, "bench", sink, control, since)
     with session.lock("bench"):
         return _measure(session, cfg, tasks, texts, sink, control)

@@ -327,7 +327,7 @@ def run_recovery(
     Its events go to the session's log too, and pause/cancel requests from any process made since `since`
     (default: now) are obeyed, so an app attached later follows and controls it."""
     session = Session.open(root, name)
-    sink = session.logged(sink)
+    sink = session.logged(sink, "recover")
     control = SessionControl(session, "recover", sink, control, since)
     cfg, prior = _settle(session, cfg, resume, restart)
     plan_dict = session_plan(session, cfg.plan)

@@ -274,7 +274,7 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         done = _already_done(session)
         if done is not None:
             return done
-    sink = session.logged(sink)
+    sink = session.logged(sink, "search")
     # pause and cancel from any process (an app attached later, after the terminal that started it is gone);
     # what was asked of an earlier run is not for this one (workers go by their driver's start)
     since = time.time() if since is None else since

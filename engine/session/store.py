@@ -162,23 +162,24 @@ class Session:
 
     # --- events ---------------------------------------------------------------------------------------------
 
-    def logged(self, outer: Sink) -> Sink:
-        """`outer`, and every event also into the session's log (what `attach` and the app read)."""
+    def logged(self, outer: Sink, job: str | None = None) -> Sink:
+        """`outer`, and every event also into the session's log (what `attach` and the app read), tagged with
+        the `job` (search, recover, bench) that made it: one log holds them all, each screen follows its own."""
 
         def sink(event: Event) -> None:
-            self.append_event(event)
+            self.append_event(event, job)
             outer(event)
 
         return sink
 
-    def append_event(self, event: Event) -> None:
+    def append_event(self, event: Event, job: str | None = None) -> None:
         if isinstance(event, StageProgress):
             # high-rate: the log keeps about one a second per stage (and the last), enough for an attached app
             now = time.monotonic()
             if event.done < event.total and now - self._progress_logged.get(event.stage, 0.0) < 1.0:
                 return
             self._progress_logged[event.stage] = now
-        line = (json.dumps(event.to_dict(), default=str) + "\n").encode()
+        line = (json.dumps({**event.to_dict(), **({"job": job} if job else {})}, default=str) + "\n").encode()
         with storage(self.events_path):
             crash_point("event", event.kind)
             with self.events_path.open("ab") as f:

@@ -89,7 +89,7 @@ class FollowsProcess(JobControls):
                 self.control = Remote(self.app.backend, self.session_name, self.JOB)
                 self.attached()
             try:
-                events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
+                events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset, self.JOB)
             except AdapruneError:
                 events = []
             for e in events:

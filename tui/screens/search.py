@@ -63,6 +63,7 @@ class SearchScreen(JobControls, Screen):
         self.stage_started = 0.0
         self.trials_total = 0
         self.pause_acked = False  # the engine logged that it has paused (not only that a pause was asked)
+        self.finished: SearchFinished | None = None  # how the last run ended, when it has
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -101,16 +102,19 @@ class SearchScreen(JobControls, Screen):
             self.set_interval(0.5, self.poll)
 
     def update_title(self) -> None:
-        what = "saved"
-        if self.view_mode == "attach":
-            holder = self.running()
-            if self.process is not None and self.process.poll() is None:
-                what = (f"running in process {self.process.pid} (it keeps running if you quit or the connection "
-                        f"drops)")
-            elif holder:
-                what = f"running in process {holder.get('pid')} on {holder.get('host')}"
-            else:
-                what = "following its events (no process holds it)"
+        holder = self.running()
+        if self.process is not None and self.process.poll() is None:
+            what = f"running in process {self.process.pid} (it keeps running if you quit or the connection drops)"
+        elif holder:
+            what = f"running in process {holder.get('pid')} on {holder.get('host')}"
+        elif self.finished is not None:  # how its last run ended, in the words of the sessions list
+            f = self.finished
+            what = f"{f.status}, {f.completed}/{f.total} trials" + (
+                "" if f.status == "done" else " (r on the sessions screen resumes)")
+        elif self.board.rows:
+            what = f"stopped, {len(self.board.rows)} trials (its process ended; r on the sessions screen resumes)"
+        else:
+            what = "not started (r on the sessions screen starts it)"
         paused = ""
         if self.control is not None and self.control.paused:
             paused = " — paused (p resumes)" if self.pause_acked else " — pause requested"
@@ -131,7 +135,7 @@ class SearchScreen(JobControls, Screen):
 
     def replay_history(self) -> None:
         """What the session's log already holds: trials run before, by this app or another process."""
-        events, self.log_offset = self.app.backend.follow(self.session_name, 0)
+        events, self.log_offset = self.app.backend.follow(self.session_name, 0, "search")
         for e in events:
             self.apply(e, live=False)
 
@@ -147,7 +151,7 @@ class SearchScreen(JobControls, Screen):
 
     def _poll(self) -> None:
         try:
-            events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset)
+            events, self.log_offset = self.app.backend.follow(self.session_name, self.log_offset, "search")
         except AdapruneError as e:
             self.notify(str(e), severity="error")
             return
@@ -182,6 +186,11 @@ class SearchScreen(JobControls, Screen):
     def apply(self, event: Event | dict, live: bool = True) -> None:
         if isinstance(event, dict):
             event = event_from_dict(event)
+        if isinstance(event, SearchFinished):
+            self.finished = event
+        elif self.finished is not None:  # a later run began: what the last one said is not news
+            self.finished = None
+            self.query_one("#log", Static).update("")
         if self.board.apply(event):
             number = getattr(event, "number", None)
             if number is not None and number in self.board.rows:
