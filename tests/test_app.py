@@ -217,6 +217,24 @@ def test_the_recover_form_for_a_stopped_run_shows_its_start_button(tmp_path):
             form.query_one("#resume").value = False  # train again: the fields come back
             await pilot.pause()
             assert form.query_one("#fresh").display and form.query_one("#steps").region.height == 1
+            assert "discards the 3 steps done" in str(form.query_one("#discards").content)
+            assert form.query_one("#steps", Input).value == "8"  # the stopped run's settings, not the defaults
+            form.query_one("#run").focus()  # taller than 24 rows now: it scrolls to what has focus
+            await pilot.pause()
+            assert app.screen.region.contains_region(form.query_one("#run").region)
+            form.query_one("#lr", Input).value = "fast"
+            await pilot.press("ctrl+s")
+            assert "LR 'fast': a number" in text_of(app, "#problem")  # names the field
+            form.query_one("#lr", Input).value = "0.001"
+            backend.requests["recover:alpha"] = "pause"  # the fake process holds before its first event
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: backend.calls and backend.calls[-1][0] == "recover")
+            cfg = backend.calls[-1][2]
+            assert (cfg.steps, cfg.lr, cfg.warmup, cfg.valid_windows) == (8, 0.001, 2, 2)  # hidden ones kept too
+            screen = app.screen
+            assert screen.query_one(DataTable).row_count == 0  # the discarded run's rows are gone
+            assert "preparing a new recovery" in text_of(app, "#summary")
+            backend.requests["recover:alpha"] = "cancel"
 
     run(go())
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
     Button,
@@ -43,13 +46,20 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
     def compose(self) -> ComposeResult:
         d = RecoverConfig()
         stopped = self.state is not None and self.state["status"] != "done"
-        with Vertical(classes="dialog"):
+        if self.state is not None:  # training again starts from the last run's settings
+            with contextlib.suppress(AdapruneError, KeyError, TypeError):
+                d = RecoverConfig.from_dict(self.state["config"])
+        # it scrolls: with a new run's fields it is taller than 24 rows (focus scrolls the field into view)
+        with VerticalScroll(classes="dialog", can_focus=False):
             if stopped:
                 yield Static(f"the recovery stopped at step {self.state['step']} of "
                              f"{self.state['config']['steps']}: continue it, or train again", markup=False)
                 yield Check("continue where it stopped (its own settings)", value=True, id="resume")
+                yield Static(f"training again discards the {self.state['step']} steps done", markup=False,
+                             classes="error", id="discards")
             elif self.state is not None:
                 yield Static("a finished recovery exists: starting discards it", markup=False, classes="error")
+            self.base = d  # what the form does not show (distillation, dropout, …) is the last run's
             with Vertical(id="fresh"):  # a new run's settings: hidden while "continue" is ticked
                 yield from self.fresh_fields(d)
             yield Static("", markup=False, id="problem", classes="error")
@@ -62,9 +72,10 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
         if self.choices:
             yield Label("Plan to train", classes="field")
             with RadioSet(id="plan", compact=True):
+                trained = next((i for i, c in enumerate(self.choices) if c.name == d.plan), 0)
                 for i, c in enumerate(self.choices):
                     value = f", objective {c.value:.3f}" if c.value is not None else ""
-                    yield Radio(f"{c.label}{value}", value=i == 0, id=f"plan-{i}", compact=True)
+                    yield Radio(f"{c.label}{value}", value=i == trained, id=f"plan-{i}", compact=True)
         yield field_row("Text", Input(", ".join(d.data), id="data", compact=True))
         yield Static("stdlib-docs, .txt/.jsonl/.parquet files, or hub names; comma-separated", markup=False,
                      classes="dim hintline")
@@ -84,6 +95,8 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
     def show_fresh(self) -> None:
         resume = self.query("#resume") and self.query_one("#resume", Checkbox).value
         self.query_one("#fresh").display = not resume
+        for note in self.query("#discards"):
+            note.display = not resume
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_run()
@@ -97,23 +110,41 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
             self.dismiss((RecoverConfig(), True, False))
             return
         value = {k: self.query_one(f"#{k}", Input).value.strip() for k in ("data", "steps", "lr", "rank", "shape")}
+        problem = next((f"{label} {value[k]!r}: {want}" for k, label, want, ok in (
+            ("steps", "Steps", "a whole number", value["steps"].isdigit()),
+            ("lr", "LR", "a number, e.g. 1e-4", _is_float(value["lr"])),
+            ("rank", "LoRA rank", "a whole number", value["rank"].isdigit()),
+            ("shape", "Batch", "sequences x tokens, e.g. 4x256",
+             all(p.isdigit() for p in value["shape"].split("x")) and value["shape"].count("x") == 1)) if not ok), "")
+        self.query_one("#problem", Static).update(problem)
+        if problem:
+            return
         try:
             batch, _, seq = value["shape"].partition("x")
             plan = "best"
             if self.choices:
                 plan = self.choices[max(self.query_one("#plan", RadioSet).pressed_index, 0)].name
-            cfg = RecoverConfig(plan=plan, data=[t.strip() for t in value["data"].split(",") if t.strip()],
-                                steps=int(value["steps"]), lr=float(value["lr"]), rank=int(value["rank"]),
-                                alpha=2 * int(value["rank"]), batch_size=int(batch), seq_len=int(seq))
+            steps, warmup = int(value["steps"]), self.base.warmup
+            cfg = replace(self.base, plan=plan, data=[t.strip() for t in value["data"].split(",") if t.strip()],
+                          steps=steps, lr=float(value["lr"]), rank=int(value["rank"]), alpha=2 * int(value["rank"]),
+                          batch_size=int(batch), seq_len=int(seq),
+                          warmup=warmup if warmup is not None and warmup < steps else None)
             api.validate_recover(cfg)
         except (AdapruneError, ValueError) as e:
-            self.query_one("#problem", Static).update(
-                str(e) if isinstance(e, AdapruneError) else "steps, rank: whole numbers; lr: a number; shape: BxL")
+            self.query_one("#problem", Static).update(str(e))
             return
         self.dismiss((cfg, False, self.state is not None))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class RecoverScreen(FollowsProcess, Screen):
@@ -137,6 +168,8 @@ class RecoverScreen(FollowsProcess, Screen):
         self.process = None  # the recovery process this app started, when it did
         self.log_offset = 0
         self.losses: list[float] = []
+        self.step_text = "starting"
+        self.paused = False  # the running recovery said it has paused
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -203,11 +236,16 @@ class RecoverScreen(FollowsProcess, Screen):
             summary.update("no recovery yet: r starts one (LLM-Pruner's LoRA recipe on the built-in corpus)")
             return
         c = state["config"]
+        history = state.get("history", [])
         before, after = state.get("valid_ppl_before"), state.get("valid_ppl_after")
-        ppl = f"validation PPL {before:.2f}" + (f" -> {after:.2f}" if after is not None else "") if before else ""
+        if after is None:  # stopped or running: the last validation so far
+            after, at = next(((h["valid_ppl"], h["step"]) for h in reversed(history) if "valid_ppl" in h), (None, 0))
+            last = f" -> {after:.2f} at step {at}" if after is not None else ""
+        else:
+            last = f" -> {after:.2f}"
+        ppl = f"validation PPL {before:.2f}{last}" if before else ""
         summary.update(f"{state['status']} on {state.get('plan', 'best')}: step {state['step']} of {c['steps']}, rank {c['rank']}, lr {c['lr']:g}, "
                        f"{c['batch_size']}x{c['seq_len']} tokens per step; {ppl}")
-        history = state.get("history", [])
         self.losses = [h["loss"] for h in history]
         self.query_one(Sparkline).data = self.losses
         self.query_one(Sparkline).display = bool(self.losses)
@@ -239,7 +277,14 @@ class RecoverScreen(FollowsProcess, Screen):
                 return
             self.app.background["recover", self.session_name] = self.process
             self.control = Remote(self.app.backend, self.session_name, "recover")
-            self.show_state()
+            if resume:
+                self.show_state()
+            else:  # a new run: what the discarded one showed goes (its state file is replaced when it starts)
+                self.losses, self.paused, self.step_text = [], False, "starting"
+                self.query_one(DataTable).clear()
+                self.query_one(Sparkline).display = False
+                self.query_one("#summary", Static).update(f"preparing a new recovery on {cfg.plan} (loading, text, "
+                                                          f"dense PPL) in its own process")
             self.query_one("#status", Static).update(f"starting the recovery in process {self.process.pid}…")
 
         self.app.push_screen(RecoverForm(state, choices), go)
@@ -258,12 +303,20 @@ class RecoverScreen(FollowsProcess, Screen):
             self.query_one(Sparkline).data = list(self.losses)
             self.query_one(Sparkline).display = True
             self.query_one("#status", Static).update(f"step {e.step}/{e.total}: loss {e.loss:.3f}")
-            self.query_one("#summary", Static).update(f"running: step {e.step} of {e.total} (its own process: it "
-                                                      f"keeps training if the app quits)")
+            self.step_text = f"step {e.step} of {e.total}"
+            self.show_running()
             if e.valid_ppl is not None:
                 self.query_one(DataTable).add_row(str(e.step), f"{e.loss:.3f}", f"{e.lr:.2g}", f"{e.valid_ppl:.2f}")
         elif isinstance(e, Log):
             self.query_one("#status", Static).update(e.message)
+            if "paused at a safe point" in e.message or e.message.endswith(" resumed"):
+                self.paused = "paused at a safe point" in e.message  # the engine says it has paused
+                self.show_running()
+
+    def show_running(self) -> None:
+        state = "paused (p resumes)" if self.paused else "running"
+        self.query_one("#summary", Static).update(f"{state}: {self.step_text} (its own process: it keeps training "
+                                                  f"if the app quits)")
 
     def action_export(self) -> None:
         self.app.open_export(self.session_name)
