@@ -269,7 +269,7 @@ def resume_cmd(name: str, job: str | None = JOB_OPTION, sessions_dir: Path = SES
         raise AdapruneError(f"no {api.JOBS[job]} of session {name!r} is running now: {how}")
     if running:
         target = job if job in running else next(iter(running)) if len(running) == 1 else None
-        if target is not None and not _pause_pending(session, target, running[target]):
+        if target is not None and not api.pause_pending(session, target):
             holder = running[target]
             raise AdapruneError(f"the {api.JOBS[target]} of session {name!r} runs in pid {holder.get('pid')} on "
                                 f"{holder.get('host')} and is not paused: nothing to resume (`adaprune pause "
@@ -278,13 +278,6 @@ def resume_cmd(name: str, job: str | None = JOB_OPTION, sessions_dir: Path = SES
         _steer(name, "resume", job, sessions_dir)
         return
     _drive(session)
-
-
-def _pause_pending(session: api.Session, job: str, holder: dict) -> bool:
-    """Whether the running `job` was asked to pause since it began (a request older than it was for another run)."""
-    req = api.requested(session, job) or {}
-    since = holder.get("since")
-    return req.get("command") == "pause" and not (isinstance(since, (int, float)) and req.get("t", 0) < since)
 
 
 @app.command("worker")

@@ -71,6 +71,20 @@ def requested(session: Session, job: str) -> dict | None:
     return _read(session).get(job)
 
 
+def _since(req: dict | None, since: float | None) -> dict | None:
+    """`req` if it was made since `since` (a run's start; None: unknown, any), else None (asked of an earlier run)."""
+    if req is None or since is None:
+        return req
+    return req if isinstance(req.get("t"), (int, float)) and req["t"] >= since else None
+
+
+def pause_pending(session: Session, job: str) -> bool:
+    """Whether the running `job` was asked to pause since it began (what `resume` can undo)."""
+    since = running_jobs(session).get(job, {}).get("since")
+    req = _since(requested(session, job), since if isinstance(since, (int, float)) else None)
+    return req is not None and req.get("command") == "pause"
+
+
 def _asker(req: dict) -> str:
     """Who asked, in words ("the app (process N)", "adaprune (process N)")."""
     host, _, pid = str(req.get("by", "")).rpartition(":")
@@ -124,9 +138,7 @@ class SessionControl(Control):
         if not force and now < self._next:
             return
         self._next = now + POLL_S
-        req = requested(self.session, self.job)
-        if req is not None and not (isinstance(req.get("t"), (int, float)) and req["t"] >= self.since):
-            req = None  # asked of an earlier run (or unreadable)
+        req = _since(requested(self.session, self.job), self.since)  # None: asked of an earlier run
         command = req["command"] if req else "resume"
         if command == "cancel":
             self.sink(Log(f"{JOBS.get(self.job, self.job)} stopping at a safe point: {_asker(req)} asked to cancel",
