@@ -31,7 +31,7 @@ class ExportScreen(Screen):
         self.lora_state: dict | None = None
         self.index = 0  # the chosen plan
         self.problem = ""  # the plans could not be read
-        self.exported_lora = False  # the running or last export merges the LoRA recovery
+        self.writing = ""  # what the running or last export writes, in words ("best, the LoRA recovery merged in")
         self.lora_wanted = True  # the LoRA box as the user left it (ticked until they clear it)
 
     def compose(self) -> ComposeResult:
@@ -160,8 +160,8 @@ class ExportScreen(Screen):
         if Path(out).expanduser().exists() and not force:  # before any work, in the words of this form
             self.say(f"{out} exists: tick 'replace the folder if it exists', or give another folder")
             return
-        self.running, self.exported_lora = True, recovered
-        self.say(f"writing {plan}{' with the LoRA recovery merged in' if recovered else ''} to {out}…")
+        self.running, self.writing = True, plan + (", the LoRA recovery merged in" if recovered else "")
+        self.say(f"writing {self.writing} to {out}…")
         self.control = start_job(self, "export", lambda sink, control: self.app.backend.export(
             name, out, force, widths, sink, control, recovered, plan))
 
@@ -186,8 +186,7 @@ class ExportScreen(Screen):
             return
         out = self.query_one("#out", Input).value.strip()
         how = "plain transformers" if message.result == "uniform" else "trust_remote_code=True"
-        merged = ", the LoRA recovery merged in" if self.exported_lora else ""
-        self.say(f"saved {self.chosen().name}{merged} to {out} ({message.result} widths; loads with {how})")
+        self.say(f"saved {self.writing} to {out} ({message.result} widths; loads with {how})")
         self.notify(f"exported to {out}")
 
     def action_back(self) -> None:
