@@ -53,9 +53,12 @@ __all__ = [
 def bench_results(session: Session) -> dict | None:
     """The session's benchmark table (bench.json), or None before the first `bench`; a row whose model changed
     since it was measured (a new best, a re-trained recovery) carries "outdated": why."""
+    return _mark_outdated(session, session.read_json(RESULTS))
+
+
+def _mark_outdated(session: Session, results: dict | None) -> dict | None:
     from engine.bench.outdated import outdated_rows
 
-    results = session.read_json(RESULTS)
     if results:
         for name, why in outdated_rows(session, results).items():
             results["rows"][name]["outdated"] = why
@@ -182,9 +185,11 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
 
 def run_bench(session: Session, cfg: BenchConfig, sink: Sink = null_sink, control: Control | None = None,
               since: float | None = None) -> dict:
+    """The benchmark table after measuring; rows not measured again this time carry "outdated" as in
+    `bench_results`."""
     from engine.bench.run import run_bench as run
 
-    return run(session, cfg, sink, control, since)
+    return _mark_outdated(session, run(session, cfg, sink, control, since))
 
 
 def run_recovery(root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink,

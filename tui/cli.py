@@ -415,10 +415,11 @@ def bench_cmd(
     if cfg.tasks or cfg.ppl or cfg.speed:
         api.validate_bench(cfg)  # bad files and names fail before the model loads
         with RichSink(console) as sink:
-            api.run_bench(session, cfg, sink)
-    results = api.bench_results(session)  # rows not measured again this time are marked if outdated
-    if not results:
-        raise AdapruneError(f"session {name!r} has no benchmark yet: give --tasks, --ppl or --speed")
+            results = api.run_bench(session, cfg, sink)
+    else:
+        results = api.bench_results(session)
+        if not results:
+            raise AdapruneError(f"session {name!r} has no benchmark yet: give --tasks, --ppl or --speed")
     console.print(bench_table(results))
     if len(results.get("rows", {})) > 1 and console.is_terminal:
         console.print(api.plot_text(results, width=min(console.width, 100)), highlight=False, markup=False)
