@@ -51,6 +51,15 @@ async def tab_stops(app, pilot, presses: int = 24) -> list:
     return seen
 
 
+def best_rows(table) -> list[str]:
+    """The trial numbers of the rows the search table marks best."""
+    return [str(table.get_row_at(i)[0]) for i in range(table.row_count) if str(table.get_row_at(i)[3]) == "best"]
+
+
+def last_best() -> str:
+    return str([e for e in recorded_events() if e["kind"] == "best_changed"][-1]["number"])
+
+
 async def settle(app, pilot) -> None:
     await app.workers.wait_for_complete()
     await pilot.pause()
@@ -145,7 +154,7 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
             table = app.screen.query_one(DataTable)
             await until(pilot, lambda: table.row_count == N_TRIALS and app.screen.control is None)
             assert str(table.get_row_at(0)[0]) == "0 base"
-            assert "best" in {str(table.get_row_at(i)[3]) for i in range(table.row_count)}
+            assert best_rows(table) == [last_best()]  # the old best lost its mark when the best moved
 
     run(go())
 
@@ -183,6 +192,13 @@ def test_a_saved_search_says_how_its_last_run_ended_and_shows_only_its_own_event
             await pilot.press("enter")
             await pilot.pause()
             assert isinstance(app.screen, SearchScreen)
+            table = app.screen.query_one(DataTable)  # the replayed rows, rendered once after the replay
+            started = {e["number"] for e in log if e["kind"] == "trial_started"}
+            assert table.row_count == len(started) and str(table.get_row_at(0)[0]) == "0 base"
+            marked = [e["number"] for e in log if e["kind"] == "best_changed"]
+            assert best_rows(table) == [str(marked[-1])]
+            assert all(str(table.get_row_at(i)[2]).endswith("%") for i in range(1, table.row_count)
+                       if str(table.get_row_at(i)[3]) in ("complete", "best"))  # read against the baseline
             return text_of(app, "#title"), text_of(app, "#log"), text_of(app, "#stage")
 
     title, log, _ = run(go(events[:cut] + cancelled))

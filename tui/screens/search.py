@@ -138,6 +138,10 @@ class SearchScreen(JobControls, Screen):
         events, self.log_offset = self.app.backend.follow(self.session_name, 0, "search")
         for e in events:
             self.apply(e, live=False)
+        # the rows once, at the end: re-rendering as each event is folded in froze a 300-trial session for 20 s
+        table = self.query_one(DataTable)
+        for number in sorted(self.board.rows):
+            table.add_row(*self.cells(self.board.rows[number]), key=str(number))
 
     def running(self) -> dict | None:
         try:
@@ -191,13 +195,11 @@ class SearchScreen(JobControls, Screen):
         elif self.finished is not None:  # a later run began: what the last one said is not news
             self.finished = None
             self.query_one("#log", Static).update("")
+        best_before = self.board.best
         if self.board.apply(event):
-            number = getattr(event, "number", None)
-            if number is not None and number in self.board.rows:
-                self.show_row(self.board.rows[number])
+            if live:
+                self.show_rows(event, best_before)
             if isinstance(event, BestChanged):
-                for n in (r.number for r in self.board.rows.values()):
-                    self.show_row(self.board.rows[n])  # the best marker and gains move
                 self.query_one("#best-line", Sparkline).data = [v for _, v in self.board.best_history]
                 self.query_one("#best", Static).update(f"best: trial {event.number}, {event.value:.3f}")
                 if live:
@@ -227,8 +229,19 @@ class SearchScreen(JobControls, Screen):
             more = " (resumable: r on the sessions screen)" if event.status == "cancelled" else ""
             self.notify(f"search {event.status}: {event.completed}/{event.total} trials{best}{more}")
 
-    def show_row(self, r: TrialRow) -> None:
-        table = self.query_one(DataTable)
+    def show_rows(self, event: Event, best_before: int | None) -> None:
+        """Re-render what one event changed: its row; the old and the new best when the best moves; every row
+        when it was the baseline's (every gain is read against it)."""
+        number = getattr(event, "number", None)
+        if number is not None and self.board.baseline is self.board.rows.get(number):
+            numbers = list(self.board.rows)
+        else:
+            numbers = [n for n in (number, best_before) if n is not None]
+        for n in dict.fromkeys(numbers):
+            if n in self.board.rows:
+                self.show_row(self.board.rows[n])
+
+    def cells(self, r: TrialRow) -> tuple[Text, ...]:
         gain = self.board.gain(r)
         base = self.board.is_baseline(r)
         value = f"{r.value:.3f}" if r.value is not None else ""
@@ -239,8 +252,11 @@ class SearchScreen(JobControls, Screen):
         cells = (f"{r.number}" + (" base" if base else ""), value, f"{-gain:+.1%}" if gain is not None and not base
                  else "", state, metric_text(r.params), calib_text(r.params), layout_text(r.params))
         style = "bold green" if r.number == self.board.best else "dim" if r.state in ("pruned", "duplicate") else ""
-        cells = tuple(Text(c, style=style) for c in cells)
-        key = str(r.number)
+        return tuple(Text(c, style=style) for c in cells)
+
+    def show_row(self, r: TrialRow) -> None:
+        table = self.query_one(DataTable)
+        cells, key = self.cells(r), str(r.number)
         if key in table.rows:
             for col, value in zip(COLUMNS, cells, strict=True):
                 table.update_cell(key, col, value, update_width=True)  # "running" -> "stopped at 3"
