@@ -13,7 +13,7 @@ import torch
 from engine.config import SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError, Cancelled
-from engine.events import TrialFinished
+from engine.events import SearchFinished, StageStarted, TrialFinished
 from engine.prune.reconstruct import Repair
 from engine.search.data import pick_windows
 from engine.search.driver import create_session, run_search
@@ -138,6 +138,26 @@ def test_cancel_between_trials_leaves_a_resumable_session(llama_folder, tmp_path
         run_search(session, sink, control)
     assert session.manifest()["status"] == "cancelled"
     assert completed(open_study(session, cfg)) == 1
+    run_search(session)
+    assert completed(open_study(session, cfg)) == 3
+
+
+def test_cancel_while_the_data_is_prepared_says_cancelled(llama_folder, tmp_path):
+    """Before the first trial (a calibration pool, self text): the session reads "cancelled" and the log ends
+    with how the run ended, as a cancel inside a trial does, not "stopped" as if the process had died."""
+    cfg = _cfg(llama_folder, trials=3)
+    session = create_session(tmp_path / "s", "early", cfg)
+    control, seen = Control(), []
+
+    def sink(e):
+        seen.append(e)
+        if isinstance(e, StageStarted) and e.stage.startswith("calibration pool"):
+            control.cancel()
+
+    with pytest.raises(Cancelled):
+        run_search(session, sink, control)
+    assert session.manifest()["status"] == "cancelled"
+    assert isinstance(seen[-1], SearchFinished) and (seen[-1].status, seen[-1].completed) == ("cancelled", 0)
     run_search(session)
     assert completed(open_study(session, cfg)) == 3
 

@@ -288,14 +288,28 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
     if not worker:
         fail_orphans(study, sink)
         session.update(status="running", storage=storage_url(session, cfg), dense_params=count_params(dense.model))
-    data = SearchData(session, cfg, dense, sink, control)
-    data.prepare()
-    if not worker:
-        settle_best(session, cfg, study, dense, data, sp, sink, control)
+    status, started = "done", time.perf_counter()
+
+    def ended() -> tuple[int, tuple | None]:
+        done, b = completed(study), best_trial(study)
+        if not worker:
+            session.update(status=status if status != "done" or done >= cfg.trials else "stopped")
+        sink(SearchFinished(status, done, cfg.trials, b[0] if b else None, b[1] if b else None))
+        return done, b
+
+    # a cancel (or an error) while the data is prepared ends the run as one in a trial does: the session says
+    # "cancelled" (resumable), not "stopped" as if its process had died
+    try:
+        data = SearchData(session, cfg, dense, sink, control)
+        data.prepare()
+        if not worker:
+            settle_best(session, cfg, study, dense, data, sp, sink, control)
+    except BaseException as e:
+        status = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
+        ended()
+        raise
     driver = _Driver(session, cfg, study, dense, data, sp, sink, control)
-    status = "done"
     # the whole search as one stage: a progress bar with the count of trials and an ETA
-    started = time.perf_counter()
     sink(StageStarted("trials", cfg.trials, "trials"))
     sink(StageProgress("trials", completed(study), cfg.trials))
     try:
@@ -308,13 +322,9 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         raise
     finally:
         driver.release()
-        done = completed(study)
-        if not worker:
-            session.update(status=status if status != "done" or done >= cfg.trials else "stopped")
-        b = best_trial(study)
         sink(StageFinished("trials", time.perf_counter() - started,
                            "done" if status in ("done", "stopped") else status))
-        sink(SearchFinished(status, done, cfg.trials, b[0] if b else None, b[1] if b else None))
+        done, b = ended()
     return {"completed": done, "best": b}
 
 
