@@ -10,6 +10,7 @@ from engine.errors import AdapruneError, Cancelled
 from engine.events import Log
 from engine.session.requests import SessionControl, request, requested
 from engine.session.store import Session
+from engine.session.summary import summary
 
 
 @pytest.fixture
@@ -99,9 +100,13 @@ def test_the_cli_pauses_resumes_and_cancels_a_headless_search(tmp_path, tokenize
         r = cli("pause", "h")
         assert r.exit_code == 0 and f"asked the search of h (process {proc.pid}) to pause" in r.output, r.output
         logged("search paused at a safe point: adaprune (process")
+        row = summary(Session(root / "h"))
+        assert row["status"] == "paused", row  # the list says so, not "running"
+        assert row["updated"] == pytest.approx(events.stat().st_mtime)  # last change: its log's last line
         r = cli("resume", "h")  # running and paused: un-paused, not a second driver
         assert r.exit_code == 0 and "to go on" in r.output, r.output
         logged("search resumed")
+        assert summary(Session(root / "h"))["status"] == "running"
         r = cli("resume", "h")  # running and not paused: nothing to resume, and it says what would help
         assert r.exit_code == 2 and "not paused" in r.output and "adaprune pause h" in r.output, r.output
         r = cli("resume", "h", "--job", "recover")
@@ -116,3 +121,15 @@ def test_the_cli_pauses_resumes_and_cancels_a_headless_search(tmp_path, tokenize
     assert json.loads((root / "h" / "session.json").read_text())["status"] == "cancelled"
     r = cli("pause", "h")
     assert r.exit_code == 2 and "nothing of session 'h' is running now" in r.output
+
+
+def test_the_sessions_list_says_paused_for_a_paused_recovery(tmp_path):
+    from engine.session.layout import RECOVERY, STATE
+
+    session = Session.create(tmp_path, "r", {"model": "tiny", "prune": 0.2, "trials": 2})
+    session.write_json(f"{RECOVERY}/{STATE}", {"status": "running", "step": 3, "config": {"steps": 12}})
+    with session.lock("recovery"):
+        assert summary(session)["recovery"] == "running 3/12"
+        request(session, "recover", "pause")
+        assert summary(session)["recovery"] == "paused 3/12"
+    assert summary(session)["recovery"] == "stopped 3/12"  # its process died before it could say so

@@ -5,6 +5,7 @@ from __future__ import annotations
 from engine.config import SearchConfig
 from engine.errors import AdapruneError
 from engine.session.layout import recovery_state
+from engine.session.requests import pause_pending
 from engine.session.store import Session
 from engine.session.study import best_trial, completed, open_storage, storage_url, study_name
 
@@ -20,15 +21,21 @@ def summary(session: Session) -> dict:
     status = m.get("status", "?")
     if status == "running" and session.holder() is None:
         status = "stopped"  # its process was killed (kill -9, a reboot) before it could say so; resumable
+    elif status == "running" and pause_pending(session, "search"):
+        status = "paused"
     row = {"name": session.name, "model": cfg.model, "prune": cfg.prune, "trials": cfg.trials,
-           "status": status, "updated": m.get("updated"), "done": 0, "best": None}
+           "status": status, "updated": _last_change(session, m), "done": 0, "best": None}
     try:
         rec = recovery_state(session)
     except AdapruneError:
         rec = {"status": "unreadable", "step": 0, "config": {"steps": 0}}
     if rec is not None:  # the LoRA recovery, when there is one: "done", or e.g. "stopped 40/100"
-        row["recovery"] = rec["status"] if rec["status"] == "done" else \
-            f"{rec['status']} {rec['step']}/{rec['config']['steps']}"
+        said = rec["status"]
+        if said == "running" and (session.holder() or {}).get("what") != "recovery":
+            said = "stopped"  # killed before it could say so; `recover --resume` goes on from its checkpoint
+        elif said == "running" and pause_pending(session, "recover"):
+            said = "paused"
+        row["recovery"] = said if said == "done" else f"{said} {rec['step']}/{rec['config']['steps']}"
     _, bad = session.read_events()
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
@@ -48,3 +55,14 @@ def summary(session: Session) -> dict:
         row["status"] = f"{row['status']} (study unreadable: {type(e).__name__})"
     return row
 
+
+
+def _last_change(session: Session, manifest: dict) -> float | None:
+    """When anything of the session last changed: its manifest, or its events log, which every job (search,
+    recovery, benchmark, re-evaluation) appends to as it works."""
+    try:
+        logged = session.events_path.stat().st_mtime
+    except OSError:
+        logged = None
+    times = [t for t in (manifest.get("updated"), logged) if isinstance(t, (int, float))]
+    return max(times) if times else None
