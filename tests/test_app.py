@@ -103,6 +103,36 @@ def test_sessions_table_rename_and_delete(tmp_path):
     run(go())
 
 
+def test_the_sessions_list_says_starting_until_a_started_process_takes_its_session(tmp_path):
+    """A process the app started loads torch for seconds before it holds the session: not "stopped" meanwhile."""
+    import threading
+
+    from fake_backend import FakeProcess
+
+    async def go():
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            gate = threading.Event()
+            proc = FakeProcess()
+            proc.thread = threading.Thread(target=gate.wait)
+            proc.thread.start()
+            app.background["search", "alpha"] = app.background["recover", "beta"] = proc
+            await pilot.press("f5")
+            table = app.screen.query_one(DataTable)
+            states = str(table.get_cell("alpha", "status")), str(table.get_cell("beta", "status"))
+            gate.set()
+            proc.thread.join()
+            proc.code = 1
+            await pilot.press("f5")
+            after = str(table.get_cell("alpha", "status")), str(table.get_cell("beta", "status"))
+            return states, after
+
+    states, after = run(go())
+    assert states == ("starting", "done, LoRA starting")
+    assert after == ("stopped", "done")  # it ended without taking the session: what the session says
+
+
 def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
     async def go():
         backend = FakeBackend(tmp_path)

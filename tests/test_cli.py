@@ -235,3 +235,21 @@ def test_the_apps_bench_process_gets_exactly_the_forms_config(monkeypatch, tmp_p
         r = _run(*bench_args("s", cfg), "--sessions-dir", tmp_path)
         assert r.exit_code == 0, r.output
         assert seen == {"name": "s", "cfg": cfg}
+
+
+def test_the_sessions_table_at_80_columns_cuts_only_the_model_path():
+    """A long model path keeps its end (the model's name); nothing else is squeezed to an ellipsis."""
+    from rich.console import Console
+
+    from tui.report import sessions_table
+
+    rows = [{"name": "llama8b-30pct", "model": "/home/someone/models/Meta-Llama-3.1-8B-Instruct", "prune": 0.3,
+             "trials": 200, "done": 137, "best": 12.3456, "status": "cancelled", "recovery": "stopped 40/100",
+             "updated": 1_790_000_000.0}]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(sessions_table(rows))
+    text = console.export_text()
+    words = text.split()
+    assert text.count("…") == 1 and "…3.1-8B-Instruct" in words, text  # only the path's head is cut
+    assert {"llama8b-30pct", "137/200", "12.346", "40/100"} <= set(words) and "cancelled" in text, text
+    assert all(len(line) <= 80 for line in text.splitlines())

@@ -185,7 +185,7 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
     assert r.exit_code == 0, r.output
     assert "recovered: validation PPL" in r.output
     r = runner.invoke(app, ["sessions", "--sessions-dir", str(root)])
-    assert r.exit_code == 0 and "recovery" in r.output and summary(searched)["recovery"] == "done"
+    assert r.exit_code == 0 and "LoRA done" in r.output and summary(searched)["recovery"] == "done"
 
 
 def test_learning_rate_schedule():

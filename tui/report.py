@@ -179,20 +179,29 @@ def describe(params: dict) -> str:
     return f"{metric_text(params)} on {calib_text(params)}; {layout_text(params)}"
 
 
+def cut(text: str, width: int, path: bool = False) -> str:
+    """`text` in at most `width` columns: its start, or with `path` its end (a model folder's name)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if path else text[: width - 1] + "…"
+
+
 def sessions_table(rows: list[dict]) -> Table:
     import datetime
 
-    t = Table(title="sessions")
-    recovery = any(r.get("recovery") for r in rows)  # the column only when some session has a recovery
-    for col in ("name", "model", "target", "trials", "best objective", "status",
-                *(["recovery"] if recovery else []), "last change"):
-        t.add_column(col, justify="right" if col in ("trials", "best objective") else "left")
+    # no side rules, narrow gaps, the LoRA recovery inside the status: 80 columns hold the table, and what is
+    # too long wraps instead of being cut (only a model path loses its head)
+    t = Table(title="sessions", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("name", "model", "prune", "trials", "best", "status", "changed"):
+        t.add_column(col, justify="right" if col in ("trials", "best") else "left",
+                     no_wrap=col in ("name", "model", "prune", "trials", "best"), overflow="fold")
     for r in rows:
-        when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%Y-%m-%d %H:%M") if r.get("updated") else ""
+        when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%m-%d %H:%M") if r.get("updated") else ""
         best = f"{r['best']:.3f}" if r.get("best") is not None else ""
         target = f"{r['prune']:.0%}" if r.get("prune") else ""
-        t.add_row(escape(r["name"]), escape(r["model"]), target, f"{r['done']}/{r['trials']}", best, escape(r["status"]),
-                  *([r.get("recovery") or ""] if recovery else []), when)
+        status = r["status"] + (f"; LoRA {r['recovery']}" if r.get("recovery") else "")
+        t.add_row(escape(r["name"]), escape(cut(r["model"], 16, path=True)), target, f"{r['done']}/{r['trials']}",
+                  best, escape(status), when)
     return t
 
 

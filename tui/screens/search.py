@@ -32,7 +32,7 @@ from engine.events import (
     StageStarted,
     event_from_dict,
 )
-from tui.report import calib_text, layout_text, metric_text
+from tui.report import calib_text, cut, layout_text, metric_text
 from tui.screens.follow import JobControls, Remote
 from tui.widgets import hold_eta
 
@@ -182,7 +182,7 @@ class SearchScreen(JobControls, Screen):
         if code not in (None, 0) and not self.ended_reported:
             self.ended_reported = True
             error = self.app.backend.last_error(self.session_name) or f"the search process exited with {code}"
-            self.query_one("#log", Static).update(_short(error, 300))
+            self.query_one("#log", Static).update(cut(error, 300))
             self.notify(error, severity="error", timeout=10)
 
     # --- rendering ------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class SearchScreen(JobControls, Screen):
             else:
                 self.query_one("#stage", Static).update(f"{event.stage} ({event.outcome})")
         elif isinstance(event, Log) and event.level != "info":
-            self.query_one("#log", Static).update(_short(event.message, 200))  # the trial's plan line is not shown
+            self.query_one("#log", Static).update(cut(event.message, 200))  # the trial's plan line is not shown
             if "paused at a safe point" in event.message or event.message.endswith(" resumed"):
                 self.pause_acked = "paused at a safe point" in event.message  # the engine says it has paused
                 if live:
@@ -311,7 +311,4 @@ def _stopped(message: str) -> str:
     m = re.search(r"(\d+)/(\d+) batches", message)
     return f"stop {m.group(1)}/{m.group(2)}" if m else "stopped"
 
-
-def _short(text: str, width: int = 40) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 

@@ -10,9 +10,12 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from engine.errors import AdapruneError
+from tui.report import cut
 from tui.screens.dialogs import Ask, Confirm
 
-COLUMNS = ("name", "model", "target", "trials", "best", "status", "last change")
+COLUMNS = ("name", "model", "prune", "trials", "best", "status", "changed")
+# widest cell of each cut column: with the others and the padding the row fits 80 columns (the rest in the hint)
+NAME_W, MODEL_W, STATUS_W = 11, 11, 19
 
 
 class SessionsScreen(Screen):
@@ -76,23 +79,33 @@ class SessionsScreen(Screen):
     def show_rows(self, rows: list[dict], select: str | None = None) -> None:
         table = self.query_one(DataTable)
         selected = select or self.selected()
+        # a process this app started that has not taken its session yet (it loads torch, seconds): "starting"
+        starting = {job: set(self.app.searches(job)) for job in ("search", "recover")}
         table.clear()
+        full: dict[str, str] = {}  # statuses too long for their column, said in full below the table
         for r in rows:
-            when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%m-%d %H:%M") if r.get("updated") else ""
             best = f"{r['best']:.2f}" if r.get("best") is not None else ""
             status = r["status"]
-            if r.get("recovery"):
-                status += ", LoRA" + ("" if r["recovery"] == "done" else f" {r['recovery'].split()[-1]}")
-            # cut to fixed widths: one long status must not push "last change" off an 80-column screen
-            status = _short(status, 17) + (" !" if r.get("problem") or len(status) > 17 else "")
-            table.add_row(_short(r["name"], 16), _short(r["model"], 18), f"{r['prune']:.0%}" if r.get("prune")
-                          else "", f"{r['done']}/{r['trials']}", best, status, when, key=r["name"])
+            if r["name"] in starting["search"] and status not in ("running", "paused"):
+                status = "starting"
+            recovery = r.get("recovery")
+            if r["name"] in starting["recover"] and not (recovery or "").startswith(("running", "paused")):
+                recovery = "starting"
+            if recovery:  # "done, LoRA", "done, LoRA 40/100" (running or stopped), "done, LoRA paused"
+                word = recovery.split()[0]
+                status += ", LoRA" + ("" if recovery == "done" else f" {word}" if word in ("starting", "paused")
+                                      else f" {recovery.split()[-1]}")
+            if r.get("problem") or len(status) > STATUS_W:
+                full[r["name"]] = "; ".join([*([status] if len(status) > STATUS_W else []),
+                                             *([r["problem"]] if r.get("problem") else [])])
+                status = cut(status, STATUS_W - 2) + " !"
+            table.add_row(cut(r["name"], NAME_W), cut(r["model"], MODEL_W, path=True), f"{r['prune']:.0%}" if
+                          r.get("prune") else "", f"{r['done']}/{r['trials']}", best, status,
+                          _when(r.get("updated")), key=r["name"])
         if selected is not None and selected in {r["name"] for r in rows}:
             table.move_cursor(row=table.get_row_index(selected))
         hint = "no sessions yet: n starts one" if not rows else ""
-        problems = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
-        problems += [f"{r['name']}: {r['status']}" for r in rows if len(r["status"]) > 17 and not r.get("problem")]
-        self.query_one("#hint", Static).update("\n".join([hint, *problems]).strip())
+        self.query_one("#hint", Static).update("\n".join([hint, *(f"{n}: {t}" for n, t in full.items())]).strip())
 
     def selected(self) -> str | None:
         table = self.query_one(DataTable)
@@ -185,8 +198,11 @@ class SessionsScreen(Screen):
         self.app.push_screen(Confirm(f"Delete session {name} and everything in it (study, plans, results)?"), done)
 
 
-def _short(text: str, width: int) -> str:
-    """Long paths keep their end (the model's name); other text its start."""
-    if len(text) <= width:
-        return text
-    return "…" + text[-(width - 1):] if "/" in text else text[: width - 1] + "…"
+def _when(t: float | None) -> str:
+    """The time of day for today, the date before (5 columns)."""
+    if not t:
+        return ""
+    when = datetime.datetime.fromtimestamp(t)
+    return when.strftime("%H:%M" if when.date() == datetime.date.today() else "%m-%d")
+
+
