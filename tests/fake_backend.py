@@ -136,6 +136,9 @@ class FakeBackend(Backend):
     def requested(self, name: str, job: str = "search") -> str | None:
         return self.requests.get(name if job == "search" else f"{job}:{name}")
 
+    def paused(self, name: str, job: str = "search") -> bool:
+        return self.requested(name, job) == "pause"
+
     def start_recovery(self, name: str, cfg, resume: bool, restart: bool):
         """The detached recovery process, as a thread writing the recorded recovery events into the log."""
         s = self._get(name)

@@ -216,6 +216,7 @@ def test_a_saved_search_says_how_its_last_run_ended_and_shows_only_its_own_event
     async def go(log: list[dict]) -> tuple[str, str, str]:
         backend = FakeBackend(tmp_path)
         backend.store["beta"]["log"] = log
+        backend.store["beta"]["done"] = sum(e["kind"] == "trial_finished" for e in log)  # as its study says
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             app.screen.query_one(DataTable).move_cursor(row=1)
@@ -232,13 +233,36 @@ def test_a_saved_search_says_how_its_last_run_ended_and_shows_only_its_own_event
             return text_of(app, "#title"), text_of(app, "#log"), text_of(app, "#stage")
 
     title, log, _ = run(go(events[:cut] + cancelled))
-    assert "cancelled, 3/6 trials" in title and "r on the sessions screen resumes" in title
+    assert "cancelled, 3/6 trials" in title and "(r resumes)" in title
     assert "asked to cancel" in log
     # resumed later to the end, then benchmarked: the cancel is old news and the bench's stages are not the search's
     title, log, stage = run(go(events[:cut] + cancelled + events[cut:] + bench))
     assert "done, 6/6 trials" in title and "cancel" not in log and "PPL" not in stage
     title, _, _ = run(go(events[:cut]))  # killed: no end in its log
     assert "stopped" in title and "resumes" in title
+
+
+def test_keys_on_a_stopped_search_say_what_they_can_and_r_resumes_it(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)  # alpha: stopped with trials to go
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("a")  # attach, with nothing running: it says so, and shows the saved trials
+            await pilot.pause()
+            said = [n.message for n in app._notifications]
+            assert isinstance(app.screen, SearchScreen) and any("no process runs the search" in m for m in said)
+            footer = {b.binding.action for b in app.screen.active_bindings.values() if b.enabled and b.binding.show}
+            await pilot.press("p", "c")
+            said = [n.message for n in app._notifications]
+            assert sum("no search of alpha is running: r resumes it" in m for m in said) == 2
+            await pilot.press("r")
+            await settle(app, pilot)
+            assert ("start", "alpha") in backend.calls and isinstance(app.screen, SearchScreen)
+            assert app.screen.view_mode == "attach" and len(app.screen_stack) == 3  # replaced, not stacked
+            return footer
+
+    footer = run(go())
+    assert "resume_search" in footer and "pause" not in footer
 
 
 def test_the_recover_form_for_a_stopped_run_shows_its_start_button(tmp_path):
@@ -362,8 +386,15 @@ def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
             await pilot.press("ctrl+q")  # quitting while following another's search asks, as for our own
             from tui.screens.dialogs import Choose
             assert isinstance(app.screen, Choose) and "search of beta" in str(app.screen.question)
+            assert "paused" not in str(app.screen.question)
             await pilot.press("escape")
             assert app.screen is screen and "beta" not in backend.requests
+            backend.requests["beta"] = "pause"  # paused: the question says so, and that it stays paused
+            await pilot.press("ctrl+q")
+            question = str(app.screen.question)
+            assert "search of beta (paused)" in question and "adaprune resume beta" in question
+            await pilot.press("escape")
+            del backend.requests["beta"]
             await pilot.press("c")  # nothing of ours to cancel
             assert not any(c[0] == "search" for c in backend.calls)
 

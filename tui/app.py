@@ -107,6 +107,8 @@ class AdapruneApp(App):
                 running = True
         elif mode == "drive":
             self.notify(f"{name} already runs in a process: following it", severity="warning")
+        elif mode == "attach" and not running:
+            self.notify(f"no process runs the search of {name}: its saved trials (r resumes it)")
         self.push_screen(SearchScreen(name, "attach" if running else "view", process))
 
     def open_layers(self, name: str) -> None:
@@ -146,6 +148,12 @@ class AdapruneApp(App):
         return HELP_INTRO + "\n" + keys.help_text(sections, self.keymap) + (
             f"Keys are remapped by binding id in {keys.keymap_path()}, e.g. {{\"sessions.delete\": \"D\"}}.")
 
+    def _paused(self, name: str, job: str) -> bool:
+        try:
+            return self.backend.paused(name, job)
+        except AdapruneError:
+            return False
+
     # --- app-wide actions -----------------------------------------------------------------------------------
 
     def action_help(self) -> None:
@@ -164,7 +172,11 @@ class AdapruneApp(App):
                 running.append((control.job, control.name))
         if running and not self.jobs:
             noun = {"search": "search", "recover": "recovery", "bench": "benchmark"}
-            what = ", ".join(f"the {noun[job]} of {name}" for job, name in running)
+            paused = {(job, name) for job, name in running if self._paused(name, job)}
+            what = ", ".join(f"the {noun[job]} of {name}" + (" (paused)" if (job, name) in paused else "")
+                             for job, name in running)
+            held = (" Left paused, it holds its session until resumed (p when you follow it again, or "
+                    f"`adaprune resume {next(iter(paused))[1]}`).") if paused else ""
 
             def chosen(answer: str | None) -> None:
                 if answer == "stop":
@@ -180,7 +192,7 @@ class AdapruneApp(App):
             self.push_screen(Choose(
                 f"{what[0].upper()}{what[1:]} runs in its own process. Leave it running (it goes on without the "
                 f"app; the session's screen follows it again), or stop it (at its next safe point; finished work "
-                f"is kept and it resumes)?", [("leave", "Leave it running (l)", "l"),
+                f"is kept and it resumes)?{held}", [("leave", "Leave it running (l)", "l"),
                                               ("stop", "Stop it (s)", "s")]), chosen)
             return
         if not self.jobs:

@@ -149,6 +149,11 @@ class Backend:
         req = api.requested(self.session(name), job)
         return req["command"] if req else None
 
+    def paused(self, name: str, job: str = "search") -> bool:
+        """The session's running `job` was asked to pause since it began (a pause left from an earlier run
+        is not this one's)."""
+        return api.pause_pending(self.session(name), job)
+
     def holder(self, name: str, job: str = "search") -> dict | None:
         """The live process of the session's search or recovery, or (job "bench") of its benchmark."""
         return self.session(name).holder("bench" if job == "bench" else "search")

@@ -19,7 +19,7 @@ class Remote:
 
     @property
     def paused(self) -> bool:
-        return self.backend.requested(self.name, self.job) == "pause"
+        return self.backend.paused(self.name, self.job)
 
     def pause(self) -> None:
         self.backend.request(self.name, "pause", self.job)

@@ -45,9 +45,15 @@ class SearchScreen(JobControls, Screen):
         Binding("p", "pause", "Pause", id="search.pause", tooltip="pause or resume at the next safe point"),
         Binding("p", "resume", "Resume", id="search.resume", tooltip="go on from where it paused"),
         Binding("c", "cancel", "Cancel", id="search.cancel", tooltip="stop the search (the session stays resumable)"),
+        Binding("r", "resume_search", "Resume", id="search.resume-search",
+                tooltip="run the trials still to go (when no process runs the search)"),
+        # p and c when nothing runs: say so instead of nothing (hidden: the footer offers only what works)
+        Binding("p", "idle", show=False, id="search.idle-pause"),
+        Binding("c", "idle", show=False, id="search.idle-cancel"),
         Binding("l", "layers", "Layers", id="search.layers", tooltip="the best plan, layer by layer"),
         Binding("b", "bench", "Bench", id="search.bench", tooltip="benchmarks"),
         Binding("x", "export", "Export", id="search.export", tooltip="export a pruned model folder"),
+        Binding("f", "recover", "Recover", show=False, id="search.recover", tooltip="recover quality with LoRA"),
         Binding("escape", "back", "Back", id="search.back", tooltip="back (a search keeps running)"),
     ]
 
@@ -64,6 +70,7 @@ class SearchScreen(JobControls, Screen):
         self.trials_total = 0
         self.pause_acked = False  # the engine logged that it has paused (not only that a pause was asked)
         self.finished: SearchFinished | None = None  # how the last run ended, when it has
+        self._resumable = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -101,20 +108,38 @@ class SearchScreen(JobControls, Screen):
             self.poll()
             self.set_interval(0.5, self.poll)
 
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "idle":
+            return self.control is None
+        if action == "resume_search":
+            return self.control is None and self.resumable()
+        return super().check_action(action, parameters)
+
+    def resumable(self) -> bool:
+        """Trials are still to go, or the best is not saved yet (read when the title is: not at every key)."""
+        return self._resumable
+
+    def _read_resumable(self) -> bool:
+        try:
+            row = next((r for r in self.app.backend.sessions() if r.get("name") == self.session_name), {})
+        except AdapruneError:
+            return False
+        return not (row.get("trials") and row.get("done", 0) >= row["trials"] and row.get("best") is not None)
+
     def update_title(self) -> None:
         holder = self.running()
+        self._resumable = holder is None and self._read_resumable()
         if self.process is not None and self.process.poll() is None:
             what = f"running in process {self.process.pid} (it keeps running if you quit or the connection drops)"
         elif holder:
             what = f"running in process {holder.get('pid')} on {holder.get('host')}"
         elif self.finished is not None:  # how its last run ended, in the words of the sessions list
             f = self.finished
-            what = f"{f.status}, {f.completed}/{f.total} trials" + (
-                "" if f.status == "done" else " (r on the sessions screen resumes)")
+            what = f"{f.status}, {f.completed}/{f.total} trials" + (" (r resumes)" if self._resumable else "")
         elif self.board.rows:
-            what = f"stopped, {len(self.board.rows)} trials (its process ended; r on the sessions screen resumes)"
+            what = f"stopped, {len(self.board.rows)} trials (its process ended; r resumes)"
         else:
-            what = "not started (r on the sessions screen starts it)"
+            what = "not started (r starts it)"
         paused = ""
         if self.control is not None and self.control.paused:
             paused = " — paused (p resumes)" if self.pause_acked else " — pause requested"
@@ -226,7 +251,7 @@ class SearchScreen(JobControls, Screen):
                     self.update_title()
         elif isinstance(event, SearchFinished) and live:
             best = f", best trial {event.best_number} ({event.best_value:.3f})" if event.best_value else ""
-            more = " (resumable: r on the sessions screen)" if event.status == "cancelled" else ""
+            more = " (r resumes)" if event.status == "cancelled" else ""
             self.notify(f"search {event.status}: {event.completed}/{event.total} trials{best}{more}")
 
     def show_rows(self, event: Event, best_before: int | None) -> None:
@@ -290,6 +315,19 @@ class SearchScreen(JobControls, Screen):
             self.notify(str(e), severity="error")
             return
         self.notify("cancelling at the next safe point… (the session stays resumable)")
+
+    def action_idle(self) -> None:
+        more = "r resumes it" if self.resumable() else "it has run all its trials"
+        self.notify(f"no search of {self.session_name} is running: {more}", severity="warning")
+
+    def action_resume_search(self) -> None:
+        """Run the trials still to go, in a process of its own, and follow it here (as r on the sessions list)."""
+        name = self.session_name
+        self.app.pop_screen()
+        self.app.open_search(name, mode="drive")
+
+    def action_recover(self) -> None:
+        self.app.open_recover(self.session_name)
 
     def action_back(self) -> None:
         if self.control is not None:
