@@ -40,7 +40,7 @@ BUILTIN_TEXT = STDLIB  # the text shipped in the package
 __all__ = [
     "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
-    "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "model_layers",
+    "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "model_layers",
     "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "pause_pending", "request", "requested", "reevaluate", "JOBS", "running_jobs", "steer",
     "OVERRIDES_PLAN", "PlanChoice", "plan_choices", "run_bench", "run_recovery", "run_search", "saved_plans", "session_plan", "summary", "table", "to_csv", "to_markdown",
     "validate_bench", "validate_recover", "validate_search", "warm_up",
@@ -136,6 +136,14 @@ def model_layers(spec: str, trust_remote_code: bool = False, sink: Sink = null_s
     from engine.model.load import num_layers
 
     return num_layers(spec, trust_remote_code, sink)
+
+
+def known_depth(spec: str) -> int | None:
+    """A model's number of layers when it can be read at once (a folder's config, a converted .gguf's), else
+    None; never loads, converts or downloads (a form checks a layer range with it as the user types)."""
+    from engine.model.spec import known_depth as depth
+
+    return depth(spec)
 
 
 def validate_search(cfg: SearchConfig, n_layers: int | None = None) -> None:

@@ -163,6 +163,18 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
                 assert screen.query_one(f"#{field}-problem", Static).region.height >= 1  # visible beside it
                 screen.query_one(f"#{field}", Input).value = {"model": "smollm2-135m", "sources": "stdlib-docs",
                                                                "objective": "stdlib-docs/valid"}[field]
+            folder = tmp_path / "four"  # a local model's depth is read as the user types: a range past it is flagged
+            folder.mkdir()
+            (folder / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4}')
+            screen.query_one("#model", Input).value = str(folder)
+            for value, problem in (("1-9", "the model has layers 0..3"), ("", "'search' (the search picks them)"),
+                                   ("1-3", "")):
+                screen.query_one("#layers", Input).value = value
+                await pilot.pause()
+                assert text_of(app, "#layers-problem") == problem or problem and problem in text_of(
+                    app, "#layers-problem"), value
+            screen.query_one("#model", Input).value = "smollm2-135m"
+            screen.query_one("#layers", Input).value = "search"
             screen.query_one("#name", Input).value = str(tmp_path)  # a path that exists: named as a bad name
             await pilot.pause()
             assert "letters, digits" in text_of(app, "#name-problem")

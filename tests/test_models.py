@@ -91,3 +91,21 @@ def test_no_pickle_anywhere_in_the_code():
         text = path.read_text(encoding="utf-8")
         for bad in ("import pickle", "torch.load(", "pickle.load", "weights_only=False"):
             assert bad not in text, f"{path.relative_to(root)} uses {bad}"
+
+
+def test_known_depth_reads_only_what_is_at_hand(tmp_path, monkeypatch):
+    """A form checks a layer range as the user types: a folder's config or a converted .gguf's, nothing loaded."""
+    from engine.model.spec import converted_folder, known_depth
+
+    monkeypatch.setenv("ADAPRUNE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4}')
+    assert known_depth(str(folder)) == 4
+    assert known_depth("org/some-model") is None  # a hub id: not read (no network, no download)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    assert known_depth(str(gguf)) is None  # not converted yet: unknown, not a 40 s conversion
+    converted_folder(gguf).mkdir(parents=True)
+    (converted_folder(gguf) / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 7}')
+    assert known_depth(str(gguf)) == 7

@@ -81,6 +81,8 @@ class Backend:
         check("prune", lambda: _fraction(form.prune))
         check("trials", lambda: _positive(form.trials, "trials"))
         check("layers", lambda: _layers(form.layers))
+        if "layers" not in problems and "model" not in problems and _layers(form.layers) is not None:
+            check("layers", lambda: _span_fits(form.layers, api.known_depth(form.model)))
         check("sources", lambda: [api.check_text_spec(s) for s in _items(form.sources)] or _empty("calibration sources"))
         check("objective", lambda: [api.check_text_spec(s, "eval") for s in _items(form.objective)] or _empty("objective texts"))
         if not form.metrics:
@@ -93,10 +95,8 @@ class Backend:
 
     def search_config(self, form: NewSession, n_layers: int | None = None):
         fixed = {}
-        span = _layers(form.layers)
+        span = _span_fits(form.layers, n_layers)
         if span is not None and n_layers is not None:
-            if span[1] >= n_layers:
-                raise AdapruneError(f"layers {form.layers}: the model has layers 0..{n_layers - 1}")
             fixed = {"first_kept": span[0], "last_kept": n_layers - 1 - span[1]}
         return SearchConfig(model=form.model.strip(), prune=_fraction(form.prune),
                             trials=_positive(form.trials, "trials"), sources=_items(form.sources),
@@ -231,12 +231,20 @@ def _positive(text: str, what: str) -> int:
 
 def _layers(text: str) -> tuple[int, int] | None:
     text = text.strip().lower()
-    if text in ("", "search"):
+    if text == "search":
         return None
     a, sep, b = text.partition("-")
     if not sep or not a.strip().isdigit() or not b.strip().isdigit() or int(a) > int(b):
         raise AdapruneError("'search' (the search picks them) or a range A-B, e.g. 4-27")
     return int(a), int(b)
+
+
+def _span_fits(text: str, n_layers: int | None) -> tuple[int, int] | None:
+    """The range `text` gives (None: the search picks), refused when it runs past the model's `n_layers`."""
+    span = _layers(text)
+    if span is not None and n_layers is not None and span[1] >= n_layers:
+        raise AdapruneError(f"the model has layers 0..{n_layers - 1}: give a range within them, or 'search'")
+    return span
 
 
 def _empty(what: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import socket
@@ -16,12 +15,11 @@ import torch
 from torch import nn
 
 from engine.config import EMBEDDED
-from engine.data.text import cache_dir
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.files import atomic_folder
 from engine.model.export import load_pruned_folder
-from engine.model.spec import check_model, check_type, config_dict, embedded_gguf
+from engine.model.spec import check_model, check_type, config_dict, converted_folder, embedded_gguf
 from engine.model.structure import check_supported
 
 
@@ -68,19 +66,9 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # --- resolving the spec to a local folder ------------------------------------------------------------------
 
 
-def _file_key(path: Path) -> str:
-    """Identify a big file by size and its first and last MiB: cheap, and changes when the file does."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:12]
-
-
 def convert_gguf(path: Path, sink: Sink = null_sink) -> Path:
     """Dequantise a .gguf once into a cached safetensors folder: 40 s the first time, seconds after."""
-    dest = cache_dir() / "models" / f"{path.stem}-{_file_key(path)}"
+    dest = converted_folder(path)
     if (dest / "config.json").is_file():
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer

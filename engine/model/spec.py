@@ -4,6 +4,7 @@ so a typo costs no model load."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from engine.config import EMBEDDED
+from engine.data.text import cache_dir
 from engine.errors import AdapruneError
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -36,6 +38,37 @@ def embedded_gguf() -> Path:
     if not path.is_file():
         raise AdapruneError(f"{path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
     return path
+
+
+def _file_key(path: Path) -> str:
+    """Identify a big file by size and its first and last MiB: cheap, and changes when the file does."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def converted_folder(gguf: Path) -> Path:
+    """Where a .gguf's dequantised safetensors folder is cached (made once, by the loader)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+
+
+def known_depth(spec: str) -> int | None:
+    """The model's number of layers when it can be read at once, without loading or converting anything: a
+    folder's config, or the cached conversion of a .gguf (the embedded model included); else None."""
+    kind = check_model(spec)
+    if kind == "folder":
+        folder = Path(spec.strip()).expanduser()
+    elif kind in ("gguf", "embedded"):
+        folder = converted_folder(embedded_gguf() if kind == "embedded" else Path(spec.strip()).expanduser())
+        if not (folder / "config.json").is_file():
+            return None
+    else:
+        return None
+    depth = config_dict(folder).get("num_hidden_layers")
+    return depth if isinstance(depth, int) else None
 
 
 def config_dict(folder: Path) -> dict:

@@ -117,9 +117,10 @@ class NewSessionScreen(Screen):
 
     def on_job_done(self, message: JobDone) -> None:
         self.busy = False
-        if message.error:
-            self.query_one("#form-problem", Static).update(message.error)
-            self.query_one("#form-problem", Static).display = True
+        if message.error:  # beside its field when it names one (a layer range past the model's depth)
+            field = "layers" if "the model has layers" in message.error else "form"
+            self.query_one(f"#{field}-problem", Static).update(message.error)
+            self.query_one(f"#{field}-problem", Static).display = True
             self.query_one("#status", Static).update("")
             return
         self.app.pop_screen()
