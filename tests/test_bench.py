@@ -188,6 +188,18 @@ def test_a_standard_task_without_the_hub_fails_in_one_line(tokenizer):
         zero_shot(make_model("llama"), tokenizer, [spec], limit=2)
 
 
+def test_a_hub_task_with_the_hub_unreachable_is_refused_before_any_model_loads(monkeypatch):
+    """Not after the model is loaded and the dense rows measured, with a minute of datasets' retries."""
+    from engine.bench.run import validate
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)  # no cache promised: the hub is needed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AdapruneError, match="'piqa' needs the Hugging Face hub, which is unreachable.*HF_DATASETS"):
+        validate(BenchConfig(tasks=["piqa"]))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the user says its dataset is cached: the run tries it
+    assert [t.name for t in validate(BenchConfig(tasks=["piqa"]))[0]] == ["piqa"]
+
+
 def test_a_benchmark_logs_to_the_session_obeys_requests_and_runs_one_at_a_time(searched, text_file, monkeypatch):
     """What lets the app run it detached: its events in the session's log, a cancel from another process
     obeyed at the next safe point (what was measured kept), and one benchmark per session at a time."""

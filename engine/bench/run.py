@@ -9,6 +9,7 @@ keyed by their plan's hash: when the search finds a new best, that row's old num
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from engine.data.text import load_text, parse_spec, text_hash
 from engine.data.windows import eval_windows, tokenize
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, Sink, null_sink
+from engine.hub import hub_reachable
 from engine.measure.evaluate import peak_memory, perplexity, speed
 from engine.measure.zeroshot import TaskSpec, parse_task, zero_shot
 from engine.model.export import export
@@ -59,6 +61,12 @@ def validate(cfg: BenchConfig) -> tuple[list[TaskSpec], dict[str, str]]:
     if any(b < 1 for b in cfg.batches):
         raise AdapruneError(f"--batch {min(cfg.batches)}: give prefill batch sizes of at least 1")
     tasks = [parse_task(t) for t in cfg.tasks]
+    hub_tasks = [t.name for t in tasks if t.path is None]
+    if hub_tasks and os.environ.get("HF_DATASETS_OFFLINE") != "1" and not hub_reachable():
+        # else lm-eval's datasets retry for a minute, after the model is loaded and the dense rows measured
+        raise AdapruneError(f"task {hub_tasks[0]!r} needs the Hugging Face hub, which is unreachable: give a local "
+                            f".jsonl task file (query/choices/gold rows), or set HF_DATASETS_OFFLINE=1 if its "
+                            f"dataset is in your cache")
     texts = {}
     for spec in cfg.ppl:
         if parse_spec(spec).name == SELF:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -18,6 +15,7 @@ from engine.config import EMBEDDED
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.files import atomic_folder
+from engine.hub import hub_reachable
 from engine.model.export import load_pruned_folder
 from engine.model.spec import check_model, check_type, config_dict, converted_folder, embedded_gguf
 from engine.model.structure import check_supported
@@ -95,16 +93,6 @@ def convert_gguf(path: Path, sink: Sink = null_sink) -> Path:
     return dest
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def resolve(spec: str, sink: Sink = null_sink) -> Path | str:
     """A local folder for the spec, or the hub id itself when it must be downloaded."""
     kind = check_model(spec)
@@ -126,7 +114,7 @@ def resolve(spec: str, sink: Sink = null_sink) -> Path | str:
         raise AdapruneError(f"{spec!r} is not a model folder, a .gguf file or a valid hub id") from None
     except Exception:
         pass  # not cached (or only partly): download below
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    if not hub_reachable():
         raise AdapruneError(
             f"model {spec!r} is not cached and the Hugging Face hub is unreachable: "
             f"pass a local folder or .gguf file, or {EMBEDDED!r}"
