@@ -485,17 +485,24 @@ def test_bench_table_and_run(tmp_path):
             await pilot.press("r")
             assert isinstance(app.screen, BenchForm)
             app.screen.query_one("#ppl", Input).value = "no-such-file.txt"
+            await pilot.pause()
             await pilot.press("ctrl+s")
             assert "no-such-file" in text_of(app, "#problem")  # refused in the form, before any work
             app.screen.query_one("#ppl", Input).value = "stdlib-docs"
             app.screen.query_one("#rows", Input).value = "dense, nope"
+            await pilot.pause()
+            assert "no row 'nope'" in text_of(app, "#problem")  # flagged as typed
+            app.screen.query_one("#windows", Input).value = "many"
+            await pilot.pause()
+            assert "Windows 'many': a whole number" in text_of(app, "#problem")
             await pilot.press("ctrl+s")
-            assert "no row 'nope'" in text_of(app, "#problem")
+            assert isinstance(app.screen, BenchForm) and not any(c[0] == "bench" for c in backend.calls)
             app.screen.query_one("#rows", Input).value = "dense, best"
             app.screen.query_one("#windows", Input).value = "2"
             assert app.screen.region.contains_region(app.screen.query_one("#run").region)  # at 80x24
             await pilot.press("ctrl+s")
             screen = app.screen
+            assert "not measured: zero-shot (no tasks given), speed" in text_of(app, "#status")  # not silently
             # its own process: followed through the events log, the table refreshed as numbers land
             await until(pilot, lambda: ("alpha", "bench") in {(n, j) for j, n in app.background})
             assert backend.calls[-1][0] == "bench" and backend.calls[-1][2].ppl == ["stdlib-docs"]

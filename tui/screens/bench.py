@@ -26,7 +26,7 @@ class BenchForm(ModalScreen[BenchConfig | None]):
         with Vertical(classes="dialog"):
             yield Static("Benchmark the dense model against the session's plans; results already measured are "
                          "kept and extended.", markup=False, classes="question")
-            yield field_row("Tasks", Input("", id="tasks", placeholder="piqa, tasks/boolq.jsonl", compact=True))
+            yield field_row("Tasks", Input("", id="tasks", placeholder="none (e.g. piqa or my.jsonl)", compact=True))
             yield Static("zero-shot: lm-eval names (need the hub) or local .jsonl files, comma-separated",
                          markup=False, classes="dim hintline")
             yield field_row("Rows/task", Input("100", id="limit", placeholder="all", compact=True))
@@ -49,27 +49,52 @@ class BenchForm(ModalScreen[BenchConfig | None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.focus_next()  # Enter moves on; the work starts on ctrl+s or the button, never by accident
 
-    def action_run(self) -> None:
+    def config(self) -> BenchConfig:
+        """The form as a benchmark configuration; AdapruneError names the first problem (no file is read)."""
+        def items(field: str) -> list[str]:
+            return [t.strip() for t in self.query_one(f"#{field}", Input).value.split(",") if t.strip()]
 
-        items = [t.strip() for t in self.query_one("#tasks", Input).value.split(",") if t.strip()]
-        ppl = [t.strip() for t in self.query_one("#ppl", Input).value.split(",") if t.strip()]
-        limit = self.query_one("#limit", Input).value.strip()
-        windows = self.query_one("#windows", Input).value.strip()
-        rows = [t.strip() for t in self.query_one("#rows", Input).value.split(",") if t.strip()]
+        def whole(field: str, what: str) -> int | None:
+            text = self.query_one(f"#{field}", Input).value.strip()
+            if text and not text.isdigit():
+                raise AdapruneError(f"{what} {text!r}: a whole number, e.g. 40")
+            return int(text) if text else None
+
+        rows = items("rows")
+        cfg = BenchConfig(tasks=items("tasks"), ppl=items("ppl"), limit=whole("limit", "Rows/task"),
+                          ppl_windows=whole("windows", "Windows") or None, rows=rows or None,
+                          speed=self.query_one("#speed", Checkbox).value)
+        if not (cfg.tasks or cfg.ppl or cfg.speed):
+            raise AdapruneError("nothing to measure: give tasks or PPL texts, or tick speed")
+        known = ("dense", "best", "baseline", "oneshot", "oneshot-repaired", "magnitude", "random", "recovered")
+        bad = [r for r in rows if r not in known and not r.startswith("plan:")]
+        if bad:
+            raise AdapruneError(f"no row {bad[0]!r}: choose among those listed under Rows")
+        return cfg
+
+    def check(self) -> BenchConfig | None:
         try:
-            cfg = BenchConfig(tasks=items, ppl=ppl, limit=int(limit) if limit else None,
-                              ppl_windows=int(windows or 0) or None, rows=rows or None,
-                              speed=self.query_one("#speed", Checkbox).value)
-            if not (cfg.tasks or cfg.ppl or cfg.speed):
-                raise AdapruneError("choose something to measure")
-            known = ("dense", "best", "baseline", "oneshot", "oneshot-repaired", "magnitude", "random", "recovered")
-            bad = [r for r in rows if r not in known and not r.startswith("plan:")]
-            if bad:
-                raise AdapruneError(f"no row {bad[0]!r}: choose among those listed under Rows")
+            cfg = self.config()
+        except AdapruneError as e:
+            self.query_one("#problem", Static).update(str(e))
+            return None
+        self.query_one("#problem", Static).update("")
+        return cfg
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.check()  # as the user types; files and task names are read once, on Run
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        self.check()
+
+    def action_run(self) -> None:
+        cfg = self.check()
+        if cfg is None:
+            return
+        try:
             api.validate_bench(cfg)
-        except (AdapruneError, ValueError) as e:
-            self.query_one("#problem", Static).update(str(e) if isinstance(e, AdapruneError) else
-                                                      "rows/task and windows: whole numbers")
+        except AdapruneError as e:
+            self.query_one("#problem", Static).update(str(e))
             return
         self.dismiss(cfg)
 
@@ -171,7 +196,10 @@ class BenchScreen(FollowsProcess, Screen):
                 return
             self.app.background["bench", self.session_name] = self.process
             self.control = Remote(self.app.backend, self.session_name, "bench")
-            self.query_one("#status", Static).update(f"starting the benchmark in process {self.process.pid}…")
+            skipped = [what for what, given in (("zero-shot (no tasks given)", cfg.tasks), ("PPL (no texts given)",
+                       cfg.ppl), ("speed", cfg.speed)) if not given]
+            self.query_one("#status", Static).update(f"starting the benchmark in process {self.process.pid}…" + (
+                f" (not measured: {', '.join(skipped)})" if skipped else ""))
 
         self.app.push_screen(BenchForm(), go)
 
