@@ -133,3 +133,16 @@ def test_the_sessions_list_says_paused_for_a_paused_recovery(tmp_path):
         request(session, "recover", "pause")
         assert summary(session)["recovery"] == "paused 3/12"
     assert summary(session)["recovery"] == "stopped 3/12"  # its process died before it could say so
+
+
+def test_the_app_tells_a_recovery_holding_the_session_from_a_search(tmp_path):
+    """They share the session's lock: the Search screen must not offer to pause a recovery as a search."""
+    from tui.backend import Backend
+
+    Session.create(tmp_path, "r", {"model": "tiny", "prune": 0.2, "trials": 2})
+    backend = Backend(tmp_path)
+    with backend.session("r").lock("recovery"):
+        assert backend.holder("r") is None and not backend.is_running("r")
+        assert backend.holder("r", "recover")["pid"] == os.getpid()
+    with backend.session("r").lock():
+        assert backend.is_running("r") and backend.holder("r", "recover") is None

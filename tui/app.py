@@ -91,6 +91,11 @@ class AdapruneApp(App):
             if row.get("trials") and row.get("done", 0) >= row["trials"] and row.get("best") is not None:
                 self.notify(f"nothing to resume: {name} has run all {row['trials']} trials", severity="information")
                 mode = "view"
+        recovering = self.backend.holder(name, "recover") if mode == "drive" and not running else None
+        if recovering:  # the session's lock is the recovery's: a search process would only be refused
+            self.notify(f"{name}'s LoRA recovery runs in process {recovering.get('pid')}: the search can resume "
+                        f"when it ends", severity="warning")
+            mode = "view"
         if mode == "drive" and not running:
             others = [n for n in self.searches() if n != name]
             if others:

@@ -60,7 +60,8 @@ class Backend:
         return self.session(name).config()
 
     def is_running(self, name: str) -> bool:
-        return self.session(name).holder() is not None
+        """A process runs the session's search."""
+        return self.holder(name) is not None
 
     # --- a new session --------------------------------------------------------------------------------------
 
@@ -155,8 +156,13 @@ class Backend:
         return api.pause_pending(self.session(name), job)
 
     def holder(self, name: str, job: str = "search") -> dict | None:
-        """The live process of the session's search or recovery, or (job "bench") of its benchmark."""
-        return self.session(name).holder("bench" if job == "bench" else "search")
+        """The live process running the session's `job` (search, recover, bench), or None. A search and a
+        recovery share the session's lock: its holder says which of them it runs."""
+        if job == "bench":
+            return self.session(name).holder("bench")
+        held = self.session(name).holder()
+        what = (held or {}).get("what", "search")  # locks from before the field existed: a search
+        return held if held is not None and what == ("recovery" if job == "recover" else "search") else None
 
     def last_error(self, name: str, job: str = "search") -> str | None:
         """The error line a search (or recovery) process left in its log, if it ended with one."""

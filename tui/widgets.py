@@ -5,8 +5,9 @@ terminal (or a colour-blind user) cannot see."""
 from __future__ import annotations
 
 from rich.segment import Segment
+from textual.binding import Binding
 from textual.strip import Strip
-from textual.widgets import Checkbox, RadioButton, SelectionList
+from textual.widgets import Checkbox, DataTable, RadioButton, SelectionList
 from textual.widgets.option_list import OptionDoesNotExist
 
 
@@ -38,6 +39,14 @@ class Checklist(SelectionList[str]):
         if selection.value not in self._selected and len(segments) > 1:
             segments[1] = Segment(" " * len(segments[1].text), segments[1].style)
         return Strip(segments, strip.cell_length)
+
+
+class RowTable(DataTable):
+    """A table of rows: Home and End go to the first and the last row (Textual's scroll sideways, which left
+    and right already do)."""
+
+    BINDINGS = [Binding("home", "scroll_top", "First row", show=False),
+                Binding("end", "scroll_bottom", "Last row", show=False)]
 
 
 def hold_eta(screen, control) -> None:

@@ -15,7 +15,7 @@ from engine.errors import AdapruneError
 from engine.events import Log, Metric, StageProgress, StageStarted
 from tui.screens.dialogs import field_row
 from tui.screens.follow import FollowsProcess, Remote
-from tui.widgets import Check
+from tui.widgets import Check, RowTable
 
 
 class BenchForm(ModalScreen[BenchConfig | None]):
@@ -123,7 +123,7 @@ class BenchScreen(FollowsProcess, Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(f"benchmarks of session {self.session_name}", markup=False, id="title")
-        yield DataTable(id="bench", cursor_type="row", zebra_stripes=True)
+        yield RowTable(id="bench", cursor_type="row", zebra_stripes=True)
         with Horizontal(classes="bars", id="stage-row"):
             yield Static("", markup=False, id="stage", classes="barlabel")
             yield ProgressBar(id="stage-bar", show_eta=True)

@@ -20,6 +20,7 @@ from engine.errors import AdapruneError
 from engine.events import Log, StageProgress, StageStarted
 from tui.jobs import EngineEvent, JobDone, start_job
 from tui.screens.dialogs import Ask, Confirm
+from tui.widgets import RowTable
 
 COLUMNS = ("layer", "heads/group", "KV", "channels", "weights kept", "importance", "edit")
 BAR = 10
@@ -61,7 +62,7 @@ class LayersScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("", markup=False, id="summary")
-        yield DataTable(id="layers", cursor_type="row", zebra_stripes=True)
+        yield RowTable(id="layers", cursor_type="row", zebra_stripes=True)
         with Horizontal(classes="bars", id="stage-row"):
             yield Static("", markup=False, id="stage", classes="barlabel")
             yield ProgressBar(id="stage-bar", show_eta=True)

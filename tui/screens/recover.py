@@ -29,7 +29,7 @@ from engine.errors import AdapruneError
 from engine.events import Log, RecoveryStep, StageProgress, StageStarted
 from tui.screens.dialogs import field_row
 from tui.screens.follow import FollowsProcess, Remote
-from tui.widgets import Check, Radio
+from tui.widgets import Check, Radio, RowTable
 
 
 class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
@@ -179,7 +179,7 @@ class RecoverScreen(FollowsProcess, Screen):
         with Horizontal(classes="bars", id="stage-row"):
             yield Static("", markup=False, id="stage", classes="barlabel")
             yield ProgressBar(id="stage-bar", show_eta=True)
-        yield DataTable(id="validation", cursor_type="row", zebra_stripes=True)
+        yield RowTable(id="validation", cursor_type="row", zebra_stripes=True)
         yield Static("", markup=False, id="status", classes="dim")
         yield Footer(compact=True)
 

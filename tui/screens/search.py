@@ -32,9 +32,9 @@ from engine.events import (
     StageStarted,
     event_from_dict,
 )
-from tui.report import calib_text, cut, layout_text, metric_text
+from tui.report import calib_text, cut, describe, layout_text, metric_text
 from tui.screens.follow import JobControls, Remote
-from tui.widgets import hold_eta
+from tui.widgets import RowTable, hold_eta
 
 # what matters first on 80 columns; the configuration follows (scroll right for all of it)
 COLUMNS = ("trial", "objective", "vs base", "state", "metric", "calibration", "layout")
@@ -82,7 +82,8 @@ class SearchScreen(JobControls, Screen):
             with Horizontal(classes="bars"):
                 yield Static("", markup=False, id="stage", classes="barlabel")
                 yield ProgressBar(id="stage-bar", show_eta=True)
-            yield DataTable(id="trials", cursor_type="row", zebra_stripes=True)
+            yield RowTable(id="trials", cursor_type="row", zebra_stripes=True)
+            yield Static("", markup=False, id="trial", classes="dim")  # the cursor row whole (80 columns cut it)
             with Horizontal(id="best-row"):
                 yield Static("best so far", markup=False, id="best", classes="barlabel")
                 yield Sparkline([], id="best-line")
@@ -287,6 +288,15 @@ class SearchScreen(JobControls, Screen):
                 table.update_cell(key, col, value, update_width=True)  # "running" -> "stopped at 3"
         else:
             table.add_row(*cells, key=key)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.describe_row(event.row_key.value)
+
+    def describe_row(self, key: str | None) -> None:
+        r = self.board.rows.get(int(key)) if key is not None and key.isdigit() else None
+        text = "" if r is None else f"trial {r.number}: {describe(r.params)}" + (
+            f" ({r.seconds:.0f} s)" if r.seconds else "")
+        self.query_one("#trial", Static).update(text)
 
     # --- actions --------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from engine.errors import AdapruneError
 from tui.report import cut
 from tui.screens.dialogs import Ask, Confirm
+from tui.widgets import RowTable
 
 COLUMNS = ("name", "model", "prune", "trials", "best", "status", "changed")
 # widest cell of each cut column: with the others and the padding the row fits 80 columns (the rest in the hint)
@@ -35,7 +36,7 @@ class SessionsScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield DataTable(id="sessions", cursor_type="row", zebra_stripes=True)
+        yield RowTable(id="sessions", cursor_type="row", zebra_stripes=True)
         yield Static("", markup=False, id="hint", classes="dim")
         yield Footer(compact=True)
 
