@@ -277,6 +277,22 @@ def test_keys_on_a_stopped_search_say_what_they_can_and_r_resumes_it(tmp_path):
     assert "resume_search" in footer and "pause" not in footer
 
 
+def test_help_opens_at_the_screen_it_is_asked_from_and_lists_what_each_key_does(tmp_path):
+    async def go():
+        app = AdapruneApp(FakeBackend(tmp_path))
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("enter", "f1")
+            await settle(app, pilot)
+            assert isinstance(app.screen, Help)
+            title = next(w for w in app.screen.query(".help-title") if str(w.render()) == "Search")
+            view = app.screen.query_one("#help-text")
+            assert view.scroll_y > 0 and view.region.contains_region(title.region)  # its section, on screen
+            rows = {str(w.render()) for w in app.screen.query(".help-title")}
+            assert {"Anywhere", "Sessions", "Search", "Recover", "Export"} <= rows
+
+    run(go())
+
+
 def test_the_recover_form_for_a_stopped_run_shows_its_start_button(tmp_path):
     """Continuing a stopped recovery uses its own settings: the new-run fields hide, so Start is on screen."""
     import json

@@ -133,7 +133,7 @@ class AdapruneApp(App):
         from their bindings (so the palette, the help and the footer cannot disagree)."""
         for command in super().get_system_commands(screen):
             # Textual's Quit quits at once (ours asks while work runs); its Keys panel repeats our Help
-            if command.title not in ("Quit", "Keys"):
+            if command.title not in ("Quit", "Keys", "Maximize", "Minimize"):  # no pane here to maximize
                 yield command
         if not isinstance(screen, SessionsScreen):  # there its own "New" key says it
             yield SystemCommand("New session", "Open the new-session form", self.open_new_session)
@@ -146,12 +146,14 @@ class AdapruneApp(App):
                                     f"{keys.keys_of(b, self.keymap)}",
                                     partial(self.call_later, owner.run_action, b.action))
 
-    def help_text(self) -> str:
+    def help_screen(self) -> Help:
+        """The keys of every screen, opened at the section of the screen it is asked from."""
         sections = [("Anywhere", AdapruneApp), ("Sessions", SessionsScreen), ("New session", NewSessionScreen),
                     ("Search", SearchScreen), ("Layers", LayersScreen), ("Benchmarks", BenchScreen),
                     ("Recover", RecoverScreen), ("Export", ExportScreen)]
-        return HELP_INTRO + "\n" + keys.help_text(sections, self.keymap) + (
-            f"Keys are remapped by binding id in {keys.keymap_path()}, e.g. {{\"sessions.delete\": \"D\"}}.")
+        here = next((title for title, cls in sections if type(self.screen) is cls), None)
+        remap = f"Keys are remapped by binding id in {keys.keymap_path()}, e.g. {{\"sessions.delete\": \"D\"}}."
+        return Help(f"{HELP_INTRO}{remap}", keys.help_rows(sections, self.keymap), at=here)
 
     def _paused(self, name: str, job: str) -> bool:
         try:
@@ -163,7 +165,7 @@ class AdapruneApp(App):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, Help):
-            self.push_screen(Help(self.help_text()))
+            self.push_screen(self.help_screen())
 
     async def action_quit(self) -> None:
         self.action_quit_app()  # every way out asks while work runs

@@ -40,13 +40,8 @@ def bindings(cls: type) -> list[Binding]:
     return [b for b in getattr(cls, "BINDINGS", []) if isinstance(b, Binding)]
 
 
-def help_text(sections: list[tuple[str, type]], keymap: dict[str, str]) -> str:
-    """One block per screen: `key  what it does  [binding id]`, in the order the bindings are declared (the id
-    is what keymap.json remaps)."""
-    out = []
-    for title, cls in sections:
-        out.append(title)
-        for b in bindings(cls):
-            out.append(f"  {keys_of(b, keymap):<9} {b.tooltip or b.description}" + (f"  [{b.id}]" if b.id else ""))
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+def help_rows(sections: list[tuple[str, type]], keymap: dict[str, str]) -> list[tuple[str, list[tuple[str, ...]]]]:
+    """One block per screen: (key, what it does, binding id) in the order the bindings are declared (the id is
+    what keymap.json remaps)."""
+    return [(title, [(keys_of(b, keymap), b.tooltip or b.description, b.id or "") for b in bindings(cls)])
+            for title, cls in sections]

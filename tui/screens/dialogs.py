@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -106,25 +108,41 @@ class Ask(ModalScreen[str | None]):
 HELP_INTRO = (
     "adaprune prunes whole attention heads and MLP channels, choosing calibration data and importance metrics "
     "by Bayesian optimisation (TPE). Every action has a key (the footer shows the main ones); ctrl+p opens the "
-    "command palette with all of them. Arrows and page keys scroll this help.\n"
+    "command palette with all of them. Arrows, page keys, Home and End scroll this help. "
 )
 
 
 class Help(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,f1,question_mark", "close", "Close")]
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, intro: str, sections: list[tuple[str, list[tuple[str, ...]]]], at: str | None = None) -> None:
+        """`sections`: (title, [(key, what, binding id)]); `at`: the section shown first (the screen's own)."""
         super().__init__()
-        self.text = text
+        self.intro, self.sections, self.at = intro, sections, at
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog help"):
             with VerticalScroll(id="help-text"):
-                yield Static(self.text, markup=False)
+                yield Static(self.intro, markup=False)
+                for i, (title, rows) in enumerate(self.sections):
+                    yield Static(title, markup=False, id=f"help-{i}", classes="help-title")
+                    grid = Table.grid(padding=(0, 1), expand=True)  # a long line wraps in its column
+                    grid.add_column(width=9, no_wrap=True)
+                    grid.add_column(ratio=1)
+                    grid.add_column(no_wrap=True, style="dim", width=max((len(r[2]) for r in rows), default=0) + 2)
+                    for key, what, ident in rows:
+                        if what:  # hidden fallbacks (p when nothing runs) have nothing to say here
+                            grid.add_row(Text(key), Text(what), Text(f"[{ident}]" if ident else ""))  # not markup
+                    yield Static(grid)
             yield Label("escape closes; arrows scroll", classes="dim")
 
     def on_mount(self) -> None:
         self.query_one("#help-text").focus()
+        titles = [t for t, _ in self.sections]
+        if self.at in titles and titles.index(self.at):
+            target = self.query_one(f"#help-{titles.index(self.at)}")
+            self.call_after_refresh(lambda: self.query_one("#help-text", VerticalScroll).scroll_to_widget(
+                target, top=True, animate=False))
 
     def action_close(self) -> None:
         self.dismiss(None)
