@@ -75,6 +75,9 @@ def test_sessions_table_rename_and_delete(tmp_path):
             assert app.screen.query_one(DataTable).row_count == 2
             await pilot.press("e")
             assert isinstance(app.screen, Ask)
+            app.screen.query_one(Input).value = "bad name"
+            await pilot.pause()
+            assert "letters, digits" in text_of(app, "#problem")  # flagged as typed
             app.screen.query_one(Input).value = "beta"  # taken: the error shows in the dialog, which stays open
             await pilot.press("enter")
             await pilot.pause()
@@ -455,6 +458,12 @@ def test_layers_review_override_and_reevaluate(tmp_path):
             await pilot.press("n")
             assert app.screen is screen
             await pilot.press("m")
+            app.screen.query_one(Input).value = "100000"
+            await pilot.pause()
+            assert "not 100000" in text_of(app, "#problem")  # flagged as typed, before Enter
+            app.screen.query_one(Input).value = "12"
+            await pilot.pause()
+            assert text_of(app, "#problem") == ""
             app.screen.query_one(Input).value = "100000"
             await pilot.press("enter")
             await pilot.pause()

@@ -65,6 +65,14 @@ class Backend:
 
     # --- a new session --------------------------------------------------------------------------------------
 
+    def name_problem(self, name: str) -> str | None:
+        """What is wrong with `name` for a new or renamed session (None: nothing), without touching anything."""
+        try:
+            api.check_name(name)
+        except AdapruneError as e:
+            return str(e)
+        return f"a session named {name!r} exists already" if (self.root / name).exists() else None
+
     def check_new(self, form: NewSession) -> dict[str, str]:
         """Field -> problem, for everything checkable without loading a model (the form flags them in place)."""
         problems: dict[str, str] = {}
@@ -75,9 +83,8 @@ class Backend:
             except (AdapruneError, ValueError) as e:
                 problems[field_name] = str(e) if isinstance(e, AdapruneError) else "not a number"
 
-        check("name", lambda: api.check_name(form.name))
-        if form.name and "name" not in problems and (self.root / form.name).exists():
-            problems["name"] = f"a session named {form.name!r} exists already"
+        if problem := self.name_problem(form.name):
+            problems["name"] = problem
         check("model", lambda: api.check_model(form.model))
         check("prune", lambda: _fraction(form.prune))
         check("trials", lambda: _positive(form.trials, "trials"))

@@ -84,15 +84,20 @@ class Ask(ModalScreen[str | None]):
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, question: str, value: str = "", check=None) -> None:
+    def __init__(self, question: str, value: str = "", check=None, live=None) -> None:
+        """`live`: a check without side effects, run as the user types (`check` may act, e.g. rename)."""
         super().__init__()
-        self.question, self.value, self.check = question, value, check
+        self.question, self.value, self.check, self.live = question, value, check, live
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Static(self.question, markup=False, classes="question")
             yield Input(self.value, id="answer")
             yield Static("", markup=False, id="problem", classes="error")
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if self.live is not None:
+            self.query_one("#problem", Static).update(self.live(event.value) or "")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         problem = self.check(event.value) if self.check else None

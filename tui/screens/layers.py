@@ -178,7 +178,7 @@ class LayersScreen(Screen):
             if text is not None:
                 self.apply_edit(i, *removal(text))
 
-        self.app.push_screen(Ask(question, str(kept), check), done)
+        self.app.push_screen(Ask(question, str(kept), check, live=check), done)
 
     def action_heads(self) -> None:
         self._ask("heads")

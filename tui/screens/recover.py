@@ -77,7 +77,7 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
                     value = f", objective {c.value:.3f}" if c.value is not None else ""
                     yield Radio(f"{c.label}{value}", value=i == trained, id=f"plan-{i}", compact=True)
         yield field_row("Text", Input(", ".join(d.data), id="data", compact=True))
-        yield Static("stdlib-docs, .txt/.jsonl/.parquet files, or hub names; comma-separated", markup=False,
+        yield Static("stdlib-docs, self:NxL (sampled from the dense model), files or hub names; comma-separated", markup=False,
                      classes="dim hintline")
         yield field_row("Steps", Input(str(d.steps), id="steps", compact=True))
         yield field_row("LR", Input(f"{d.lr:g}", id="lr", compact=True))

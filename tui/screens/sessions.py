@@ -179,7 +179,10 @@ class SessionsScreen(Screen):
                 self.notify(f"renamed {name} to {new.strip()}")
             self.refresh_rows(select=new.strip() if renamed else None)  # the cursor follows the session
 
-        self.app.push_screen(Ask(f"New name for {name}:", name, rename), done)
+        def live(new: str) -> str | None:
+            return None if new.strip() == name else self.app.backend.name_problem(new.strip())
+
+        self.app.push_screen(Ask(f"New name for {name}:", name, rename, live), done)
 
     def action_delete(self) -> None:
         name = self._need()
