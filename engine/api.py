@@ -25,7 +25,15 @@ from engine.session.layout import (
     saved_plans,
     session_plan,
 )
-from engine.session.requests import JOBS, pause_pending, request, requested, running_jobs, steer
+from engine.session.requests import (
+    JOBS,
+    pause_pending,
+    request,
+    requested,
+    resume_command,
+    running_jobs,
+    steer,
+)
 from engine.session.store import Session, check_name, default_dir, list_sessions
 from engine.session.summary import summary
 
@@ -41,7 +49,7 @@ __all__ = [
     "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
     "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "model_layers",
-    "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "pause_pending", "request", "requested", "reevaluate", "JOBS", "running_jobs", "steer",
+    "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "pause_pending", "request", "requested", "resume_command", "reevaluate", "JOBS", "running_jobs", "steer",
     "OVERRIDES_PLAN", "PlanChoice", "plan_choices", "run_bench", "run_recovery", "run_search", "saved_plans", "session_plan", "summary", "table", "to_csv", "to_markdown",
     "validate_bench", "validate_recover", "validate_search", "warm_up",
 ]

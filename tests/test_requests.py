@@ -146,3 +146,14 @@ def test_the_app_tells_a_recovery_holding_the_session_from_a_search(tmp_path):
         assert backend.holder("r", "recover")["pid"] == os.getpid()
     with backend.session("r").lock():
         assert backend.is_running("r") and backend.holder("r", "recover") is None
+
+
+def test_a_paused_benchmark_names_the_command_that_resumes_it(session):
+    """A search and a benchmark may both run: `adaprune resume NAME` alone would be ambiguous."""
+    logged: list = []
+    control = SessionControl(session, "bench", logged.append)
+    request(session, "bench", "pause")
+    control._sync(force=True)
+    request(session, "bench", "resume")
+    control._sync(force=True)
+    assert "`adaprune resume s --job bench` resumes it" in logged[0].message

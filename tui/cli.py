@@ -238,7 +238,7 @@ def _steer(name: str, command: str, job: str | None, sessions_dir: Path) -> None
     job, holder = api.steer(session, command, job)
     what = {"pause": "pause at its next safe point", "resume": "go on", "cancel": "stop at its next safe point"}
     Console(emoji=False).print(f"asked the {api.JOBS[job]} of {escape(name)} (process {holder.get('pid')}) to "
-                               f"{what[command]}" + (f"; `adaprune resume {escape(name)}` goes on"
+                               f"{what[command]}" + (f"; `{escape(api.resume_command(name, job))}` goes on"
                                                      if command == "pause" else ""))
 
 

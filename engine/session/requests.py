@@ -78,6 +78,11 @@ def _since(req: dict | None, since: float | None) -> dict | None:
     return req if isinstance(req.get("t"), (int, float)) and req["t"] >= since else None
 
 
+def resume_command(name: str, job: str) -> str:
+    """The command that un-pauses the session's paused `job` (a search and a benchmark may both run)."""
+    return f"adaprune resume {name}" + ("" if job == "search" else f" --job {job}")
+
+
 def pause_pending(session: Session, job: str) -> bool:
     """Whether the running `job` was asked to pause since it began (what `resume` can undo)."""
     since = running_jobs(session).get(job, {}).get("since")
@@ -147,7 +152,7 @@ class SessionControl(Control):
         elif command == "pause" and not self.held:
             self.held = True
             self.sink(Log(f"{JOBS.get(self.job, self.job)} paused at a safe point: {_asker(req)} asked; p in an "
-                          f"app or `adaprune resume {self.session.name}` resumes it", "warning"))
+                          f"app or `{resume_command(self.session.name, self.job)}` resumes it", "warning"))
         elif command in ("resume", "cancel") and self.held:
             self.held = False
             self.sink(Log(f"{JOBS.get(self.job, self.job)} resumed", "warning"))
