@@ -584,7 +584,7 @@ def test_export_writes_the_chosen_folder(tmp_path):
             assert "saved best to" in str(status.content) and "trust_remote_code" in str(status.content)
             assert app.screen.region.contains_region(status.region)  # the outcome is on screen at 80x24
             assert app.screen.query_one("#lora").disabled  # no recovery yet
-            app.screen.query_one("#uniform").value = True
+            app.screen.query_one("#widths-uniform").value = True
             await pilot.press("ctrl+s")
             await settle(app, pilot)
             assert backend.calls[-1][4] == "uniform" and "plain transformers" in text_of(app, "#status")
@@ -600,7 +600,7 @@ def test_export_writes_the_chosen_folder(tmp_path):
             await pilot.press("escape", "x")
             await pilot.pause()
             assert "edited plan" in str(app.screen.query_one("#choice-1").label)
-            assert app.screen.query_one("#choice-1").value and app.screen.query_one("#uniform").disabled
+            assert app.screen.query_one("#choice-1").value and app.screen.query_one("#widths-uniform").disabled
             for chosen, other in ((0, 1), (1, 0)):  # one plan chosen at a time, and chosen again
                 app.screen.query_one(f"#choice-{chosen}").value = True
                 await pilot.pause()

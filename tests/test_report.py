@@ -76,3 +76,10 @@ def test_a_trial_layout_says_whether_and_how_it_was_repaired():
     base = {"attn_share": "auto", "allocation": "uniform", "ramp": 0.0, "first_kept": 4, "last_kept": 2}
     assert "repair" not in layout_text(base) and "repair" not in layout_text({**base, "repair": "none"})
     assert layout_text({**base, "repair": "self", "repair_lambda": 0.3, "repair_n": 48}).endswith("repair self λ0.3")
+
+
+def test_live_measurement_lines_round_as_the_bench_table_does():
+    from tui.report import metric_value
+
+    assert [metric_value("ppl:stdlib-docs@128", v) for v in (24.8312, 129.354)] == ["24.83", "129.35"]
+    assert metric_value("acc:piqa", 0.61234) == "0.612"

@@ -116,7 +116,8 @@ class RichSink:
                 self.progress.console.print(f"step {event.step}/{event.total}: loss {event.loss:.3f}, lr "
                                             f"{event.lr:.2g}, validation PPL {event.valid_ppl:.2f}")
         elif isinstance(event, Metric):
-            self.progress.console.print(f"[dim]{escape(event.model)} {escape(event.name)} = {event.value:.4g}[/]")
+            self.progress.console.print(f"[dim]{escape(event.model)} {escape(event.name)} = "
+                                        f"{metric_value(event.name, event.value)}[/]")
         elif isinstance(event, TrialStarted):
             self.progress.console.print(f"[cyan]trial {event.number}[/] {escape(describe(event.params))}")
         elif isinstance(event, TrialFinished):
@@ -172,6 +173,12 @@ def trials_table(board: TrialRows, limit: int = 12) -> Table:
         t.add_row(number, escape(metric_text(r.params)), escape(calib_text(r.params)), escape(layout_text(r.params)), value,
                   f"{-gain:+.1%}" if gain is not None and not board.is_baseline(r) else "", state, style=style)
     return t
+
+
+def metric_value(name: str, value: float) -> str:
+    """A measurement as the bench table prints it (PPL to 2 places, accuracy to 3), so live lines and the
+    table agree."""
+    return format(value, ".2f" if name.startswith("ppl:") else ".3f" if name.startswith("acc:") else ".4g")
 
 
 def describe(params: dict) -> str:

@@ -13,6 +13,7 @@ from engine import api
 from engine.config import BenchConfig
 from engine.errors import AdapruneError
 from engine.events import Log, Metric, StageProgress, StageStarted
+from tui.report import metric_value
 from tui.screens.dialogs import field_row
 from tui.screens.follow import FollowsProcess, Remote
 from tui.widgets import Check, RowTable
@@ -214,7 +215,7 @@ class BenchScreen(FollowsProcess, Screen):
             self.query_one("#stage-bar", ProgressBar).update(total=e.total, progress=e.done)
         elif isinstance(e, Metric):
             self.show_results()  # every measurement is saved as it lands: show it
-            self.query_one("#status", Static).update(f"{e.model}: {e.name} {e.value:.4g} (its own process: it "
+            self.query_one("#status", Static).update(f"{e.model}: {e.name} {metric_value(e.name, e.value)} (its own process: it "
                                                      f"keeps measuring if the app quits)")
         elif isinstance(e, Log) and e.level != "debug":
             self.query_one("#status", Static).update(e.message)

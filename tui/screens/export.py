@@ -44,8 +44,8 @@ class ExportScreen(Screen):
             yield Static("", markup=False, id="format", classes="dim")
             yield Label("Widths", classes="field")
             with RadioSet(id="widths", compact=True):
-                yield Radio("as planned (per-layer widths load with trust_remote_code)", value=True, id="plan")
-                yield Radio("uniform widths, re-planned from the best trial (plain transformers)", id="uniform")
+                yield Radio("as planned (per-layer widths load with trust_remote_code)", value=True, id="widths-plan")
+                yield Radio("uniform widths, re-planned from the best trial (plain transformers)", id="widths-uniform")
             with Horizontal(classes="row"):
                 yield Label("Folder", classes="rowlabel")
                 yield Input(f"out/{self.session_name}", id="out", compact=True)
@@ -89,10 +89,10 @@ class ExportScreen(Screen):
                "Its widths differ per layer: it loads with trust_remote_code=True (modeling_adaprune.py in the "
                "folder) or with adaprune")
         self.query_one("#format", Static).update(f"{api.plan_summary(c.plan)}. {fmt}")
-        uniform = self.query_one("#uniform", RadioButton)
+        uniform = self.query_one("#widths-uniform", RadioButton)
         uniform.disabled = c.name != "best"  # uniform widths re-plan the best trial's configuration
         if uniform.disabled and uniform.value:
-            self.query_one("#plan", RadioButton).value = True
+            self.query_one("#widths-plan", RadioButton).value = True
         self.sync_lora()
         out = self.query_one("#out", Input)
         if out.value.startswith(f"out/{self.session_name}"):  # still the suggestion: name it after the plan
@@ -150,7 +150,7 @@ class ExportScreen(Screen):
             self.say("give a folder to write")
             return
         force, name = self.query_one("#force", Checkbox).value, self.session_name
-        widths = "uniform" if self.query_one("#uniform", RadioButton).value else "plan"
+        widths = "uniform" if self.query_one("#widths-uniform", RadioButton).value else "plan"
         lora = self.query_one("#lora", Checkbox)
         recovered = lora.value and not lora.disabled
         plan = self.chosen().name
