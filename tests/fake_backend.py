@@ -205,6 +205,9 @@ class FakeBackend(Backend):
         self.calls.append(("reevaluate", name, dict(edits)))
         from engine.review import edits_to_overrides
 
+        while self.requests.get(f"reevaluate:{name}") == "pause":  # held by a test, as a long measurement is
+            time.sleep(0.02)
+
         self._get(name)["config"]["overrides"] = edits_to_overrides(edits)
         plan = self._get(name)["plan"]["plan"]
         self._get(name)["edited"] = plan

@@ -482,7 +482,14 @@ def test_layers_review_override_and_reevaluate(tmp_path):
             assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == f"keep {r - 1}/64"
             await pilot.press("v")  # says what it will record, and asks
             assert isinstance(app.screen, Confirm) and "plan:overrides" in str(app.screen.question)
+            backend.requests["reevaluate:alpha"] = "pause"  # held mid-measurement
             await pilot.press("y")
+            await pilot.pause()
+            offered = {b.binding.action for b in screen.active_bindings.values() if b.enabled and b.binding.show}
+            assert "cancel" in offered and not offered & {"lock", "heads", "channels", "reevaluate"}
+            await pilot.press("k")  # no edit while the edits are being measured
+            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == f"keep {r - 1}/64"
+            del backend.requests["reevaluate:alpha"]
             await settle(app, pilot)
             assert backend.calls[-1] == ("reevaluate", "alpha", {pruned: (1, 0)})
             assert "objective 41.250" in text_of(app, "#status")

@@ -184,7 +184,7 @@ class ExportScreen(Screen):
         if message.error:
             self.say(f"error: {message.error}")
             return
-        out = self.query_one("#out", Input).value.strip()
+        out = Path(self.query_one("#out", Input).value.strip()).expanduser().resolve()  # relative to the app's start
         how = "plain transformers" if message.result == "uniform" else "trust_remote_code=True"
         self.say(f"saved {self.writing} to {out} ({message.result} widths; loads with {how})")
         self.notify(f"exported to {out}")

@@ -205,6 +205,7 @@ class LayersScreen(Screen):
                                                      "(c cancels; nothing is saved until it finishes)")
             self.control = start_job(self, "reevaluate",
                                      lambda sink, control: self.app.backend.reevaluate(name, edits, sink, control))
+            self.refresh_bindings()
 
         self.app.push_screen(Confirm(
             f"Re-evaluate with {what}: prune with the best trial's configuration (the other layers re-share the "
@@ -214,6 +215,8 @@ class LayersScreen(Screen):
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "cancel":
             return self.busy
+        if action in ("lock", "heads", "channels", "restore", "reevaluate"):
+            return not self.busy  # the edits being measured stay the edits shown (and the footer fits 80)
         return True
 
     def action_cancel(self) -> None:
