@@ -48,7 +48,7 @@ BUILTIN_TEXT = STDLIB  # the text shipped in the package
 __all__ = [
     "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
-    "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "model_layers",
+    "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "memory_estimate", "model_layers",
     "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "pause_pending", "request", "requested", "resume_command", "reevaluate", "JOBS", "running_jobs", "steer",
     "OVERRIDES_PLAN", "PlanChoice", "plan_choices", "run_bench", "run_recovery", "run_search", "saved_plans", "session_plan", "summary", "table", "to_csv", "to_markdown",
     "validate_bench", "validate_recover", "validate_search", "warm_up",
@@ -152,6 +152,25 @@ def known_depth(spec: str) -> int | None:
     from engine.model.spec import known_depth as depth
 
     return depth(spec)
+
+
+def memory_estimate(model: str, device: str, metrics: list[str], repair: bool = True) -> str | None:
+    """A search's memory plan in one line, when the model's config is at hand (nothing loaded); None else.
+    Torch is not imported for it: "auto" is a GPU only when torch is loaded already and sees one."""
+    import sys
+
+    from engine.model.memory import job_plan
+    from engine.model.spec import known_config
+
+    config = known_config(model)
+    if config is None:
+        return None
+    torch = sys.modules.get("torch")
+    gpu = device.startswith("cuda") or (device == "auto" and torch is not None and torch.cuda.is_available())
+    where = (device if ":" in device else "cuda:0") if gpu else "cpu"
+    plan = job_plan(config, where, "bfloat16" if gpu else "float32", "search", set(metrics), repair,
+                    repair_cache=SearchConfig.repair_cache_gb * 2**30)
+    return plan.problem() or plan.text()
 
 
 def validate_search(cfg: SearchConfig, n_layers: int | None = None) -> None:

@@ -18,6 +18,9 @@ DEFAULT_CALIB = "stdlib-docs:10x64"  # `adaprune prune`'s calibration: LLM-Prune
 RECONSTRUCT_CALIB = "self:128x128"
 RECONSTRUCT_LAMBDA = 1.0
 SEARCH_METRICS = ["taylor1", "taylor2", "taylor-mix", "vector", "wanda", "obs"]  # the metrics a search explores by default
+GRAD_METRICS = {"taylor1", "taylor2", "taylor-mix", "vector"}  # a backward over the calibration windows
+FISHER_METRICS = {"taylor2", "taylor-mix"}  # and the squared per-window gradients
+ACT_METRICS = {"wanda"}
 
 
 def from_dict(cls: type, data: dict, what: str):

@@ -15,7 +15,7 @@ from engine.errors import AdapruneError
 from engine.events import Log, Metric, Sink, null_sink
 from engine.measure.evaluate import Speed, peak_memory, perplexity, speed
 from engine.model.export import check_out_dir, export
-from engine.model.load import Loaded, load_configured
+from engine.model.load import Loaded, announce_memory, load_configured
 from engine.model.spec import check_model
 from engine.model.structure import count_params, default_layer_range, layer_shapes
 from engine.prune.importance import REPAIR_METRICS, check_metric
@@ -175,6 +175,7 @@ def prune(cfg: PruneConfig, sink: Sink = null_sink, control: Control | None = No
     """Load, score, plan, prune physically, evaluate dense vs pruned, export."""
     control = control or Control()
     validate(cfg)
+    announce_memory(cfg, "prune", {cfg.metric}, cfg.reconstruct, sink, batch=cfg.calib_batch)
     loaded = load_configured(cfg, sink)
     # fail on an impossible target before any evaluation time is spent
     shapes = layer_shapes(loaded.model)

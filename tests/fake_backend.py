@@ -73,6 +73,10 @@ class FakeBackend(Backend):
         self._get(name)
         del self.store[name]
 
+    def memory_line(self, form: NewSession) -> str:
+        """Fixed (the real one reads this machine's free memory and model cache): snapshots stay the same."""
+        return f"memory, about: peak 3.2 GiB of 16.0 GiB free (dense 513 MiB; float32 on cpu) [{form.device}]"
+
     def config(self, name: str) -> dict:
         return self._get(name)["config"]
 

@@ -149,6 +149,7 @@ def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
                 box = screen.query_one(f"#{field}", Input)  # every field's value is on screen at 80x24
                 assert box.region.height >= 1 and app.screen.region.contains_region(box.region), field
             assert app.focused is screen.query_one("#name", Input)  # at the top, not on Start
+            assert "memory, about: peak" in text_of(app, "#memory")  # the plan before anything runs
             stops = await tab_stops(app, pilot)
             assert not any(type(w) is VerticalScroll for w in stops)
             assert screen.query_one("#metrics").highlighted is not None  # focused, it shows where its cursor is

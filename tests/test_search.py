@@ -57,6 +57,7 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
     assert best["value"] == min(t.value for t in trials if t.value is not None and t.state.name == "COMPLETE")
     logged, bad = session.read_events()
     assert not bad and sum(e["kind"] == "trial_finished" for e in logged) >= 4
+    assert any(e.get("message", "").startswith("memory, about: peak") for e in logged)  # said up front
     assert session.manifest()["status"] == "done"
     kinds = sorted({p.name.split("-")[0] for p in session.stats_dir.iterdir()})
     # trial 1 (obs, the strongest fixed recipe) always builds its scores; per-sample statistics when TPE asks;

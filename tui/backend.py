@@ -73,6 +73,14 @@ class Backend:
             return str(e)
         return f"a session named {name!r} exists already" if (self.root / name).exists() else None
 
+    def memory_line(self, form: NewSession) -> str:
+        """The search's memory plan for the form's model and device, when its config is at hand."""
+        try:
+            line = api.memory_estimate(form.model.strip(), form.device.strip() or "auto", list(form.metrics))
+        except (AdapruneError, OSError):
+            return ""
+        return line or "memory: estimated when the search starts (the model's config is not on this machine yet)"
+
     def check_new(self, form: NewSession) -> dict[str, str]:
         """Field -> problem, for everything checkable without loading a model (the form flags them in place)."""
         problems: dict[str, str] = {}

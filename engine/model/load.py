@@ -17,6 +17,7 @@ from engine.events import Log, Sink, Stage, null_sink
 from engine.files import atomic_folder
 from engine.hub import hub_reachable
 from engine.model.export import load_pruned_folder
+from engine.model.memory import MemoryPlan, job_plan
 from engine.model.spec import check_model, check_type, config_dict, converted_folder, embedded_gguf
 from engine.model.structure import check_supported
 
@@ -151,6 +152,26 @@ class ModelSettings(Protocol):
     device: str
     dtype: str
     trust_remote_code: bool
+
+
+def announce_memory(cfg: ModelSettings, job: str, metrics: set[str], repair: bool, sink: Sink = null_sink,
+                    batch: int = 4, seq_len: int = 128, repair_cache: float | None = None) -> MemoryPlan | None:
+    """Say what `job` will hold in memory before the weights load (the plan in the log), warn when its peak may
+    not fit, and refuse when the dense weights alone cannot. None when the config cannot be read without a
+    download (a hub model not cached)."""
+    dev = pick_device(cfg.device)
+    dt = str(pick_dtype(cfg.dtype, dev)).removeprefix("torch.")
+    where = resolve(cfg.model, sink)
+    if not isinstance(where, Path):
+        return None
+    plan = job_plan(config_dict(where), str(dev) if dev.type == "cpu" else f"cuda:{dev.index or 0}", dt, job,
+                    metrics, repair, batch, seq_len, repair_cache)
+    if problem := plan.problem():
+        raise AdapruneError(problem)
+    sink(Log(plan.text()))
+    if warning := plan.warning():
+        sink(Log(warning, "warning"))
+    return plan
 
 
 def load_configured(cfg: ModelSettings, sink: Sink = null_sink, frozen: bool = False) -> Loaded:

@@ -55,9 +55,9 @@ def converted_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
 
 
-def known_depth(spec: str) -> int | None:
-    """The model's number of layers when it can be read at once, without loading or converting anything: a
-    folder's config, or the cached conversion of a .gguf (the embedded model included); else None."""
+def known_config(spec: str) -> dict | None:
+    """The model's config when it can be read at once, without loading, converting or downloading anything: a
+    folder's, or the cached conversion of a .gguf (the embedded model included); else None."""
     kind = check_model(spec)
     if kind == "folder":
         folder = Path(spec.strip()).expanduser()
@@ -67,7 +67,12 @@ def known_depth(spec: str) -> int | None:
             return None
     else:
         return None
-    depth = config_dict(folder).get("num_hidden_layers")
+    return config_dict(folder)
+
+
+def known_depth(spec: str) -> int | None:
+    """The model's number of layers when its config is at hand (known_config), else None."""
+    depth = (known_config(spec) or {}).get("num_hidden_layers")
     return depth if isinstance(depth, int) else None
 
 

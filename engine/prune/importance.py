@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from engine.config import PROJ
+from engine.config import ACT_METRICS, FISHER_METRICS, GRAD_METRICS, PROJ
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
@@ -26,9 +26,6 @@ from engine.model.structure import ATTN, decoder_layers, layer_shape
 
 METRICS = ("taylor1", "taylor2", "taylor-mix", "vector", "l1", "l2", "random", "wanda", "obs")
 AGGREGATES = ("sum", "mean", "max", "prod", "last")
-GRAD_METRICS = {"taylor1", "taylor2", "taylor-mix", "vector"}
-FISHER_METRICS = {"taylor2", "taylor-mix"}
-ACT_METRICS = {"wanda"}
 REPAIR_METRICS = {"obs"}  # scored from the repair's input moments (engine.prune.obs), not here
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import SearchConfig
+from engine.config import SEARCH_METRICS, SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError, Cancelled
 from engine.events import (
@@ -34,7 +34,7 @@ from engine.events import (
     TrialStarted,
     null_sink,
 )
-from engine.model.load import Loaded, load_configured, num_layers
+from engine.model.load import Loaded, announce_memory, load_configured, num_layers
 from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.prune.plan import parse_overrides
 from engine.search.data import SearchData
@@ -259,6 +259,8 @@ def _prepare(session: Session, sink: Sink) -> tuple[SearchConfig, Loaded, dict]:
     """The session's configuration, checked once without and once with the model; the dense model; the space."""
     cfg = SearchConfig.from_dict(session.config())
     validate(cfg)
+    announce_memory(cfg, "search", set(cfg.metrics or SEARCH_METRICS), cfg.repair_sources != [], sink,
+                    repair_cache=cfg.repair_cache_gb * 2**30)
     dense = load_configured(cfg, sink, frozen=True)
     n_layers = len(decoder_layers(dense.model))
     validate(cfg, n_layers)

@@ -54,6 +54,7 @@ class NewSessionScreen(Screen):
                         yield Input(str(getattr(self.defaults, f.name)), id=f.name, compact=True)
                 yield Static("", markup=False, id=f"{f.name}-problem", classes="error problem")
             yield Static("", markup=False, id="form-problem", classes="error problem")
+            yield Static("", markup=False, id="memory", classes="dim")
             with Horizontal(classes="buttons"):
                 yield Button("Start (ctrl+s)", variant="primary", id="start", compact=True)
         yield Static("", markup=False, id="hint", classes="dim")
@@ -82,6 +83,8 @@ class NewSessionScreen(Screen):
         for f in fields(NewSession):
             if f.name != "metrics":
                 self.query_one(f"#{f.name}", Input).set_class(f.name in problems, "invalid")
+        memory = "" if {"model", "device"} & set(problems) else self.app.backend.memory_line(self.form())
+        self.query_one("#memory", Static).update(memory)
         return problems
 
     def on_input_changed(self, event: Input.Changed) -> None:
