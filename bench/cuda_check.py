@@ -36,6 +36,7 @@ from engine import api
 from engine.config import PruneConfig, SearchConfig
 from engine.measure.evaluate import perplexity, speed
 from engine.model.load import Loaded, load
+from engine.model.memory import Shape, plan_memory
 from engine.model.structure import count_params
 from engine.oneshot import evaluation_sets, plan_and_prune
 from engine.prune.importance import collect_sample_stats, gradient_sums
@@ -161,6 +162,11 @@ def step_big_speed(ctx: dict) -> dict:
     model = llama(ctx["big"], torch.bfloat16, device)
     loaded = Loaded(model, ctx["tokenizer"], "llama-3-8b shape", None, torch.device(device), torch.bfloat16)
     out: dict = {"params dense": count_params(model), "weights MiB dense": peak_mib(device)}
+    # the memory plan's estimate (config alone) beside what the device measured
+    est = plan_memory(Shape.of(model.config.to_dict()), device, "bfloat16", "prune", gradients=False, repair=False,
+                      obs=False)
+    out["plan: dense MiB"] = round(dict(est.lines)["dense"] / 2**20)
+    out["plan: peak MiB (prune, l2)"] = round(est.peak / 2**20)
     vocab = ctx["big"]["vocab_size"]
     for label in ("dense", "pruned"):
         if label == "pruned":
