@@ -127,6 +127,11 @@ def test_the_sessions_list_says_paused_for_a_paused_recovery(tmp_path):
     from engine.session.layout import RECOVERY, STATE
 
     session = Session.create(tmp_path, "r", {"model": "tiny", "prune": 0.2, "trials": 2})
+    with session.lock("recovery"):  # before its first checkpoint there is no state file yet
+        assert summary(session)["recovery"] == "running"
+        request(session, "recover", "pause")
+        assert summary(session)["recovery"] == "paused"
+        request(session, "recover", "resume")
     session.write_json(f"{RECOVERY}/{STATE}", {"status": "running", "step": 3, "config": {"steps": 12}})
     with session.lock("recovery"):
         assert summary(session)["recovery"] == "running 3/12"

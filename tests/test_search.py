@@ -13,12 +13,13 @@ import torch
 from engine.config import SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError, Cancelled
-from engine.events import SearchFinished, StageStarted, TrialFinished
+from engine.events import SearchFinished, StageStarted, TrialFinished, TrialStarted
 from engine.prune.reconstruct import Repair
 from engine.search.data import pick_windows
 from engine.search.driver import create_session, run_search
 from engine.search.space import baseline_params, canonical, space, suggest
 from engine.search.study import open_study
+from engine.search.trial_rows import TrialRows
 from engine.session.store import Session
 from engine.session.study import completed
 from engine.session.summary import summary
@@ -141,6 +142,26 @@ def test_cancel_between_trials_leaves_a_resumable_session(llama_folder, tmp_path
     assert completed(open_study(session, cfg)) == 1
     run_search(session)
     assert completed(open_study(session, cfg)) == 3
+
+
+def test_a_trial_cancelled_midway_is_reported_finished_not_left_running(llama_folder, tmp_path):
+    cfg = _cfg(llama_folder, trials=3)
+    session = create_session(tmp_path / "s", "mid", cfg)
+    control, seen = Control(), []
+
+    def sink(e):
+        seen.append(e)
+        if isinstance(e, TrialStarted) and e.number == 1:
+            control.cancel()  # inside trial 1: it stops at its next safe point
+
+    with pytest.raises(Cancelled):
+        run_search(session, sink, control)
+    ended = [e for e in seen if isinstance(e, TrialFinished) and e.number == 1]
+    assert [(e.state, "runs again" in e.message) for e in ended] == [("failed", True)]
+    board = TrialRows()
+    for e in seen:
+        board.apply(e)
+    assert board.rows[1].state == "failed"  # the table that follows the log says so too
 
 
 def test_cancel_while_the_data_is_prepared_says_cancelled(llama_folder, tmp_path):

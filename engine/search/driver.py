@@ -222,6 +222,9 @@ class _Driver:
         with contextlib.suppress(Exception):
             self.study.tell(self.current, state=TrialState.FAIL)
             self.study.enqueue_trial(self.current.params, user_attrs=rerun_attrs(self.current))
+        # its row must not stay "running" in a table that follows the log
+        self.sink(TrialFinished(self.current.number, "failed", None, self.current.params,
+                                message="interrupted: its configuration runs again when the search resumes"))
         self.current = None
 
 

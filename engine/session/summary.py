@@ -29,7 +29,9 @@ def summary(session: Session) -> dict:
         rec = recovery_state(session)
     except AdapruneError:
         rec = {"status": "unreadable", "step": 0, "config": {"steps": 0}}
-    if rec is not None:  # the LoRA recovery, when there is one: "done", or e.g. "stopped 40/100"
+    if rec is None and (session.holder() or {}).get("what") == "recovery":  # before its first checkpoint
+        row["recovery"] = "paused" if pause_pending(session, "recover") else "running"
+    elif rec is not None:  # the LoRA recovery, when there is one: "done", or e.g. "stopped 40/100"
         said = rec["status"]
         if said == "running" and (session.holder() or {}).get("what") != "recovery":
             said = "stopped"  # killed before it could say so; `recover --resume` goes on from its checkpoint

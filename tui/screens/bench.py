@@ -120,6 +120,7 @@ class BenchScreen(FollowsProcess, Screen):
         self._control = None
         self.process = None  # the benchmark process this app started, when it did
         self.log_offset = 0
+        self.cancel_seen = False  # the run followed here said it stops at a safe point
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -155,7 +156,7 @@ class BenchScreen(FollowsProcess, Screen):
             error = self.app.backend.last_error(self.session_name, "bench") or f"the benchmark exited with {code}"
             self.query_one("#status", Static).update(f"{error} (results already measured are kept)")
             self.notify(error, severity="error")
-        elif code == 130 or self.app.backend.requested(self.session_name, "bench") == "cancel":
+        elif code == 130 or self.cancel_seen:
             self.query_one("#status", Static).update("stopped: what was measured is kept; r runs the rest")
         else:
             self.query_one("#status", Static).update("benchmark done")
@@ -196,6 +197,7 @@ class BenchScreen(FollowsProcess, Screen):
                 self.query_one("#status", Static).update(f"cannot start the benchmark: {e}")
                 return
             self.app.background["bench", self.session_name] = self.process
+            self.cancel_seen = False
             self.control = Remote(self.app.backend, self.session_name, "bench")
             skipped = [what for what, given in (("zero-shot (no tasks given)", cfg.tasks), ("PPL (no texts given)",
                        cfg.ppl), ("speed", cfg.speed)) if not given]
@@ -219,6 +221,8 @@ class BenchScreen(FollowsProcess, Screen):
                                                      f"keeps measuring if the app quits)")
         elif isinstance(e, Log) and e.level != "debug":
             self.query_one("#status", Static).update(e.message)
+            if "stopping at a safe point" in e.message:
+                self.cancel_seen = True  # this run said it stops: not a cancel left in the requests file
 
     def action_back(self) -> None:
         self.app.pop_screen()

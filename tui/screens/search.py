@@ -105,6 +105,8 @@ class SearchScreen(JobControls, Screen):
         self.replay_history()
         self.show_best_plan()
         self.update_title()
+        if self.process is not None and self.process.poll() is None:  # until its first event: not the old news
+            self.query_one("#log", Static).update(f"starting the search in process {self.process.pid}…")
         if self.view_mode == "attach":
             self.poll()
             self.set_interval(0.5, self.poll)
@@ -250,10 +252,13 @@ class SearchScreen(JobControls, Screen):
                 self.pause_acked = "paused at a safe point" in event.message  # the engine says it has paused
                 if live:
                     self.update_title()
-        elif isinstance(event, SearchFinished) and live:
+        elif isinstance(event, SearchFinished):  # the line the user reads says how it ended, not its last log
             best = f", best trial {event.best_number} ({event.best_value:.3f})" if event.best_value else ""
             more = " (r resumes)" if event.status == "cancelled" else ""
-            self.notify(f"search {event.status}: {event.completed}/{event.total} trials{best}{more}")
+            said = f"search {event.status}: {event.completed}/{event.total} trials{best}{more}"
+            self.query_one("#log", Static).update(said)
+            if live:
+                self.notify(said)
 
     def show_rows(self, event: Event, best_before: int | None) -> None:
         """Re-render what one event changed: its row; the old and the new best when the best moves; every row
