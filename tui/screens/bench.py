@@ -121,6 +121,7 @@ class BenchScreen(FollowsProcess, Screen):
         self.process = None  # the benchmark process this app started, when it did
         self.log_offset = 0
         self.cancel_seen = False  # the run followed here said it stops at a safe point
+        self.skipped = ""  # what the run started here does not measure, in words
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -159,7 +160,7 @@ class BenchScreen(FollowsProcess, Screen):
         elif code == 130 or self.cancel_seen:
             self.query_one("#status", Static).update("stopped: what was measured is kept; r runs the rest")
         else:
-            self.query_one("#status", Static).update("benchmark done")
+            self.query_one("#status", Static).update(f"benchmark done{self.skipped}")
             self.notify("benchmark done")
 
     def show_results(self) -> None:
@@ -201,8 +202,9 @@ class BenchScreen(FollowsProcess, Screen):
             self.control = Remote(self.app.backend, self.session_name, "bench")
             skipped = [what for what, given in (("zero-shot (no tasks given)", cfg.tasks), ("PPL (no texts given)",
                        cfg.ppl), ("speed", cfg.speed)) if not given]
-            self.query_one("#status", Static).update(f"starting the benchmark in process {self.process.pid}…" + (
-                f" (not measured: {', '.join(skipped)})" if skipped else ""))
+            self.skipped = f" (not measured: {', '.join(skipped)})" if skipped else ""  # said at start and end
+            self.query_one("#status", Static).update(f"starting the benchmark in process {self.process.pid}…"
+                                                     f"{self.skipped}")
 
         self.app.push_screen(BenchForm(), go)
 
