@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.bench.table import plot_png, plot_text, table, to_csv, to_markdown
+from engine.bench.table import mismatched, plot_png, plot_text, table, to_csv, to_markdown
 from engine.config import BenchConfig, PruneConfig, RecoverConfig, SearchConfig
 from engine.control import Control
 from engine.data.text import HUB, STDLIB
@@ -48,7 +48,7 @@ BUILTIN_TEXT = STDLIB  # the text shipped in the package
 __all__ = [
     "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
-    "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "memory_estimate", "model_layers",
+    "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "mismatched", "memory_estimate", "model_layers",
     "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "pause_pending", "request", "requested", "resume_command", "reevaluate", "JOBS", "running_jobs", "steer",
     "OVERRIDES_PLAN", "PlanChoice", "plan_choices", "run_bench", "run_recovery", "run_search", "saved_plans", "session_plan", "summary", "table", "to_csv", "to_markdown",
     "validate_bench", "validate_recover", "validate_search", "warm_up",

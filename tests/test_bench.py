@@ -268,3 +268,23 @@ def test_rows_of_a_model_the_session_no_longer_has_are_marked_outdated(tmp_path,
                                           "plan:mine (outdated)"]
     assert "recovered is outdated: its LoRA recovery was discarded" in api.to_markdown(results)
     assert "outdated" not in json.loads((session.path / "bench.json").read_text())["rows"]["best"]  # only shown
+
+
+def test_cells_measured_on_other_windows_than_dense_are_marked_not_comparable():
+    """A second run with other windows and only some rows leaves a column of numbers from two settings."""
+    from engine.bench.table import mismatched, provenance, table
+
+    def ppl(value, windows, sha="aa"):
+        return {"ppl": {"t@128": {"value": value, "windows": windows, "tokens": windows * 128, "sha256": sha,
+                                  "seq_len": 128, "text": "t"}}, "params": 10}
+
+    results = {"rows": {"dense": ppl(337.11, 3), "best": ppl(377.13, 40), "baseline": ppl(390.0, 3)}}
+    assert mismatched(results) == {("best", "t@128"): "40 windows (dense: 3 windows)"}
+    header, body = table(results)
+    cells = {line[0]: line[header.index("PPL t@128")] for line in body}
+    assert cells == {"dense": "337.11", "best": "377.13 *", "baseline": "390.00"}
+    assert any(line.startswith("* PPL t@128 of best was measured on 40 windows") for line in provenance(results))
+    results["rows"]["best"] = ppl(377.13, 3, sha="bb")
+    assert "of another text" in mismatched(results)["best", "t@128"]
+    results["rows"]["best"] = ppl(377.13, 3)
+    assert mismatched(results) == {}

@@ -9,6 +9,25 @@ from engine.errors import AdapruneError
 ROWS = ["dense", "best", "recovered", "baseline", "oneshot", "oneshot-repaired", "magnitude", "random"]
 
 
+def mismatched(results: dict) -> dict[tuple[str, str], str]:
+    """(row, PPL key) -> why that cell is not comparable with its column: measured on other windows or another
+    text than dense's (or, without dense, than most rows'). A later run with other settings that measured only
+    some rows leaves such cells."""
+    rows = results.get("rows", {})
+    out: dict[tuple[str, str], str] = {}
+    for key in sorted({k for r in rows.values() for k in r.get("ppl", {})}):
+        how = {n: (p.get("windows"), p.get("tokens"), p.get("sha256")) for n, r in rows.items()
+               if (p := r.get("ppl", {}).get(key))}
+        ref_name = "dense" if "dense" in how else None
+        ref = how["dense"] if ref_name else max(set(how.values()), key=list(how.values()).count)
+        for name, h in how.items():
+            if h != ref:
+                theirs = f"{ref[0]} windows" + ("" if h[2] == ref[2] else ", another text")
+                out[name, key] = (f"{h[0]} windows" + ("" if h[2] == ref[2] else " of another text") +
+                                  f" ({ref_name or 'most rows'}: {theirs})")
+    return out
+
+
 def table(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison, as strings (Markdown, CSV and the terminal share it)."""
     rows = results.get("rows", {})
@@ -27,13 +46,15 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
     if has_mem:
         header += ["peak MiB"]
     body = []
+    odd = mismatched(results)  # cells measured otherwise than their column: marked, explained in the provenance
     total = results.get("dense_params") or dense.get("params")
     for name in order:
         r = rows[name]
         shown = f"{name} ({r['recovery_loss']})" if r.get("recovery_loss") else name
         shown += " (outdated)" if r.get("outdated") else ""
         line = [shown, f"{r['params']:,}", f"{r['params'] / total:.1%}" if total else ""]
-        line += [_f(r.get("ppl", {}).get(k, {}).get("value"), ".2f") for k in ppl_keys]
+        line += [_f(r.get("ppl", {}).get(k, {}).get("value"), ".2f") + (" *" if (name, k) in odd else "")
+                 for k in ppl_keys]
         accs = {k: r.get("zeroshot", {}).get(k, {}).get("acc") for k in task_keys}
         line += [_f(accs[k], ".3f") for k in task_keys]
         if task_keys:
@@ -91,6 +112,8 @@ def provenance(results: dict) -> list[str]:
     lines.append("plans: " + ", ".join(f"{n} {r.get('plan_id')}" for n, r in rows.items()))
     lines += [f"{n} is outdated: {r['outdated']} (its numbers are of the model it measured then; bench measures "
               f"it again)" for n, r in rows.items() if r.get("outdated")]
+    lines += [f"* PPL {key} of {n} was measured on {why}: not comparable with its column (bench with the same "
+              f"settings and --rows {n} measures it again)" for (n, key), why in mismatched(results).items()]
     return lines
 
 

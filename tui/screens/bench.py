@@ -180,9 +180,10 @@ class BenchScreen(FollowsProcess, Screen):
         for line in body:
             t.add_row(*line)
         old = {n: r["outdated"] for n, r in results.get("rows", {}).items() if r.get("outdated")}
-        if old and self.control is None:
-            self.query_one("#status", Static).update(
-                "; ".join(f"{n} outdated: {why}" for n, why in old.items()) + " — r measures it again")
+        odd = [f"* {n}'s PPL {key}: {why}" for (n, key), why in api.mismatched(results).items()]
+        if (old or odd) and self.control is None:
+            self.query_one("#status", Static).update("; ".join(
+                [*(f"{n} outdated: {why}" for n, why in old.items()), *odd]) + " — r measures it again")
 
     def action_run(self) -> None:
         if self.running():
