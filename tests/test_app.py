@@ -325,9 +325,13 @@ def test_the_recover_form_for_a_stopped_run_shows_its_start_button(tmp_path):
             await pilot.pause()
             assert app.screen.region.contains_region(form.query_one("#run").region)
             form.query_one("#lr", Input).value = "fast"
+            await pilot.pause()
+            assert "LR 'fast': a number" in text_of(app, "#problem")  # names the field, as typed
             await pilot.press("ctrl+s")
-            assert "LR 'fast': a number" in text_of(app, "#problem")  # names the field
+            assert "LR 'fast': a number" in text_of(app, "#problem")
             form.query_one("#lr", Input).value = "0.001"
+            await pilot.pause()
+            assert text_of(app, "#problem") == ""  # fixed: the error goes
             backend.requests["recover:alpha"] = "pause"  # the fake process holds before its first event
             await pilot.press("ctrl+s")
             await until(pilot, lambda: backend.calls and backend.calls[-1][0] == "recover")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, ProgressBar, Static
 
@@ -23,26 +23,35 @@ class BenchForm(ModalScreen[BenchConfig | None]):
     BINDINGS = [Binding("ctrl+s", "run", "Run", priority=True, id="bench-form.run", tooltip="run the benchmark"),
                 Binding("escape", "cancel", "Cancel", id="bench-form.cancel", tooltip="close the form")]
 
+    FIELDS = {"tasks": "", "limit": "100", "ppl": "stdlib-docs", "windows": "40", "rows": ""}
+
+    def __init__(self, values: dict | None = None) -> None:
+        """`values`: the fields as the last run had them (the form opens with them)."""
+        super().__init__()
+        self.values = {**self.FIELDS, **(values or {})}
+
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
+        v = self.values
+        with VerticalScroll(classes="dialog", can_focus=False):  # a long refusal must not push Run off screen
             yield Static("Benchmark the dense model against the session's plans; results already measured are "
                          "kept and extended.", markup=False, classes="question")
-            yield field_row("Tasks", Input("", id="tasks", placeholder="none (e.g. piqa or my.jsonl)", compact=True))
+            yield field_row("Tasks", Input(v["tasks"], id="tasks", placeholder="none (e.g. piqa or my.jsonl)", compact=True))
             yield Static("zero-shot: lm-eval names (need the hub) or local .jsonl files, comma-separated",
                          markup=False, classes="dim hintline")
-            yield field_row("Rows/task", Input("100", id="limit", placeholder="all", compact=True))
-            yield field_row("PPL texts", Input("stdlib-docs", id="ppl", compact=True))
+            yield field_row("Rows/task", Input(v["limit"], id="limit", placeholder="all", compact=True))
+            yield field_row("PPL texts", Input(v["ppl"], id="ppl", compact=True))
             yield Static(f"{', '.join(api.HUB_TEXTS)} (need the hub), {api.BUILTIN_TEXT}, or .txt/.jsonl/.parquet "
                          f"files", markup=False, classes="dim hintline")
-            yield field_row("Windows", Input("40", id="windows", placeholder="0: the whole text", compact=True))
-            yield field_row("Rows", Input("", id="rows", placeholder="all", compact=True))
+            yield field_row("Windows", Input(v["windows"], id="windows", placeholder="0: the whole text", compact=True))
+            yield field_row("Rows", Input(v["rows"], id="rows", placeholder="all", compact=True))
             yield Static("dense, best, baseline, oneshot, oneshot-repaired, magnitude, random, recovered, "
                          "plan:NAME", markup=False, classes="dim hintline")
-            yield Check("speed and memory (prefill and decode; slow on a CPU)", value=False, id="speed",
+            yield Check("speed and memory (prefill and decode; slow on a CPU)", value=bool(v.get("speed")), id="speed",
                            compact=True)
             yield Static("", markup=False, id="problem", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Run (ctrl+s)", variant="primary", id="run", compact=True)
+        yield Footer(compact=True)  # this form's keys, not the screen's behind it
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_run()
@@ -73,20 +82,25 @@ class BenchForm(ModalScreen[BenchConfig | None]):
             raise AdapruneError(f"no row {bad[0]!r}: choose among those listed under Rows")
         return cfg
 
-    def check(self) -> BenchConfig | None:
+    field_error = False  # the problem line shows a field's error (cleared when fixed), not Run's refusal
+
+    def check(self, typing: bool = False) -> BenchConfig | None:
+        """The form's configuration, or None with its problem shown. While typing, a refusal Run showed (a
+        file that is not there) stays until the next Run: keys typed fast must not wipe it."""
         try:
-            cfg = self.config()
+            cfg, problem = self.config(), ""
         except AdapruneError as e:
-            self.query_one("#problem", Static).update(str(e))
-            return None
-        self.query_one("#problem", Static).update("")
+            cfg, problem = None, str(e)
+        if problem or self.field_error or not typing:
+            self.query_one("#problem", Static).update(problem)
+            self.field_error = bool(problem)
         return cfg
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        self.check()  # as the user types; files and task names are read once, on Run
+        self.check(typing=True)  # files and task names are read once, on Run
 
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
-        self.check()
+        self.check(typing=True)
 
     def action_run(self) -> None:
         cfg = self.check()
@@ -96,7 +110,10 @@ class BenchForm(ModalScreen[BenchConfig | None]):
             api.validate_bench(cfg)
         except AdapruneError as e:
             self.query_one("#problem", Static).update(str(e))
+            self.call_after_refresh(self.query_one("#run", Button).scroll_visible, animate=False)  # and its error
             return
+        self.values = {**{k: self.query_one(f"#{k}", Input).value for k in self.FIELDS},
+                       "speed": self.query_one("#speed", Checkbox).value}  # the next form opens with them
         self.dismiss(cfg)
 
     def action_cancel(self) -> None:
@@ -122,6 +139,7 @@ class BenchScreen(FollowsProcess, Screen):
         self.log_offset = 0
         self.cancel_seen = False  # the run followed here said it stops at a safe point
         self.skipped = ""  # what the run started here does not measure, in words
+        self.form_values: dict | None = None  # the form as the last run here had it
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -207,7 +225,14 @@ class BenchScreen(FollowsProcess, Screen):
             self.query_one("#status", Static).update(f"starting the benchmark in process {self.process.pid}…"
                                                      f"{self.skipped}")
 
-        self.app.push_screen(BenchForm(), go)
+        form = BenchForm(self.form_values)
+
+        def went(cfg: BenchConfig | None) -> None:
+            if cfg is not None:
+                self.form_values = form.values
+            go(cfg)
+
+        self.app.push_screen(form, went)
 
     def apply(self, e) -> None:
         if isinstance(e, StageStarted):

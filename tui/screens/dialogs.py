@@ -94,6 +94,7 @@ class Ask(ModalScreen[str | None]):
             yield Static(self.question, markup=False, classes="question")
             yield Input(self.value, id="answer")
             yield Static("", markup=False, id="problem", classes="error")
+            yield Label("enter answers; escape cancels", classes="dim")
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if self.live is not None:

@@ -65,6 +65,7 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
             yield Static("", markup=False, id="problem", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Start (ctrl+s)", variant="primary", id="run", compact=True)
+        yield Footer(compact=True)  # this form's keys, not the screen's behind it
 
     def fresh_fields(self, d: RecoverConfig) -> ComposeResult:
         yield Static("LoRA fine-tuning of the pruned model (LLM-Pruner's recipe), resumable; export merges "
@@ -104,19 +105,35 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.focus_next()  # Enter moves on; the work starts on ctrl+s or the button, never by accident
 
+    def field_problem(self) -> str:
+        """The first field that is not what it should be, named in the form's words ("" when none)."""
+        value = {k: self.query_one(f"#{k}", Input).value.strip() for k in ("data", "steps", "lr", "rank", "shape")}
+        return next((f"{label} {value[k]!r}: {want}" for k, label, want, ok in (
+            ("steps", "Steps", "a whole number", value["steps"].isdigit()),
+            ("lr", "LR", "a number, e.g. 1e-4", _is_float(value["lr"])),
+            ("rank", "LoRA rank", "a whole number", value["rank"].isdigit()),
+            ("shape", "Batch", "sequences x tokens, e.g. 4x256",
+             all(p.isdigit() for p in value["shape"].split("x")) and value["shape"].count("x") == 1)) if not ok), "")
+
+    field_error = False  # the problem line shows a field's error (cleared when fixed), not Start's refusal
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if not self.is_mounted or event.input.id not in ("steps", "lr", "rank", "shape"):
+            return
+        problem = self.field_problem()  # as typed; a refusal from Start stays until the next Start
+        if problem or self.field_error:
+            self.query_one("#problem", Static).update(problem)
+            self.field_error = bool(problem)
+
     def action_run(self) -> None:
         resume = self.query("#resume") and self.query_one("#resume", Checkbox).value
         if resume:
             self.dismiss((RecoverConfig(), True, False))
             return
         value = {k: self.query_one(f"#{k}", Input).value.strip() for k in ("data", "steps", "lr", "rank", "shape")}
-        problem = next((f"{label} {value[k]!r}: {want}" for k, label, want, ok in (
-            ("steps", "Steps", "a whole number", value["steps"].isdigit()),
-            ("lr", "LR", "a number, e.g. 1e-4", _is_float(value["lr"])),
-            ("rank", "LoRA rank", "a whole number", value["rank"].isdigit()),
-            ("shape", "Batch", "sequences x tokens, e.g. 4x256",
-             all(p.isdigit() for p in value["shape"].split("x")) and value["shape"].count("x") == 1)) if not ok), "")
+        problem = self.field_problem()
         self.query_one("#problem", Static).update(problem)
+        self.field_error = bool(problem)
         if problem:
             return
         try:
