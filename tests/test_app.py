@@ -297,6 +297,25 @@ def test_help_opens_at_the_screen_it_is_asked_from_and_lists_what_each_key_does(
     run(go())
 
 
+def test_keys_that_can_do_nothing_now_say_so(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            said = lambda: [n.message for n in app._notifications]  # noqa: E731
+            app.screen.query_one(DataTable).move_cursor(row=1)  # beta: all its trials done
+            await pilot.press("enter", "r")
+            assert any("nothing to resume" in m for m in said()) and not any(c[0] == "start" for c in backend.calls)
+            await pilot.press("escape", "b", "p", "c")
+            assert sum("no benchmark is running: r runs one" in m for m in said()) == 2
+            await pilot.press("escape", "l", "c")
+            assert any("nothing is being re-evaluated" in m for m in said())
+            palette = [c.title for c in app.get_system_commands(app.screen)]
+            assert "" not in palette  # the hidden fallbacks are not commands
+
+    run(go())
+
+
 def test_the_recover_form_for_a_stopped_run_shows_its_start_button(tmp_path):
     """Continuing a stopped recovery uses its own settings: the new-run fields hide, so Start is on screen."""
     import json

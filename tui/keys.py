@@ -37,7 +37,9 @@ def keys_of(binding: Binding, keymap: dict[str, str]) -> str:
 
 
 def bindings(cls: type) -> list[Binding]:
-    return [b for b in getattr(cls, "BINDINGS", []) if isinstance(b, Binding)]
+    """The screen's commands: its bindings with a description (the hidden fallbacks that only say a key can do
+    nothing now are not commands)."""
+    return [b for b in getattr(cls, "BINDINGS", []) if isinstance(b, Binding) and b.description]
 
 
 def help_rows(sections: list[tuple[str, type]], keymap: dict[str, str]) -> list[tuple[str, list[tuple[str, ...]]]]:

@@ -123,12 +123,15 @@ class BenchForm(ModalScreen[BenchConfig | None]):
 class BenchScreen(FollowsProcess, Screen):
     JOB, WHAT = "bench", "benchmark"
     PAUSE_NOTE = "pausing at the next measurement (p resumes)"
+    IDLE_NOTE = "no benchmark is running: r runs one (the rows measured are kept)"
 
     BINDINGS = [Binding("r", "run", "Run / extend", id="bench.run", tooltip="run or extend the table (a form)"),
                 Binding("p", "pause", "Pause", id="bench.pause", tooltip="pause or resume at the next measurement"),
                 Binding("p", "resume", "Resume", id="bench.resume", tooltip="go on from where it paused"),
                 Binding("c", "cancel", "Cancel", id="bench.cancel",
                         tooltip="stop (what is measured is kept; r runs the rest)"),
+                Binding("p", "idle", show=False, id="bench.idle-pause"),
+                Binding("c", "idle", show=False, id="bench.idle-cancel"),
                 Binding("escape", "back", "Back", id="bench.back", tooltip="back (the benchmark keeps running)")]
 
     def __init__(self, name: str) -> None:

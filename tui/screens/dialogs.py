@@ -130,12 +130,13 @@ class Help(ModalScreen[None]):
         with Vertical(classes="dialog help"):
             with VerticalScroll(id="help-text"):
                 yield Static(self.intro, markup=False)
+                ids = max((len(r[2]) for _, rows in self.sections for r in rows), default=0) + 2  # one column
                 for i, (title, rows) in enumerate(self.sections):
                     yield Static(title, markup=False, id=f"help-{i}", classes="help-title")
                     grid = Table.grid(padding=(0, 1), expand=True)  # a long line wraps in its column
                     grid.add_column(width=9, no_wrap=True)
                     grid.add_column(ratio=1)
-                    grid.add_column(no_wrap=True, style="dim", width=max((len(r[2]) for r in rows), default=0) + 2)
+                    grid.add_column(no_wrap=True, style="dim", width=ids)  # aligned across the sections
                     for key, what, ident in rows:
                         if what:  # hidden fallbacks (p when nothing runs) have nothing to say here
                             grid.add_row(Text(key), Text(what), Text(f"[{ident}]" if ident else ""))  # not markup

@@ -47,8 +47,12 @@ class JobControls:
         if self.is_mounted:
             self.refresh_bindings()
 
+    IDLE_NOTE = "nothing runs here"  # what p and c say when nothing runs (their hidden "idle" bindings)
+
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         # offered only while the job runs here; p pauses, or resumes once paused (the footer says which)
+        if action == "idle":
+            return self.control is None
         if action == "cancel":
             return self.control is not None
         if action in ("pause", "resume"):
@@ -57,6 +61,9 @@ class JobControls:
 
     def action_resume(self) -> None:
         self.action_pause()  # toggles: the binding shown says which way
+
+    def action_idle(self) -> None:
+        self.notify(self.IDLE_NOTE, severity="warning")
 
 
 class FollowsProcess(JobControls):

@@ -43,6 +43,8 @@ class LayersScreen(Screen):
         Binding("r", "restore", "Restore", id="layers.restore", tooltip="drop the edits: the proposed plan"),
         Binding("v", "reevaluate", "Evaluate", id="layers.reevaluate", tooltip="prune with the edits, measure, save them as a plan"),
         Binding("c", "cancel", "Cancel", id="layers.cancel", tooltip="stop a re-evaluation (nothing is saved)"),
+        Binding("c", "idle", show=False, id="layers.idle-cancel"),
+        Binding("k,h,m,r,v", "busy", show=False, id="layers.busy"),
         Binding("x", "export", "Export", show=False, id="layers.export", tooltip="export a plan (the re-evaluated edits first)"),
         Binding("escape", "back", "Back", id="layers.back", tooltip="back (asks when edits are not re-evaluated)"),
     ]
@@ -215,9 +217,19 @@ class LayersScreen(Screen):
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "cancel":
             return self.busy
+        if action == "idle":
+            return not self.busy
+        if action == "busy":
+            return self.busy
         if action in ("lock", "heads", "channels", "restore", "reevaluate"):
             return not self.busy  # the edits being measured stay the edits shown (and the footer fits 80)
         return True
+
+    def action_idle(self) -> None:
+        self.notify("nothing is being re-evaluated: v re-evaluates your edits", severity="warning")
+
+    def action_busy(self) -> None:
+        self.notify("re-evaluating your edits: c cancels it; edit again when it ends", severity="warning")
 
     def action_cancel(self) -> None:
         if self.busy and self.control is not None:

@@ -167,6 +167,7 @@ def _is_float(text: str) -> bool:
 class RecoverScreen(FollowsProcess, Screen):
     JOB, WHAT, LOCK_WHAT = "recover", "recovery", "recovery"
     PAUSE_NOTE = "pausing at the next step (p resumes)"
+    IDLE_NOTE = "no recovery is running: r starts or continues one"
     CANCEL_NOTE = "stopping at the next safe point (a step in progress finishes first)…"
 
     BINDINGS = [
@@ -174,6 +175,8 @@ class RecoverScreen(FollowsProcess, Screen):
         Binding("p", "pause", "Pause", id="recover.pause", tooltip="pause or resume at the next step"),
         Binding("p", "resume", "Resume", id="recover.resume", tooltip="go on from where it paused"),
         Binding("c", "cancel", "Cancel", id="recover.cancel", tooltip="stop (finished steps are kept; r continues)"),
+        Binding("p", "idle", show=False, id="recover.idle-pause"),
+        Binding("c", "idle", show=False, id="recover.idle-cancel"),
         Binding("x", "export", "Export", id="recover.export", tooltip="export with the adapter merged in"),
         Binding("escape", "back", "Back", id="recover.back", tooltip="back (the recovery keeps running)"),
     ]

@@ -47,9 +47,10 @@ class SearchScreen(JobControls, Screen):
         Binding("c", "cancel", "Cancel", id="search.cancel", tooltip="stop the search (the session stays resumable)"),
         Binding("r", "resume_search", "Resume", id="search.resume-search",
                 tooltip="run the trials still to go (when no process runs the search)"),
-        # p and c when nothing runs: say so instead of nothing (hidden: the footer offers only what works)
+        # p, c and r when they can do nothing: say so instead of nothing (hidden: the footer offers what works)
         Binding("p", "idle", show=False, id="search.idle-pause"),
         Binding("c", "idle", show=False, id="search.idle-cancel"),
+        Binding("r", "idle", show=False, id="search.idle-resume"),
         Binding("l", "layers", "Layers", id="search.layers", tooltip="the best plan, layer by layer"),
         Binding("b", "bench", "Bench", id="search.bench", tooltip="benchmarks"),
         Binding("x", "export", "Export", id="search.export", tooltip="export a pruned model folder"),
@@ -112,8 +113,8 @@ class SearchScreen(JobControls, Screen):
             self.set_interval(0.5, self.poll)
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action == "idle":
-            return self.control is None
+        if action == "idle":  # after the bindings that work: only when none of them does
+            return True
         if action == "resume_search":
             return self.control is None and self.resumable()
         return super().check_action(action, parameters)
@@ -332,7 +333,10 @@ class SearchScreen(JobControls, Screen):
         self.notify("cancelling at the next safe point… (the session stays resumable)")
 
     def action_idle(self) -> None:
-        more = "r resumes it" if self.resumable() else "it has run all its trials"
+        if self.control is not None:  # r while it runs
+            self.notify(f"the search of {self.session_name} is running: p pauses it, c stops it", severity="warning")
+            return
+        more = "r resumes it" if self.resumable() else "it has run all its trials, nothing to resume"
         self.notify(f"no search of {self.session_name} is running: {more}", severity="warning")
 
     def action_resume_search(self) -> None:
