@@ -503,7 +503,7 @@ def test_layers_review_override_and_reevaluate(tmp_path):
             ask.query_one(Input).value = str(r - 1)  # keep all but one per group
             await pilot.press("enter")
             await pilot.pause()
-            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == f"keep {r - 1}/64"
+            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == f"keep {r - 1} h, 64 ch"
             await pilot.press("v")  # says what it will record, and asks
             assert isinstance(app.screen, Confirm) and "plan:overrides" in str(app.screen.question)
             backend.requests["reevaluate:alpha"] = "pause"  # held mid-measurement
@@ -512,7 +512,7 @@ def test_layers_review_override_and_reevaluate(tmp_path):
             offered = {b.binding.action for b in screen.active_bindings.values() if b.enabled and b.binding.show}
             assert "cancel" in offered and not offered & {"lock", "heads", "channels", "reevaluate"}
             await pilot.press("k")  # no edit while the edits are being measured
-            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == f"keep {r - 1}/64"
+            assert str(screen.query_one(DataTable).get_row_at(pruned)[-1]) == f"keep {r - 1} h, 64 ch"
             del backend.requests["reevaluate:alpha"]
             await settle(app, pilot)
             assert backend.calls[-1] == ("reevaluate", "alpha", {pruned: (1, 0)})

@@ -96,9 +96,10 @@ class LayersScreen(Screen):
         for r in layer_rows(self.plan, self.edits):
             edit = ""
             if r.index in self.edits:
-                edit = "lock" if self.edits[r.index] == (0, 0) else f"keep {r.heads_kept}/{r.channels_kept}"
+                # what the layer keeps, each count named (a bare "1/48" read as "1 of 48")
+                edit = "lock" if self.edits[r.index] == (0, 0) else f"keep {r.heads_kept} h, {r.channels_kept} ch"
                 if self.plan.head_mode == "kv" and edit != "lock":
-                    edit = f"keep {r.kv_kept}/{r.channels_kept}"
+                    edit = f"keep {r.kv_kept} kv, {r.channels_kept} ch"
             importance = f"{r.importance:.2f}" if r.importance else "-"  # layers outside the range are not scored
             table.add_row(str(r.index), f"{r.heads_kept}/{r.heads_per_group}", f"{r.kv_kept}/{r.kv_total}",
                           f"{r.channels_kept}/{r.channels}", bar(r.kept_share), importance, edit,
