@@ -29,13 +29,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from prune_recipes import cpu_name
 
-from engine.config import EMBEDDED, PruneConfig
+from engine.config import EMBEDDED, PruneConfig, default_layer_range
 from engine.control import Control
 from engine.data.text import calib_parts
 from engine.data.windows import draw_windows
 from engine.measure.evaluate import perplexity
 from engine.model.load import load
-from engine.model.structure import count_params, default_layer_range, layer_shapes
+from engine.model.structure import count_params, layer_shapes
 from engine.oneshot import evaluation_sets
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, reconstruct, snapshot_layers

@@ -30,13 +30,13 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_recipes import WIKITEXT, _record, cpu_name
 
-from engine.config import EMBEDDED, PruneConfig
+from engine.config import EMBEDDED, PruneConfig, default_layer_range
 from engine.control import Control
 from engine.data.text import calib_parts
 from engine.data.windows import draw_windows
 from engine.measure.evaluate import perplexity
 from engine.model.load import load
-from engine.model.structure import count_params, decoder_layers, default_layer_range, layer_shapes
+from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.oneshot import evaluation_sets
 from engine.prune.obs import removal_scores
 from engine.prune.recipe import Recipe, prune_with

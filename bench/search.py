@@ -24,14 +24,13 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_recipes import WIKITEXT, _record, cpu_name
 
-from engine.config import PruneConfig, SearchConfig
+from engine.config import SAMPLE_METRICS, PruneConfig, SearchConfig
 from engine.control import Control
 from engine.data.text import load_text
 from engine.data.windows import eval_windows, tokenize
 from engine.measure.evaluate import perplexity, speed
 from engine.model.load import Loaded, load
 from engine.oneshot import evaluation_sets, oneshot_config, plan_and_prune
-from engine.prune.importance import SAMPLE_METRICS
 from engine.prune.plan import Plan
 from engine.prune.reconstruct import apply_stored_plan
 from engine.search.data import SearchData

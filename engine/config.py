@@ -18,6 +18,11 @@ DEFAULT_CALIB = "stdlib-docs:10x64"  # `adaprune prune`'s calibration: LLM-Prune
 RECONSTRUCT_CALIB = "self:128x128"
 RECONSTRUCT_LAMBDA = 1.0
 SEARCH_METRICS = ["taylor1", "taylor2", "taylor-mix", "vector", "wanda", "obs"]  # the metrics a search explores by default
+METRICS = ("taylor1", "taylor2", "taylor-mix", "vector", "l1", "l2", "random", "wanda", "obs")
+AGGREGATES = ("sum", "mean", "max", "prod", "last")
+ALLOCATIONS = ("uniform", "global")
+REPAIR_METRICS = {"obs"}  # scored from the repair's input moments (engine.prune.obs), not from calibration passes
+SAMPLE_METRICS = ("vector", "taylor2", "wanda", "l1", "l2", "random")  # sums over samples: decomposable
 GRAD_METRICS = {"taylor1", "taylor2", "taylor-mix", "vector"}  # a backward over the calibration windows
 FISHER_METRICS = {"taylor2", "taylor-mix"}  # and the squared per-window gradients
 ACT_METRICS = {"wanda"}
@@ -168,3 +173,12 @@ class PruneConfig:
     reconstruct_calib: str = RECONSTRUCT_CALIB
     reconstruct_lambda: float = RECONSTRUCT_LAMBDA
 
+
+
+def default_layer_range(n_layers: int) -> tuple[int, int]:
+    """LLM-Pruner's LLaMA-7B recipe prunes layers 4..29 of 32 (first 4, last 2 kept); scale that to depth."""
+    first = round(4 * n_layers / 32)
+    last = round(2 * n_layers / 32)
+    if n_layers - first - last < 1:
+        return 0, n_layers
+    return first, n_layers - last

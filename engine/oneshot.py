@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.config import SELF, PruneConfig, check_prune
+from engine.config import ALLOCATIONS, REPAIR_METRICS, SELF, PruneConfig, check_prune, default_layer_range
 from engine.control import Control
 from engine.data.text import check_calib, check_source, load_text, parse_spec, text_hash
 from engine.data.windows import draw_windows, eval_windows, tokenize
@@ -17,9 +17,9 @@ from engine.measure.evaluate import Speed, peak_memory, perplexity, speed
 from engine.model.export import check_out_dir, export
 from engine.model.load import Loaded, announce_memory, load_configured
 from engine.model.spec import check_model
-from engine.model.structure import count_params, default_layer_range, layer_shapes
-from engine.prune.importance import REPAIR_METRICS, check_metric
-from engine.prune.plan import ALLOCATIONS, Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
+from engine.model.structure import count_params, layer_shapes
+from engine.prune.importance import check_metric
+from engine.prune.plan import Plan, check_attn_share, parse_overrides, removal_of, solve_uniform
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import (
     Repair,

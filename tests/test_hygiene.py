@@ -110,3 +110,20 @@ def test_the_cli_and_the_door_load_no_torch():
             "heavy = [m for m in ('torch', 'transformers', 'optuna', 'peft') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_new_session_forms_checks_load_no_torch(tmp_path):
+    """The form checks every field as the user types: loading torch there froze the screen for seconds (keys
+    typed meanwhile landed out of order over SSH)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 64, '
+                                        '"intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 320}')
+    code = ("import sys\nfrom pathlib import Path\nfrom tui.backend import Backend, NewSession\n"
+            f"b = Backend(Path({str(tmp_path / 's')!r}))\n"
+            f"form = NewSession(model={str(folder)!r}, layers='1-2')\n"
+            "assert b.check_new(form) == {}, b.check_new(form)\n"
+            "assert b.memory_line(form).startswith('memory, about')\n"
+            "heavy = [m for m in ('torch', 'transformers', 'optuna') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import make_model
 
+from engine.config import METRICS, REPAIR_METRICS
 from engine.errors import AdapruneError
 from engine.model.structure import decoder_layers
-from engine.prune.importance import METRICS, REPAIR_METRICS, check_metric, collect_stats, score_layers
+from engine.prune.importance import check_metric, collect_stats, score_layers
 
 
 def _windows(n=4, length=16):

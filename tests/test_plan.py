@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import make_model
 
+from engine.config import default_layer_range
 from engine.errors import AdapruneError
-from engine.model.structure import count_params, default_layer_range, layer_shapes
+from engine.model.structure import count_params, layer_shapes
 from engine.prune.importance import LayerScores
 from engine.prune.plan import params_after, select, solve_uniform
 from engine.prune.slicing import apply_plan

@@ -122,10 +122,3 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def default_layer_range(n_layers: int) -> tuple[int, int]:
-    """LLM-Pruner's LLaMA-7B recipe prunes layers 4..29 of 32 (first 4, last 2 kept); scale that to depth."""
-    first = round(4 * n_layers / 32)
-    last = round(2 * n_layers / 32)
-    if n_layers - first - last < 1:
-        return 0, n_layers
-    return first, n_layers - last

@@ -18,15 +18,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from engine.config import ACT_METRICS, FISHER_METRICS, GRAD_METRICS, PROJ
+from engine.config import (  # the rules live in config (torch-free): checked before anything loads
+    ACT_METRICS,
+    AGGREGATES,
+    FISHER_METRICS,
+    GRAD_METRICS,
+    METRICS,
+    PROJ,
+    SAMPLE_METRICS,
+)
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
 from engine.model.structure import ATTN, decoder_layers, layer_shape
-
-METRICS = ("taylor1", "taylor2", "taylor-mix", "vector", "l1", "l2", "random", "wanda", "obs")
-AGGREGATES = ("sum", "mean", "max", "prod", "last")
-REPAIR_METRICS = {"obs"}  # scored from the repair's input moments (engine.prune.obs), not here
 
 
 @dataclass
@@ -250,7 +254,6 @@ def score_layers(
 
 # --- per-sample statistics: computed once for a pool, reused by every subset a search trial picks ----------
 
-SAMPLE_METRICS = ("vector", "taylor2", "wanda", "l1", "l2", "random")  # sums over samples: decomposable
 
 
 def _parts(layer: nn.Module, e: dict[str, Tensor], hd: int, r: int) -> dict[str, list[Tensor]]:

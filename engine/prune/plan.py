@@ -285,7 +285,6 @@ def ramp_channels(layer_ids: Sequence[int], channels: int, intermediate: int, ra
     return {i: s * round_to for i, s in zip(layer_ids, steps, strict=True)}
 
 
-ALLOCATIONS = ("uniform", "global")
 GLOBAL_MAX_SHARE = 0.9  # a global ranking may take at most this share of one layer's channels
 
 

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from engine.config import ALLOCATIONS, REPAIR_METRICS
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
 from engine.model.structure import count_params, layer_shapes
-from engine.prune.importance import REPAIR_METRICS, LayerScores, collect_stats, score_layers
+from engine.prune.importance import LayerScores, collect_stats, score_layers
 from engine.prune.obs import obs_scores
 from engine.prune.plan import (
-    ALLOCATIONS,
     Plan,
     global_channels,
     params_after,

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from engine.config import SEARCH_METRICS, SELF, SearchConfig
+from engine.config import REPAIR_METRICS, SEARCH_METRICS, SELF, SearchConfig
 from engine.control import Control
 from engine.data.text import calib_parts, load_text, parse_spec
 from engine.data.windows import eval_windows, random_windows, sample_self, tokenize
@@ -24,7 +24,7 @@ from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_s
 from engine.model.load import Loaded
 from engine.model.structure import decoder_layers
 from engine.prune.gradsums import GradientCache
-from engine.prune.importance import REPAIR_METRICS, CalibStats, LayerScores, collect_sample_stats
+from engine.prune.importance import CalibStats, LayerScores, collect_sample_stats
 from engine.prune.obs import obs_scores
 from engine.prune.reconstruct import Repair, dense_moments, merge_moments, moments_and_losses
 from engine.search.space import CALIB_LENS, SELECTIONS, repair_sources

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import json
 
-from engine.config import SEARCH_METRICS, SearchConfig, check_prune, parse_attn_share
+from engine.config import AGGREGATES as ALL_AGGREGATES
+from engine.config import (
+    ALLOCATIONS,
+    METRICS,
+    REPAIR_METRICS,
+    SAMPLE_METRICS,
+    SEARCH_METRICS,
+    SearchConfig,
+    check_prune,
+    default_layer_range,
+    parse_attn_share,
+)
 from engine.data.text import check_source
 from engine.errors import AdapruneError
 from engine.measure.zeroshot import parse_task
 from engine.model.spec import check_model
-from engine.model.structure import default_layer_range
-from engine.prune.importance import AGGREGATES as ALL_AGGREGATES
-from engine.prune.importance import METRICS, REPAIR_METRICS, SAMPLE_METRICS
-from engine.prune.plan import ALLOCATIONS
 
 CALIB_NS = [10, 16, 32]
 

@@ -7,7 +7,7 @@ import copy
 import time
 from dataclasses import dataclass
 
-from engine.config import SearchConfig, parse_attn_share
+from engine.config import FISHER_METRICS, REPAIR_METRICS, SAMPLE_METRICS, SearchConfig, parse_attn_share
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import (
@@ -16,14 +16,7 @@ from engine.events import (
 )
 from engine.model.load import Loaded
 from engine.model.structure import count_params, decoder_layers, layer_shapes
-from engine.prune.importance import (
-    FISHER_METRICS,
-    REPAIR_METRICS,
-    SAMPLE_METRICS,
-    mix_scores,
-    score_layers,
-    scores_from_samples,
-)
+from engine.prune.importance import mix_scores, score_layers, scores_from_samples
 from engine.prune.plan import parse_overrides
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_moments, snapshot_layers
