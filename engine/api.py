@@ -165,12 +165,20 @@ def memory_estimate(model: str, device: str, metrics: list[str], repair: bool = 
     config = known_config(model)
     if config is None:
         return None
-    torch = sys.modules.get("torch")
-    gpu = device.startswith("cuda") or (device == "auto" and torch is not None and torch.cuda.is_available())
+    gpu = device.startswith("cuda") or (device == "auto" and _gpu_seen(sys.modules.get("torch")))
     where = (device if ":" in device else "cuda:0") if gpu else "cpu"
     plan = job_plan(config, where, "bfloat16" if gpu else "float32", "search", set(metrics), repair,
                     repair_cache=SearchConfig.repair_cache_gb * 2**30)
     return plan.problem() or plan.text()
+
+
+def _gpu_seen(torch) -> bool:
+    """Whether a loaded torch sees a GPU; False while it is still being imported (the app warms it up in a
+    thread: a partly imported module has no `cuda` yet)."""
+    try:
+        return torch is not None and bool(torch.cuda.is_available())
+    except Exception:
+        return False
 
 
 def validate_search(cfg: SearchConfig, n_layers: int | None = None) -> None:

@@ -77,7 +77,7 @@ class Backend:
         """The search's memory plan for the form's model and device, when its config is at hand."""
         try:
             line = api.memory_estimate(form.model.strip(), form.device.strip() or "auto", list(form.metrics))
-        except (AdapruneError, OSError):
+        except Exception:  # an estimate beside a form: never worth a crash of the app
             return ""
         return line or "memory: estimated when the search starts (the model's config is not on this machine yet)"
 

@@ -5,6 +5,7 @@ terminal (or a colour-blind user) cannot see."""
 from __future__ import annotations
 
 from rich.segment import Segment
+from rich.style import Style
 from textual.binding import Binding
 from textual.strip import Strip
 from textual.widgets import Checkbox, DataTable, RadioButton, SelectionList
@@ -31,13 +32,17 @@ class Checklist(SelectionList[str]):
 
     def render_line(self, y: int) -> Strip:
         strip = super().render_line(y)
+        index = self.scroll_offset[1] + y
         try:
-            selection = self.get_option_at_index(self.scroll_offset[1] + y)
+            selection = self.get_option_at_index(index)
         except OptionDoesNotExist:
             return strip
         segments = list(strip)
         if selection.value not in self._selected and len(segments) > 1:
             segments[1] = Segment(" " * len(segments[1].text), segments[1].style)
+        if self.app.no_color and self.has_focus and index == self.highlighted:
+            # without colour the cursor line is told by reverse video, on the option's name
+            segments[3:] = [Segment(seg.text, (seg.style or Style()) + Style(reverse=True)) for seg in segments[3:]]
         return Strip(segments, strip.cell_length)
 
 

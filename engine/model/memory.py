@@ -128,11 +128,12 @@ def free_bytes(device: str) -> int | None:
     """Memory free for the job on `device` now: the GPU's free memory (when torch is loaded already: the app's
     form must not load it for this), or the machine's available memory on a CPU."""
     if device.startswith("cuda"):
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available():
+        try:  # a torch still being imported (the app warms it up in a thread) has no `cuda` yet
+            torch = sys.modules["torch"]
+            index = int(device.split(":")[1]) if ":" in device else 0
+            return int(torch.cuda.mem_get_info(index)[0]) if torch.cuda.is_available() else None
+        except Exception:
             return None
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return int(torch.cuda.mem_get_info(index)[0])
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             info = dict(line.split(":", 1) for line in f)
