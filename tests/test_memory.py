@@ -77,3 +77,18 @@ def test_the_forms_estimate_reads_only_a_config_at_hand(tmp_path):
     line = api.memory_estimate(str(folder), "auto", ["wanda"], repair=False)
     assert line.startswith("memory, about: peak") and "float32 on cpu" in line and "gradients" not in line
     assert api.memory_estimate("org/not-cached", "auto", ["taylor1"]) is None  # no download for an estimate
+
+
+def test_the_estimate_survives_a_torch_still_being_imported(tmp_path, monkeypatch):
+    """The app imports torch in a thread while the form checks: a partly imported module has no `cuda` yet."""
+    import sys
+    import types
+
+    from engine import api
+
+    folder = tmp_path / "m"
+    make_model("llama").save_pretrained(folder)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # as it is mid-import
+    line = api.memory_estimate(str(folder), "auto", ["taylor1"])
+    assert "float32 on cpu" in line
+    assert memory.free_bytes("cuda:0") is None
