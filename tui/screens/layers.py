@@ -112,6 +112,8 @@ class LayersScreen(Screen):
         status = "on target" if abs(after - target) <= 0.002 * p.params_before else (
             f"{(target - after) / p.params_before:+.2%} from the target: re-evaluate (v) rebalances the other layers")
         shown = self.showing or f"best trial {self.best['trial']} (objective {self.best['value']:.3f})"
+        if self.showing and self.edits != self.saved:
+            shown += ", edited since (v measures the edits)"  # its objective is not of the rows shown now
         self.query_one("#summary", Static).update(
             f"{shown} — parameters {after:,} of "
             f"{p.params_before:,} ({1 - after / p.params_before:.2%} removed; target "
@@ -199,6 +201,8 @@ class LayersScreen(Screen):
             return
         edits, name = dict(self.edits), self.session_name
         what = f"your {len(edits)} edited layer(s)" if edits else "no edits (this clears the session's overrides)"
+        if edits and edits == self.saved:
+            what += ", unchanged since they were last re-evaluated (this measures them again)"
 
         def go(yes: bool | None) -> None:
             if not yes:
