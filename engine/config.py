@@ -174,7 +174,6 @@ class PruneConfig:
     reconstruct_lambda: float = RECONSTRUCT_LAMBDA
 
 
-
 def default_layer_range(n_layers: int) -> tuple[int, int]:
     """LLM-Pruner's LLaMA-7B recipe prunes layers 4..29 of 32 (first 4, last 2 kept); scale that to depth."""
     first = round(4 * n_layers / 32)

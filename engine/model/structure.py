@@ -120,5 +120,3 @@ def layer_shapes(model: nn.Module) -> list[LayerShape]:
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-

@@ -255,7 +255,6 @@ def score_layers(
 # --- per-sample statistics: computed once for a pool, reused by every subset a search trial picks ----------
 
 
-
 def _parts(layer: nn.Module, e: dict[str, Tensor], hd: int, r: int) -> dict[str, list[Tensor]]:
     """Each group kind's per-matrix group sums of an element-wise quantity (before _finish)."""
     return {
