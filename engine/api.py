@@ -157,28 +157,17 @@ def known_depth(spec: str) -> int | None:
 def memory_estimate(model: str, device: str, metrics: list[str], repair: bool = True) -> str | None:
     """A search's memory plan in one line, when the model's config is at hand (nothing loaded); None else.
     Torch is not imported for it: "auto" is a GPU only when torch is loaded already and sees one."""
-    import sys
-
-    from engine.model.memory import job_plan
+    from engine.model.memory import job_plan, loaded_cuda
     from engine.model.spec import known_config
 
     config = known_config(model)
     if config is None:
         return None
-    gpu = device.startswith("cuda") or (device == "auto" and _gpu_seen(sys.modules.get("torch")))
+    gpu = device.startswith("cuda") or (device == "auto" and loaded_cuda() is not None)
     where = (device if ":" in device else "cuda:0") if gpu else "cpu"
     plan = job_plan(config, where, "bfloat16" if gpu else "float32", "search", set(metrics), repair,
                     repair_cache=SearchConfig.repair_cache_gb * 2**30)
     return plan.problem() or plan.text()
-
-
-def _gpu_seen(torch) -> bool:
-    """Whether a loaded torch sees a GPU; False while it is still being imported (the app warms it up in a
-    thread: a partly imported module has no `cuda` yet)."""
-    try:
-        return torch is not None and bool(torch.cuda.is_available())
-    except Exception:
-        return False
 
 
 def validate_search(cfg: SearchConfig, n_layers: int | None = None) -> None:

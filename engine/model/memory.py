@@ -124,14 +124,23 @@ def plan_memory(shape: Shape, device: str, dtype: str, job: str = "search", batc
     return p
 
 
+def loaded_cuda():
+    """torch.cuda when torch is imported already and sees a GPU, else None. Never imports torch (the app's form
+    asks as the user types), and a torch still being imported (the app warms it up in a thread) has no `cuda`."""
+    try:
+        cuda = sys.modules["torch"].cuda
+        return cuda if cuda.is_available() else None
+    except Exception:
+        return None
+
+
 def free_bytes(device: str) -> int | None:
-    """Memory free for the job on `device` now: the GPU's free memory (when torch is loaded already: the app's
-    form must not load it for this), or the machine's available memory on a CPU."""
+    """Memory free for the job on `device` now: the GPU's free memory (when torch is loaded already), or the
+    machine's available memory on a CPU."""
     if device.startswith("cuda"):
-        try:  # a torch still being imported (the app warms it up in a thread) has no `cuda` yet
-            torch = sys.modules["torch"]
-            index = int(device.split(":")[1]) if ":" in device else 0
-            return int(torch.cuda.mem_get_info(index)[0]) if torch.cuda.is_available() else None
+        cuda = loaded_cuda()
+        try:
+            return int(cuda.mem_get_info(int(device.split(":")[1]) if ":" in device else 0)[0]) if cuda else None
         except Exception:
             return None
     try:
