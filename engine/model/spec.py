@@ -4,6 +4,7 @@ so a typo costs no model load."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -42,10 +43,17 @@ def embedded_gguf() -> Path:
 
 def _file_key(path: Path) -> str:
     """Identify a big file by size and its first and last MiB: cheap, and changes when the file does."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as f:
+    st = path.stat()
+    return _file_key_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_key_of(path: str, size: int, mtime_ns: int) -> str:
+    """Read once per file version: the form asks for a .gguf's converted folder at every keystroke."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
         h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()[:12]
 
