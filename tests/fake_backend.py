@@ -59,6 +59,11 @@ class FakeBackend(Backend):
                  "updated": 1_790_000_000.0, "recovery": (s.get("recovery") or {}).get("status")}
                 for n, s in sorted(self.store.items())]
 
+    def all_trials_done(self, name: str) -> int | None:
+        s = self._get(name)
+        done = s["done"] >= s["config"]["trials"] and s["best"] is not None
+        return s["config"]["trials"] if done else None
+
     def _get(self, name: str) -> dict:
         if name not in self.store:
             raise AdapruneError(f"no session {name!r}")

@@ -87,9 +87,13 @@ class AdapruneApp(App):
             self.notify(str(e), severity="error")
             return
         if mode == "drive" and not running:
-            row = next((r for r in self.backend.sessions() if r.get("name") == name), {})
-            if row.get("trials") and row.get("done", 0) >= row["trials"] and row.get("best") is not None:
-                self.notify(f"nothing to resume: {name} has run all {row['trials']} trials", severity="information")
+            try:
+                budget = self.backend.all_trials_done(name)
+            except AdapruneError as e:
+                self.notify(str(e), severity="error")
+                return
+            if budget is not None:
+                self.notify(f"nothing to resume: {name} has run all {budget} trials", severity="information")
                 mode = "view"
         recovering = self.backend.holder(name, "recover") if mode == "drive" and not running else None
         if recovering:  # the session's lock is the recovery's: a search process would only be refused

@@ -50,6 +50,13 @@ class Backend:
     def session(self, name: str):
         return api.Session.open(self.root, name)
 
+    def all_trials_done(self, name: str) -> int | None:
+        """The trial budget when the session has run all of it and saved its best (nothing to resume); None
+        while trials are still to go. Reads this session's study only."""
+        row = api.summary(self.session(name))
+        done = row.get("trials") and row.get("done", 0) >= row["trials"] and row.get("best") is not None
+        return row["trials"] if done else None
+
     def rename(self, name: str, new: str) -> None:
         self.session(name).rename(new.strip())
 

@@ -125,10 +125,9 @@ class SearchScreen(JobControls, Screen):
 
     def _read_resumable(self) -> bool:
         try:
-            row = next((r for r in self.app.backend.sessions() if r.get("name") == self.session_name), {})
+            return self.app.backend.all_trials_done(self.session_name) is None
         except AdapruneError:
             return False
-        return not (row.get("trials") and row.get("done", 0) >= row["trials"] and row.get("best") is not None)
 
     def update_title(self) -> None:
         holder = self.running()
