@@ -51,6 +51,11 @@ async def tab_stops(app, pilot, presses: int = 24) -> list:
     return seen
 
 
+def said(app) -> list[str]:
+    """The notifications the app has shown, oldest first."""
+    return [n.message for n in app._notifications]
+
+
 def best_rows(table) -> list[str]:
     """The trial numbers of the rows the search table marks best."""
     return [str(table.get_row_at(i)[0]) for i in range(table.row_count) if str(table.get_row_at(i)[3]) == "best"]
@@ -265,12 +270,10 @@ def test_keys_on_a_stopped_search_say_what_they_can_and_r_resumes_it(tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("a")  # attach, with nothing running: it says so, and shows the saved trials
             await pilot.pause()
-            said = [n.message for n in app._notifications]
-            assert isinstance(app.screen, SearchScreen) and any("no process runs the search" in m for m in said)
+            assert isinstance(app.screen, SearchScreen) and any("no process runs the search" in m for m in said(app))
             footer = {b.binding.action for b in app.screen.active_bindings.values() if b.enabled and b.binding.show}
             await pilot.press("p", "c")
-            said = [n.message for n in app._notifications]
-            assert sum("no search of alpha is running: r resumes it" in m for m in said) == 2
+            assert sum("no search of alpha is running: r resumes it" in m for m in said(app)) == 2
             await pilot.press("r")
             await settle(app, pilot)
             assert ("start", "alpha") in backend.calls and isinstance(app.screen, SearchScreen)
@@ -302,14 +305,13 @@ def test_keys_that_can_do_nothing_now_say_so(tmp_path):
         backend = FakeBackend(tmp_path)
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
-            said = lambda: [n.message for n in app._notifications]  # noqa: E731
             app.screen.query_one(DataTable).move_cursor(row=1)  # beta: all its trials done
             await pilot.press("enter", "r")
-            assert any("nothing to resume" in m for m in said()) and not any(c[0] == "start" for c in backend.calls)
+            assert any("nothing to resume" in m for m in said(app)) and not any(c[0] == "start" for c in backend.calls)
             await pilot.press("escape", "b", "p", "c")
-            assert sum("no benchmark is running: r runs one" in m for m in said()) == 2
+            assert sum("no benchmark is running: r runs one" in m for m in said(app)) == 2
             await pilot.press("escape", "l", "c")
-            assert any("nothing is being re-evaluated" in m for m in said())
+            assert any("nothing is being re-evaluated" in m for m in said(app))
             palette = [c.title for c in app.get_system_commands(app.screen)]
             assert "" not in palette  # the hidden fallbacks are not commands
 
