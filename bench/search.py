@@ -3,6 +3,11 @@ beats trial 0 (LLM-Pruner's recipe) and `adaprune prune`'s defaults (oneshot, wi
 the same parameter count on text the search never saw. Records its table in bench/RESULTS.md.
 
     .venv/bin/python bench/search.py [--trials 20] [--windows 40] [--sampler tpe|random] [--search-only]
+    .venv/bin/python bench/search.py --workers 2 [--trials 6]
+
+`--workers N` measures what N `adaprune worker` processes started together on one session build: each one-time
+stage (objective texts, self-sampled text, calibration pools, statistics) should appear once in the session's
+events and cost about the CPU seconds it costs one worker alone (run first, on a session of its own).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from engine.search.data import SearchData
 from engine.search.driver import create_session, run_search
 from engine.search.study import open_study
 from engine.search.trial import prune_trial
+from engine.session.study import completed
 
 ROOT = Path(__file__).resolve().parent.parent
 # stages of each trial's own work, the stage that holds them all, and one nested in a per-session stage
@@ -51,8 +57,12 @@ def main() -> None:
     ap.add_argument("--long-windows", type=int, default=4, help="held-out PPL windows of 2048 tokens per text")
     ap.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     ap.add_argument("--search-only", action="store_true", help="time the search; skip the held-out rows")
+    ap.add_argument("--workers", type=int, default=0, help="N worker processes on one session against one")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
+    if args.workers:
+        workers(args)
+        return
 
     cfg = SearchConfig(trials=args.trials, sampler=args.sampler)
     # how fast this machine is today (shared machines vary): prefill of 4x128 tokens by the dense model
@@ -199,6 +209,71 @@ def main() -> None:
             f"- one-time work (s, nested stages overlap): "
             f"{', '.join(f'{k} {v:.0f}' for k, v in sorted(once.items(), key=lambda kv: -kv[1]))}\n"
             f"- best against dense: {dense_x}\n\n" + "\n".join(lines) + "\n")
+    print(body)
+    _record(args.out, key, body)
+
+
+def one_time(events: list[dict]) -> tuple[dict[str, int], dict[str, float], int]:
+    """Per one-time stage (sizes dropped): how often it was built and the CPU seconds it took over all processes
+    (only the outermost one-time stage of each process counts: nested ones are inside its seconds); and how
+    many processes wrote the log."""
+    builds: dict[str, int] = {}
+    cpu: dict[str, float] = {}
+    open_: dict[str, list[str]] = {}
+    for e in events:
+        if not e["kind"].startswith("stage_") or e["stage"] in PER_TRIAL or e["kind"] == "stage_progress":
+            continue
+        stack = open_.setdefault(e.get("by", ""), [])
+        name = " ".join(w for w in e["stage"].split() if not w[-1].isdigit())
+        if e["kind"] == "stage_started":
+            builds[name] = builds.get(name, 0) + 1
+            stack.append(e["stage"])
+        elif e["stage"] in stack:
+            del stack[stack.index(e["stage"]):]
+            if not stack:
+                cpu[name] = cpu.get(name, 0.0) + e.get("cpu", 0.0)
+    return builds, cpu, len(open_)
+
+
+def workers(args) -> None:
+    """One worker alone on a session, then N started together on another: one-time builds and their CPU."""
+    import subprocess
+
+    cfg = SearchConfig(trials=args.trials, sampler=args.sampler)
+    root = Path(tempfile.mkdtemp(prefix="adaprune-workers-"))
+    env = {**os.environ, "ADAPRUNE_SESSIONS": str(root)}
+    runs = {}
+    for n in (1, args.workers):
+        session = create_session(root, f"w{n}", cfg)
+        cmd = [sys.executable, "-c", "from tui.cli import main; main()", "worker", f"w{n}"]
+        t = time.perf_counter()
+        procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL) for _ in range(n)]
+        if any(p.wait() for p in procs):
+            raise SystemExit(f"a worker of w{n} failed")
+        wall = time.perf_counter() - t
+        events, _ = session.read_events()
+        runs[n] = (wall, *one_time(events), completed(open_study(session, cfg)))
+        print(n, runs[n], flush=True)
+    (w1, b1, c1, _, d1), (wn, bn, cn, pn, dn) = runs[1], runs[args.workers]
+    names = sorted(set(b1) | set(bn), key=lambda k: -c1.get(k, 0.0))
+    rows = [f"| {k} | {b1.get(k, 0)} | {bn.get(k, 0)} | {c1.get(k, 0.0):.0f} | {cn.get(k, 0.0):.0f} |" for k in names]
+    shared = [k for k in names if not k.startswith("load ")]  # each process loads its own model
+    s1, sn = sum(c1.get(k, 0.0) for k in shared), sum(cn.get(k, 0.0) for k in shared)
+    twice = [k for k in shared if bn.get(k, 0) > 1]
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, cpu, float32"
+    key = f"search.py --workers {args.workers}"
+    body = (f"## {key} — {datetime.date.today()}\n\nMachine: {machine}. A default search (`--trials "
+            f"{args.trials}`) on the embedded model driven by `adaprune worker` processes only: one alone on a "
+            f"session, then {args.workers} started together on another (same configuration, same draws). "
+            f"CPU seconds are each process's own (`time.process_time`) over the outermost one-time stages, "
+            f"summed over the processes.\n\n"
+            f"- wall: one worker {w1 / 60:.1f} min ({d1} trials), {args.workers} workers {wn / 60:.1f} min ({dn} "
+            f"trials, {pn} processes in the log)\n"
+            f"- one-time CPU seconds except loading: one worker {s1:.0f}, {args.workers} workers {sn:.0f} "
+            f"({sn / s1 - 1:+.0%})\n"
+            f"- one-time stages built more than once by {args.workers} workers: {', '.join(twice) or 'none'}\n\n"
+            f"| one-time stage | builds, 1 worker | builds, {args.workers} workers | CPU s, 1 worker | CPU s, "
+            f"{args.workers} workers |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(body)
     _record(args.out, key, body)
 

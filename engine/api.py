@@ -17,6 +17,7 @@ from engine.control import Control
 from engine.data.text import HUB, STDLIB
 from engine.events import Sink, null_sink
 from engine.search.trial_rows import TrialRow, TrialRows
+from engine.session.activity import Activity, Doing
 from engine.session.layout import (
     OVERRIDES_PLAN,
     RESULTS,
@@ -46,7 +47,7 @@ HUB_TEXTS = tuple(HUB)  # text names read through `datasets` (they need the hub)
 BUILTIN_TEXT = STDLIB  # the text shipped in the package
 
 __all__ = [
-    "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
+    "Activity", "Doing", "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
     "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "mismatched", "memory_estimate", "model_layers",
     "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "pause_pending", "request", "requested", "resume_command", "reevaluate", "JOBS", "running_jobs", "steer",

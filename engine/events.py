@@ -18,6 +18,8 @@ from engine.faults import crash_point
 class Event:
     kind: ClassVar[str] = "event"
     t: float = field(default_factory=time.time, kw_only=True)
+    # the process that logged it ("PID@HOST", set as a session's log writes it): viewers tell workers apart
+    by: str = field(default="", kw_only=True, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
@@ -45,6 +47,7 @@ class StageFinished(Event):
     stage: str
     seconds: float
     outcome: str = "done"  # done, cancelled (a cancel or Ctrl-C) or failed (an error left the stage)
+    cpu: float = 0.0  # CPU seconds of the whole process meanwhile (a stage that waits for another uses ~none)
 
 
 @dataclass(frozen=True)
@@ -144,11 +147,11 @@ class Stage:
 
     def __init__(self, sink: Sink, stage: str, total: int | None = None, unit: str = "") -> None:
         self.sink, self.stage, self.total, self.unit = sink, stage, total, unit
-        self._t0 = 0.0
+        self._t0 = self._cpu0 = 0.0
 
     def __enter__(self) -> Stage:
         crash_point("stage", self.stage)
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
         self.sink(StageStarted(self.stage, self.total, self.unit))
         return self
 
@@ -159,4 +162,5 @@ class Stage:
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         outcome = ("done" if kind is None else
                    "cancelled" if issubclass(kind, (Cancelled, KeyboardInterrupt)) else "failed")
-        self.sink(StageFinished(self.stage, time.perf_counter() - self._t0, outcome))
+        self.sink(StageFinished(self.stage, time.perf_counter() - self._t0, outcome,
+                                time.process_time() - self._cpu0))

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from fake_backend import FakeBackend, recorded_events
 from textual.containers import VerticalScroll
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, ProgressBar, Static
 
 from engine.control import Control
 from tui.app import AdapruneApp
@@ -852,3 +852,38 @@ def test_snapshots_of_the_main_screens(snap_compare, tmp_path, keys):
     """Every screen, form and dialog at 80x24 (the SVGs in __snapshots__ are what a user sees)."""
     app = AdapruneApp(FakeBackend(tmp_path))
     assert snap_compare(app, press=keys, terminal_size=SIZE)
+
+
+def test_two_workers_stages_are_told_apart_not_mixed_in_one_bar(tmp_path):
+    """Two processes of one search write the same log: the stage bar follows one of them, its label names it,
+    the other's stage is on a line of its own, and the other's progress does not move the bar."""
+    a, b = "111@far", "222@far"  # another host: nothing here can say they are gone
+    log = [{"kind": "stage_started", "t": 1.0, "stage": "sample self text", "total": 64, "by": a},
+           {"kind": "stage_started", "t": 2.0, "stage": "per-sample statistics stdlib-docs x64", "total": 64,
+            "by": b},
+           {"kind": "stage_progress", "t": 3.0, "stage": "sample self text", "done": 40, "total": 64, "by": a},
+           {"kind": "stage_progress", "t": 3.0, "stage": "per-sample statistics stdlib-docs x64", "done": 8,
+            "total": 64, "by": b}]
+
+    async def go() -> None:
+        backend = FakeBackend(tmp_path)
+        backend.store["beta"]["log"] = log
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            app.screen.query_one(DataTable).move_cursor(row=1)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, SearchScreen)
+            assert text_of(app, "#stage") == "pid 222: per-sample statistics stdlib-docs x64"
+            assert app.screen.query_one("#stage-bar", ProgressBar).progress == 8  # not a's 40
+            assert text_of(app, "#others") == "also: process 111 on far: sample self text 40/64"
+            assert app.screen.query_one("#others").display
+            # b's stage ends: the bar goes over to what a is still doing, and the second line goes away
+            app.screen.apply({"kind": "stage_finished", "t": 4.0, "stage": "per-sample statistics stdlib-docs x64",
+                              "seconds": 2.0, "by": b})
+            app.screen.show_others()
+            assert text_of(app, "#stage") == "sample self text"  # the only one at work: no name needed
+            assert app.screen.query_one("#stage-bar", ProgressBar).progress == 40
+            assert not app.screen.query_one("#others").display
+
+    run(go())

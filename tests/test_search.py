@@ -619,8 +619,14 @@ def test_two_workers_started_together_build_each_one_time_artifact_once(llama_fo
     assert once and all(n == 1 for n in once.values()), writes
     assert {n.split("-")[0] for n in once} >= {"pool", "objective", "self"}, writes
     events, _ = session.read_events()
-    assert sum(e["kind"] == "stage_started" and e["stage"].startswith("sample self text") for e in events) == 1
+    started = Counter(e["stage"] for e in events if e["kind"] == "stage_started")
+    assert started["sample self text (calibration and objective)"] == 1
+    one_time = {k: n for k, n in started.items() if k.startswith(("calibration pool", "objective text", "obs"))}
+    assert len(one_time) >= 3 and set(one_time.values()) == {1}, started  # the builder's stage, nobody else's
     assert any(e["kind"] == "log" and "to build" in e["message"] for e in events)  # one waited, and said so
+    # every line names its process, so an attached viewer tells the two workers' stages apart
+    pids = {str(p.pid) for p in procs}
+    assert {e["by"].partition("@")[0] for e in events if e["kind"].startswith("stage")} == pids
     assert completed(open_study(session, cfg)) == 4
 
 

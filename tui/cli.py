@@ -297,7 +297,11 @@ def sessions_cmd(sessions_dir: Path = SESSIONS_DIR) -> None:
     if not rows:
         Console(emoji=False).print(f"no sessions in {escape(str(_root(sessions_dir)))}")
         return
-    Console(emoji=False).print(sessions_table(rows))
+    console = Console(emoji=False)
+    console.print(sessions_table(rows))
+    for r in rows:  # what each live process is doing: workers beside the search, a recovery, a benchmark
+        for line in r.get("doing", []):
+            console.print(f"{escape(r['name'])}: {escape(line)}", soft_wrap=True)
     for r in rows:
         if r.get("problem"):
             err.print(f"[yellow]warning:[/] {escape(r['name'])}: {escape(r['problem'])}", soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import replace
@@ -52,7 +53,9 @@ class SearchData:
         self.obs: dict[int, LayerScores] | None = None
         self._joint: dict[str, torch.Tensor] | None = None  # self text drawn once for the pool and the objective
 
-    def _cached(self, name: str, build) -> dict[str, torch.Tensor]:
+    def _cached(self, name: str, build, stage: str | None = None) -> dict[str, torch.Tensor]:
+        """stats/NAME, built once per session under its lock; only the process that builds it reports the
+        `stage` (a worker that waits or reads the file does not repeat it in the session's log)."""
         from safetensors.torch import load_file, save_file
 
         path = self.session.stats_dir / f"{name}.safetensors"
@@ -61,7 +64,8 @@ class SearchData:
         with build_lock(self.session, name, self.sink, self.control):
             if path.exists():  # another process (a worker) built it while this one waited
                 return load_file(path)
-            tensors = build()
+            with Stage(self.sink, stage) if stage else contextlib.nullcontext():
+                tensors = build()
             write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
         return tensors
 
@@ -116,8 +120,7 @@ class SearchData:
                 self._keep((pool_repair(source, cfg).calib, cfg.seed, cfg.pool_size), moments)
                 return {"ids": ids, "loss": loss}
 
-            with Stage(self.sink, f"calibration pool {source}"):
-                data = self._cached(f"pool-{slug(source)}-{cfg.seed}", build)
+            data = self._cached(f"pool-{slug(source)}-{cfg.seed}", build, f"calibration pool {source}")
             self.pools[source] = (data["ids"], data["loss"])
         return self.pools[source]
 
@@ -187,9 +190,9 @@ class SearchData:
         spec = parse_spec(repair.calib)
         if (spec.n, spec.seq_len, repair.seed) == (self.cfg.pool_size, max(CALIB_LENS), self.cfg.seed):
             return self.pool(spec.name)[0][: repair.take]
-        with Stage(self.sink, f"reconstruction text {spec.name}"):
-            data = self._cached(f"repair-{slug(repair.calib)}-{repair.seed}", lambda: {
-                "ids": self._windows(spec.name, "calibration", spec.n, spec.seq_len, repair.seed)})
+        data = self._cached(f"repair-{slug(repair.calib)}-{repair.seed}", lambda: {
+            "ids": self._windows(spec.name, "calibration", spec.n, spec.seq_len, repair.seed)},
+            f"reconstruction text {spec.name}")
         return data["ids"][: repair.take]
 
     def repair_moments(self, repair: Repair) -> dict[str, torch.Tensor]:
@@ -237,8 +240,7 @@ class SearchData:
                 return {f"{i}.{k}": getattr(sc, k) for i, sc in scores.items()
                         for k in ("heads", "kv_groups", "channels")}
 
-            with Stage(self.sink, "obs scores"):
-                data = self._cached(f"obs-{slug(repair.calib)}-{self.cfg.seed}", build)
+            data = self._cached(f"obs-{slug(repair.calib)}-{self.cfg.seed}", build, "obs scores")
             self.obs = {i: LayerScores(data[f"{i}.heads"], data[f"{i}.kv_groups"], data[f"{i}.channels"])
                         for i in range(n)}
         return self.obs
@@ -265,9 +267,9 @@ class SearchData:
     def dense_accuracy(self) -> float | None:
         if not self.cfg.objective_tasks:
             return None
-        with Stage(self.sink, "objective tasks (dense)"):
-            data = self._cached(f"objective-acc-{slug(json.dumps(self.cfg.objective_tasks))}-{self.cfg.seed}",
-                                lambda: {"acc": torch.tensor([self.objective_accuracy(self.loaded.model)])})
+        data = self._cached(f"objective-acc-{slug(json.dumps(self.cfg.objective_tasks))}-{self.cfg.seed}",
+                            lambda: {"acc": torch.tensor([self.objective_accuracy(self.loaded.model)])},
+                            "objective tasks (dense)")
         acc = float(data["acc"][0])
         self.sink(Log(f"dense model's zero-shot accuracy on the objective's task rows: {acc:.3f}"))
         return acc
@@ -281,8 +283,8 @@ class SearchData:
                     return {"ids": self._windows(spec, "objective", cfg.objective_windows, cfg.objective_len,
                                                  cfg.seed + 1)}
 
-                with Stage(self.sink, f"objective text {spec}"):
-                    self.objective[spec] = self._cached(f"objective-{slug(spec)}-{cfg.seed}", build)["ids"]
+                self.objective[spec] = self._cached(f"objective-{slug(spec)}-{cfg.seed}", build,
+                                                    f"objective text {spec}")["ids"]
         return self.objective
 
 

@@ -27,6 +27,7 @@ from engine.errors import AdapruneError
 from engine.events import Event, Sink, StageProgress
 from engine.faults import crash_point, die, due
 from engine.files import pid_alive, storage, write_json_atomic
+from engine.session.activity import me
 
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -179,7 +180,8 @@ class Session:
             if event.done < event.total and now - self._progress_logged.get(event.stage, 0.0) < 1.0:
                 return
             self._progress_logged[event.stage] = now
-        line = (json.dumps({**event.to_dict(), **({"job": job} if job else {})}, default=str) + "\n").encode()
+        tags = {"by": me(), **({"job": job} if job else {})}  # which process, so viewers tell workers apart
+        line = (json.dumps({**event.to_dict(), **tags}, default=str) + "\n").encode()
         with storage(self.events_path):
             crash_point("event", event.kind)
             with self.events_path.open("ab") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.config import SearchConfig
 from engine.errors import AdapruneError
+from engine.session.activity import HOST, Activity
 from engine.session.layout import recovery_state
 from engine.session.requests import pause_pending
 from engine.session.store import Session
@@ -38,7 +39,11 @@ def summary(session: Session) -> dict:
         elif said == "running" and pause_pending(session, "recover"):
             said = "paused"
         row["recovery"] = said if said == "done" else f"{said} {rec['step']}/{rec['config']['steps']}"
-    _, bad = session.read_events()
+    events, bad = session.read_events()
+    busy = status in ("running", "paused") or row.get("recovery", "").startswith(("running", "paused"))
+    # what each live process of the session is doing (workers beside the search, a recovery, a benchmark);
+    # one on another host can't be checked for life, so it is listed only while the session says it runs
+    row["doing"] = [d.line() for d in Activity().feed(events).doing() if busy or d.by.endswith("@" + HOST)]
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
         row["problem"] = f"{session.events_path}: line(s) {shown} corrupt, kept out; the other events are intact"

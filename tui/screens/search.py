@@ -20,7 +20,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Sparkline, Static
 
 from engine import api
-from engine.api import TrialRow, TrialRows
+from engine.api import Activity, TrialRow, TrialRows
 from engine.errors import AdapruneError
 from engine.events import (
     BestChanged,
@@ -71,6 +71,8 @@ class SearchScreen(JobControls, Screen):
         self.trials_total = 0
         self.pause_acked = False  # the engine logged that it has paused (not only that a pause was asked)
         self.finished: SearchFinished | None = None  # how the last run ended, when it has
+        self.activity = Activity()  # each process's open stages (workers share the log)
+        self.shown_by = ""  # the process whose stage the stage bar shows
         self._resumable = False
 
     def compose(self) -> ComposeResult:
@@ -83,6 +85,7 @@ class SearchScreen(JobControls, Screen):
             with Horizontal(classes="bars"):
                 yield Static("", markup=False, id="stage", classes="barlabel")
                 yield ProgressBar(id="stage-bar", show_eta=True)
+            yield Static("", markup=False, id="others", classes="dim")  # the other workers' stages, when any
             yield RowTable(id="trials", cursor_type="row", zebra_stripes=True)
             yield Static("", markup=False, id="trial", classes="dim")  # the cursor row whole (80 columns cut it)
             with Horizontal(id="best-row"):
@@ -170,6 +173,7 @@ class SearchScreen(JobControls, Screen):
         table = self.query_one(DataTable)
         for number in sorted(self.board.rows):
             table.add_row(*self.cells(self.board.rows[number]), key=str(number))
+        self.show_others()
 
     def running(self) -> dict | None:
         try:
@@ -189,6 +193,8 @@ class SearchScreen(JobControls, Screen):
             return
         for e in events:
             self.apply(e)
+        if events:
+            self.show_others()
         started = self.process is not None and self.process.poll() is None  # ours, maybe not holding yet
         alive = started or self.running() is not None
         if alive and self.control is None:
@@ -218,6 +224,7 @@ class SearchScreen(JobControls, Screen):
     def apply(self, event: Event | dict, live: bool = True) -> None:
         if isinstance(event, dict):
             event = event_from_dict(event)
+        self.activity.apply(event)
         if isinstance(event, SearchFinished):
             self.finished = event
         elif self.finished is not None:  # a later run began: what the last one said is not news
@@ -235,17 +242,19 @@ class SearchScreen(JobControls, Screen):
             done = sum(1 for r in self.board.rows.values() if r.state in ("complete", "pruned"))
             self.query_one("#trials-bar", ProgressBar).update(progress=done)
         elif isinstance(event, StageStarted) and event.stage != "trials":
+            self.shown_by = event.by
             self.stage_started = time.monotonic()
-            self.query_one("#stage", Static).update(event.stage)
+            self.query_one("#stage", Static).update(self.who(event.by) + event.stage)
             self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=0)
         elif isinstance(event, StageProgress) and event.stage != "trials":
-            self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=event.done)
-        elif isinstance(event, StageFinished) and event.stage != "trials":
+            if event.by == self.shown_by:  # another worker's progress does not move this one's bar
+                self.query_one("#stage-bar", ProgressBar).update(total=event.total, progress=event.done)
+        elif isinstance(event, StageFinished) and event.stage != "trials" and event.by == self.shown_by:
             bar = self.query_one("#stage-bar", ProgressBar)
-            if event.outcome == "done":
+            if event.outcome != "done":
+                self.query_one("#stage", Static).update(f"{self.who(event.by)}{event.stage} ({event.outcome})")
+            elif not self.show_other_stage(event.by):
                 bar.update(total=bar.total or 1, progress=bar.total or 1)
-            else:
-                self.query_one("#stage", Static).update(f"{event.stage} ({event.outcome})")
         elif isinstance(event, Log) and event.level != "info":
             self.query_one("#log", Static).update(cut(event.message, 200))  # the trial's plan line is not shown
             if "paused at a safe point" in event.message or event.message.endswith(" resumed"):
@@ -259,6 +268,28 @@ class SearchScreen(JobControls, Screen):
             self.query_one("#log", Static).update(said)
             if live:
                 self.notify(said)
+
+    def who(self, by: str) -> str:
+        """'pid 123: ' before a stage while more than one process of the search is at work."""
+        return f"pid {by.partition('@')[0]}: " if by and len(self.activity.doing()) > 1 else ""
+
+    def show_other_stage(self, done_by: str) -> bool:
+        """When the shown process's stage ends while another process is inside one, show that one instead."""
+        other = next((d for d in self.activity.doing() if d.by != done_by and d.stage is not None), None)
+        if other is None:
+            return False
+        assert other.stage is not None
+        self.shown_by = other.by
+        self.query_one("#stage", Static).update(self.who(other.by) + other.stage.stage)
+        self.query_one("#stage-bar", ProgressBar).update(total=other.stage.total, progress=other.stage.done)
+        return True
+
+    def show_others(self) -> None:
+        """One line for what the other processes of this search are doing (workers beside the shown one)."""
+        others = [d.line() for d in self.activity.doing() if d.by != self.shown_by]
+        line = self.query_one("#others", Static)
+        line.update(cut("also: " + "; ".join(others), 160) if others else "")
+        line.display = bool(others)
 
     def show_rows(self, event: Event, best_before: int | None) -> None:
         """Re-render what one event changed: its row; the old and the new best when the best moves; every row
