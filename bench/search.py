@@ -254,28 +254,36 @@ def workers(args) -> None:
         events, _ = session.read_events()
         runs[n] = (wall, *one_time(events), completed(open_study(session, cfg)))
         print(n, runs[n], flush=True)
-    (w1, b1, c1, _, d1), (wn, bn, cn, pn, dn) = runs[1], runs[args.workers]
+    body = workers_report(runs, args.workers, args.trials)
+    print(body)
+    _record(args.out, f"search.py --workers {args.workers}", body)
+
+
+def workers_report(runs: dict, workers: int, trials: int) -> str:
+    (w1, b1, c1, _, d1), (wn, bn, cn, pn, dn) = runs[1], runs[workers]
     names = sorted(set(b1) | set(bn), key=lambda k: -c1.get(k, 0.0))
     rows = [f"| {k} | {b1.get(k, 0)} | {bn.get(k, 0)} | {c1.get(k, 0.0):.0f} | {cn.get(k, 0.0):.0f} |" for k in names]
     shared = [k for k in names if not k.startswith("load ")]  # each process loads its own model
-    s1, sn = sum(c1.get(k, 0.0) for k in shared), sum(cn.get(k, 0.0) for k in shared)
-    twice = [k for k in shared if bn.get(k, 0) > 1]
+    fixed = [k for k in shared if not k.startswith("per-sample")]  # the rest depends on the windows trials ask
+    s1, sn = sum(c1.get(k, 0.0) for k in fixed), sum(cn.get(k, 0.0) for k in fixed)
+    # per-sample statistics are computed per window as trials ask for them (several times even alone)
+    twice = [k for k in shared if bn.get(k, 0) > b1.get(k, 0)]
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, cpu, float32"
-    key = f"search.py --workers {args.workers}"
+    key = f"search.py --workers {workers}"
     body = (f"## {key} — {datetime.date.today()}\n\nMachine: {machine}. A default search (`--trials "
-            f"{args.trials}`) on the embedded model driven by `adaprune worker` processes only: one alone on a "
-            f"session, then {args.workers} started together on another (same configuration, same draws). "
+            f"{trials}`) on the embedded model driven by `adaprune worker` processes only: one alone on a "
+            f"session, then {workers} started together on another (same configuration, same draws). "
             f"CPU seconds are each process's own (`time.process_time`) over the outermost one-time stages, "
             f"summed over the processes.\n\n"
-            f"- wall: one worker {w1 / 60:.1f} min ({d1} trials), {args.workers} workers {wn / 60:.1f} min ({dn} "
+            f"- wall: one worker {w1 / 60:.1f} min ({d1} trials), {workers} workers {wn / 60:.1f} min ({dn} "
             f"trials, {pn} processes in the log)\n"
-            f"- one-time CPU seconds except loading: one worker {s1:.0f}, {args.workers} workers {sn:.0f} "
-            f"({sn / s1 - 1:+.0%})\n"
-            f"- one-time stages built more than once by {args.workers} workers: {', '.join(twice) or 'none'}\n\n"
-            f"| one-time stage | builds, 1 worker | builds, {args.workers} workers | CPU s, 1 worker | CPU s, "
-            f"{args.workers} workers |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    print(body)
-    _record(args.out, key, body)
+            f"- CPU seconds of the files built once per session (objective texts, self-sampled text, pools, obs "
+            f"scores; not loading, which each process does, nor per-sample statistics, computed for the windows "
+            f"the trials ask): one worker {s1:.0f}, {workers} workers together {sn:.0f} ({sn / s1 - 1:+.0%})\n"
+            f"- one-time stages built more often by {workers} workers than by one: {', '.join(twice) or 'none'}\n\n"
+            f"| one-time stage | builds, 1 worker | builds, {workers} workers | CPU s, 1 worker | CPU s, "
+            f"{workers} workers |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    return body
 
 
 def _plan_of(session, trial, cfg, dense) -> dict:

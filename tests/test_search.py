@@ -63,7 +63,9 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
     kinds = sorted({p.name.split("-")[0] for p in session.stats_dir.iterdir()})
     # trial 1 (obs, the strongest fixed recipe) always builds its scores; per-sample statistics when TPE asks;
     # the self text both the pool and the objective sample, as one draw
-    assert kinds in (["objective", "obs", "pool", "self"], ["objective", "obs", "pool", "samples", "self"])
+    # the pools' input moments, shared with workers (the tiny model's fit the repair cache's budget)
+    assert kinds in (["moments", "objective", "obs", "pool", "self"],
+                     ["moments", "objective", "obs", "pool", "samples", "self"])
     assert all(p.suffix == ".safetensors" for p in session.stats_dir.iterdir())  # no build lock left
     row = summary(session)
     assert row["done"] == 4 and row["best"] == pytest.approx(best["value"])
@@ -617,7 +619,10 @@ def test_two_workers_started_together_build_each_one_time_artifact_once(llama_fo
                      if line.startswith("write ") and "/stats/" in line)
     once = {name: n for name, n in writes.items() if not name.startswith("samples-")}
     assert once and all(n == 1 for n in once.values()), writes
-    assert {n.split("-")[0] for n in once} >= {"pool", "objective", "self"}, writes
+    assert {n.split("-")[0] for n in once} >= {"pool", "objective", "self", "moments"}, writes
+    # the repair's input moments too: one pass per pool over both processes (they were per process)
+    assert sum(e["kind"] == "stage_started" and e["stage"].startswith("reconstruction statistics")
+               for e in session.read_events()[0]) == len(cfg.sources)
     events, _ = session.read_events()
     started = Counter(e["stage"] for e in events if e["kind"] == "stage_started")
     assert started["sample self text (calibration and objective)"] == 1
@@ -628,6 +633,7 @@ def test_two_workers_started_together_build_each_one_time_artifact_once(llama_fo
     pids = {str(p.pid) for p in procs}
     assert {e["by"].partition("@")[0] for e in events if e["kind"].startswith("stage")} == pids
     assert completed(open_study(session, cfg)) == 4
+    assert session.manifest()["status"] == "done"  # no driver ran it: the workers that finished it say so
 
 
 def test_resuming_a_finished_search_loads_nothing_and_keeps_it_done(searched_template, tmp_path, monkeypatch):

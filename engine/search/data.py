@@ -117,7 +117,8 @@ class SearchData:
                     return {"ids": ids, "loss": window_losses(self.loaded.model, ids, self.control)}
                 # repaired and obs trials read the dense model's input moments on the pool: the same pass
                 moments, loss = moments_and_losses(self.loaded.model, ids, CALIB_BATCH, self.control, self.sink)
-                self._keep((pool_repair(source, cfg).calib, cfg.seed, cfg.pool_size), moments)
+                key = (pool_repair(source, cfg).calib, cfg.seed, cfg.pool_size)
+                self._share(key, self._keep(key, moments))  # before the pool's file: who sees it finds them
                 return {"ids": ids, "loss": loss}
 
             data = self._cached(f"pool-{slug(source)}-{cfg.seed}", build, f"calibration pool {source}")
@@ -197,7 +198,8 @@ class SearchData:
 
     def repair_moments(self, repair: Repair) -> dict[str, torch.Tensor]:
         """The dense model's o_proj/down_proj input moments on a repair's windows, every layer, kept in memory
-        under `repair_cache_gb` (the oldest dropped first) so repaired trials only solve."""
+        under `repair_cache_gb` (the oldest dropped first) so repaired trials only solve, and within the same
+        budget in stats/, built once per session for every process of the search."""
         key = (repair.calib, repair.seed, repair.take)
         if key in self.moments:
             self.moments[key] = self.moments.pop(key)  # most recently used last
@@ -210,9 +212,32 @@ class SearchData:
         else:
             model = self.loaded.model
             layers = list(range(len(decoder_layers(model))))
-            windows = self.repair_windows(repair)
-            moments = dense_moments(model, layers, windows, CALIB_BATCH, self.control, self.sink)
+            windows = self.repair_windows(repair)  # first: a pool's build also writes its moments
+            path = self._moments_path(key)
+            if not path.exists():
+                with build_lock(self.session, path.stem, self.sink, self.control):
+                    if not path.exists():  # nobody built them meanwhile (or they are too big to share)
+                        moments = dense_moments(model, layers, windows, CALIB_BATCH, self.control, self.sink)
+                        return self._share(key, self._keep(key, moments))
+            from safetensors.torch import load_file
+
+            moments = load_file(path)
         return self._keep(key, moments)
+
+    def _moments_path(self, key: tuple):
+        calib, seed, take = key
+        return self.session.stats_dir / f"moments-{slug(f'{calib}|{take}')}-{seed}.safetensors"
+
+    def _share(self, key: tuple, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write a repair's moments to stats/ for the session's other processes (workers), when they fit the
+        same `repair_cache_gb` budget as memory (an 8B model's are tens of GB: each process computes its own)."""
+        from safetensors.torch import save_file
+
+        size = sum(v.numel() * v.element_size() for v in moments.values())
+        path = self._moments_path(key)
+        if size <= self.cfg.repair_cache_gb * 2**30 and not path.exists():
+            write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp)))
+        return moments
 
     def _keep(self, key: tuple, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Moments kept in memory under `repair_cache_gb`, the least recently used dropped first."""

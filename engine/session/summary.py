@@ -40,10 +40,13 @@ def summary(session: Session) -> dict:
             said = "paused"
         row["recovery"] = said if said == "done" else f"{said} {rec['step']}/{rec['config']['steps']}"
     events, bad = session.read_events()
+    doing = Activity().feed(events).doing()
+    if status in ("created", "stopped") and any(d.job == "search" and d.by.endswith("@" + HOST) for d in doing):
+        row["status"] = status = "running"  # by workers only (`adaprune worker` on a session no driver runs)
     busy = status in ("running", "paused") or row.get("recovery", "").startswith(("running", "paused"))
     # what each live process of the session is doing (workers beside the search, a recovery, a benchmark);
     # one on another host can't be checked for life, so it is listed only while the session says it runs
-    row["doing"] = [d.line() for d in Activity().feed(events).doing() if busy or d.by.endswith("@" + HOST)]
+    row["doing"] = [d.line() for d in doing if busy or d.by.endswith("@" + HOST)]
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
         row["problem"] = f"{session.events_path}: line(s) {shown} corrupt, kept out; the other events are intact"
