@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     ap.add_argument("--search-only", action="store_true", help="time the search; skip the held-out rows")
     ap.add_argument("--workers", type=int, default=0, help="N worker processes on one session against one")
+    ap.add_argument("--threads", type=int, default=0, help="with --workers: torch threads per worker process "
+                    "(OMP_NUM_THREADS; 1 keeps N workers from oversubscribing the cores, which inflates CPU time)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
     if args.workers:
@@ -241,7 +243,8 @@ def workers(args) -> None:
 
     cfg = SearchConfig(trials=args.trials, sampler=args.sampler)
     root = Path(tempfile.mkdtemp(prefix="adaprune-workers-"))
-    env = {**os.environ, "ADAPRUNE_SESSIONS": str(root)}
+    env = {**os.environ, "ADAPRUNE_SESSIONS": str(root),
+           **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     runs = {}
     for n in (1, args.workers):
         session = create_session(root, f"w{n}", cfg)
@@ -254,12 +257,12 @@ def workers(args) -> None:
         events, _ = session.read_events()
         runs[n] = (wall, *one_time(events), completed(open_study(session, cfg)))
         print(n, runs[n], flush=True)
-    body = workers_report(runs, args.workers, args.trials)
+    body = workers_report(runs, args.workers, args.trials, args.threads)
     print(body)
     _record(args.out, f"search.py --workers {args.workers}", body)
 
 
-def workers_report(runs: dict, workers: int, trials: int) -> str:
+def workers_report(runs: dict, workers: int, trials: int, threads: int = 0) -> str:
     (w1, b1, c1, _, d1), (wn, bn, cn, pn, dn) = runs[1], runs[workers]
     names = sorted(set(b1) | set(bn), key=lambda k: -c1.get(k, 0.0))
     rows = [f"| {k} | {b1.get(k, 0)} | {bn.get(k, 0)} | {c1.get(k, 0.0):.0f} | {cn.get(k, 0.0):.0f} |" for k in names]
@@ -272,7 +275,8 @@ def workers_report(runs: dict, workers: int, trials: int) -> str:
     key = f"search.py --workers {workers}"
     body = (f"## {key} — {datetime.date.today()}\n\nMachine: {machine}. A default search (`--trials "
             f"{trials}`) on the embedded model driven by `adaprune worker` processes only: one alone on a "
-            f"session, then {workers} started together on another (same configuration, same draws). "
+            f"session, then {workers} started together on another (same configuration, same draws)"
+            f"{f', {threads} torch thread(s) per process' if threads else ''}. "
             f"CPU seconds are each process's own (`time.process_time`) over the outermost one-time stages, "
             f"summed over the processes.\n\n"
             f"- wall: one worker {w1 / 60:.1f} min ({d1} trials), {workers} workers {wn / 60:.1f} min ({dn} "

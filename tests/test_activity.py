@@ -5,8 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from engine.api import create_session
 from engine.config import SearchConfig
+from engine.errors import AdapruneError
 from engine.events import StageProgress, StageStarted, event_from_dict
 from engine.session.activity import HOST, Activity, me
 from engine.session.summary import summary
@@ -60,3 +63,16 @@ def test_the_log_names_the_process_of_every_event_and_the_listing_says_what_it_d
     pid = me().partition("@")[0]
     assert summary(session)["status"] == "running"  # by a worker alone (no driver marked it)
     assert summary(session)["doing"] == [f"process {pid} (search): per-sample statistics self x64 12/64"]
+
+
+def test_pause_and_cancel_reach_a_search_that_workers_alone_run(tmp_path):
+    from engine.session.requests import requested, running_jobs, steer
+
+    session = create_session(tmp_path, "w", SearchConfig(trials=2))
+    with pytest.raises(AdapruneError, match="nothing of session 'w' is running now"):
+        steer(session, "pause")
+    session.logged(lambda e: None, "search")(StageStarted("obs scores"))  # this process, as a worker would
+    assert running_jobs(session)["search"]["workers"] == [me()]
+    job, holder = steer(session, "pause")
+    assert job == "search" and holder["pid"] == int(me().partition("@")[0])
+    assert requested(session, "search")["command"] == "pause"

@@ -4,6 +4,7 @@ the real engine on a tiny model, and snapshots of the main screens at 80x24."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from fake_backend import FakeBackend, recorded_events
@@ -885,5 +886,28 @@ def test_two_workers_stages_are_told_apart_not_mixed_in_one_bar(tmp_path):
             assert text_of(app, "#stage") == "sample self text"  # the only one at work: no name needed
             assert app.screen.query_one("#stage-bar", ProgressBar).progress == 40
             assert not app.screen.query_one("#others").display
+
+    run(go())
+
+
+def test_a_search_run_by_workers_alone_reads_running_and_can_be_steered(tmp_path):
+    """`adaprune worker` processes hold no lock: the screen knows them from the log (live pids of this host)."""
+    from engine.api import Activity
+
+    me = f"{os.getpid()}@{__import__('socket').gethostname()}"  # alive, on this host: a worker of the search
+    log = [{"kind": "stage_started", "t": 1.0, "stage": "obs scores", "by": me}]
+    assert Activity().feed(log).live() == [me]
+
+    async def go() -> None:
+        backend = FakeBackend(tmp_path)
+        backend.store["beta"]["log"] = log
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            app.screen.query_one(DataTable).move_cursor(row=1)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert text_of(app, "#title") == f"session beta: running in worker process {os.getpid()}"
+            app.screen.poll()
+            assert app.screen.control is not None  # pause and cancel go to it through the requests file
 
     run(go())

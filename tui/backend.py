@@ -67,8 +67,13 @@ class Backend:
         return self.session(name).config()
 
     def is_running(self, name: str) -> bool:
-        """A process runs the session's search."""
-        return self.holder(name) is not None
+        """A process runs the session's search: its driver (the lock's holder) or workers alone."""
+        return self.holder(name) is not None or bool(self.workers(name))
+
+    def workers(self, name: str) -> list[str]:
+        """The live processes of this machine that work on the session's search ("PID@HOST"), from its log."""
+        events, _ = self.session(name).read_events()
+        return api.Activity().feed(events).live("search")
 
     # --- a new session --------------------------------------------------------------------------------------
 

@@ -105,6 +105,18 @@ class Activity:
             self.apply(e)
         return self
 
+    def live(self, job: str | None = None) -> list[str]:
+        """Processes of this host (of `job`) that wrote to the log, have not said their search ended, and run:
+        e.g. `adaprune worker` processes, which hold no lock (another host's can't be checked: left out)."""
+        out = []
+        for by in self.stacks:
+            pid, _, where = by.partition("@")
+            if by in self.ended or where != HOST or not pid.isdigit() or (job and self.jobs.get(by) != job):
+                continue
+            if pid_alive(int(pid)):
+                out.append(by)
+        return out
+
     def doing(self, alive_only: bool = True) -> list[Doing]:
         """Processes with an open stage or trial, most recently started stage first. `alive_only` drops those
         this host can tell are gone (a process killed mid-stage never closes it)."""

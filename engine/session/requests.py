@@ -16,6 +16,7 @@ from typing import Literal
 from engine.control import Control
 from engine.errors import AdapruneError, Cancelled
 from engine.events import Log, Sink, null_sink
+from engine.session.activity import HOST, Activity
 from engine.session.store import Session
 
 REQUESTS = "requests.json"
@@ -45,6 +46,12 @@ def running_jobs(session: Session) -> dict[str, dict]:
     bench = session.holder("bench")
     if bench:
         out["bench"] = bench
+    if not held:  # a search run by `adaprune worker` processes alone holds no lock: its log names them
+        live = Activity().feed(session.read_events()[0]).live("search")
+        if live:
+            since = session.manifest().get("run_started")  # what the workers go by (they obey the same requests)
+            out["search"] = {"pid": int(live[0].partition("@")[0]), "host": HOST, "what": "search",
+                             "since": since, "workers": live}
     return out
 
 

@@ -134,11 +134,14 @@ class SearchScreen(JobControls, Screen):
 
     def update_title(self) -> None:
         holder = self.running()
-        self._resumable = holder is None and self._read_resumable()
+        self._resumable = holder is None and not self.activity.live() and self._read_resumable()
         if self.process is not None and self.process.poll() is None:
             what = f"running in process {self.process.pid} (it keeps running if you quit or the connection drops)"
         elif holder:
             what = f"running in process {holder.get('pid')} on {holder.get('host')}"
+        elif workers := self.activity.live():  # `adaprune worker` processes, which hold no lock
+            pids = ", ".join(by.partition("@")[0] for by in workers)
+            what = f"running in worker process{'es' if len(workers) > 1 else ''} {pids}"
         elif self.finished is not None:  # how its last run ended, in the words of the sessions list
             f = self.finished
             what = f"{f.status}, {f.completed}/{f.total} trials" + (" (r resumes)" if self._resumable else "")
@@ -196,7 +199,7 @@ class SearchScreen(JobControls, Screen):
         if events:
             self.show_others()
         started = self.process is not None and self.process.poll() is None  # ours, maybe not holding yet
-        alive = started or self.running() is not None
+        alive = started or self.running() is not None or bool(self.activity.live())
         if alive and self.control is None:
             self.control = Remote(self.app.backend, self.session_name)
             self.update_title()
