@@ -31,6 +31,8 @@ def test_llama_3_8b_shape_and_a_search_plan():
     assert plan.peak == sum(held.values()) and "memory, about: peak 99.9 GiB (dense 15.0 GiB" in plan.text()
     prune = plan_memory(big, "cuda:0", "bfloat16", "prune", gradients=False, repair=False, obs=False)
     assert "trial copy" not in dict(prune.lines) and prune.peak < plan.peak
+    obs = dict(plan_memory(big, "cuda:0", "bfloat16", "prune", gradients=False, repair=False, obs=True).lines)
+    assert obs["obs input statistics"] == 32 * 8 * (4096**2 + 14336**2)  # every layer's moments, float64
 
 
 def test_refused_only_when_the_dense_weights_cannot_fit_a_cpu(monkeypatch, tmp_path):

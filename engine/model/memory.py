@@ -116,6 +116,8 @@ def plan_memory(shape: Shape, device: str, dtype: str, job: str = "search", batc
         one = 4 * (shape.hidden**2 + shape.intermediate**2)
         every = shape.layers * one if repair_cache is None else max(one, min(shape.layers * one, int(repair_cache)))
         p.lines.append(("repair statistics", every))
+    elif obs:  # obs scores every layer from its input moments, held in float64 (bench/scale.py measured them)
+        p.lines.append(("obs input statistics", shape.layers * 8 * (shape.hidden**2 + shape.intermediate**2)))
     if obs:
         stage["obs inverse"] = 2 * 8 * shape.intermediate**2
     what, most = max(stage.items(), key=lambda kv: kv[1])
