@@ -649,3 +649,39 @@ def test_resuming_a_finished_search_loads_nothing_and_keeps_it_done(searched_tem
     result = run_search(session)
     assert result["already_done"] and result["completed"] == 2
     assert session.manifest()["status"] == "done"
+
+
+def test_a_search_of_workers_alone_is_steered_and_says_how_it_ended(llama_folder, tmp_path):
+    """No driver, no lock: the sessions list says running (then paused) from the log's live worker, a cancel
+    reaches it, and the session says cancelled (was left "created"); one whose workers died says stopped."""
+    import time
+
+    from engine.session.requests import steer
+    from engine.session.summary import summary
+
+    cfg = _cfg(llama_folder, trials=200)
+    root = tmp_path / "s"
+    session = create_session(root, "solo", cfg)
+    env = {**os.environ, "ADAPRUNE_SESSIONS": str(root)}
+    cmd = [sys.executable, "-c", "from tui.cli import main; main()", "worker", "solo"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if completed(open_study(session, cfg)) >= 2:
+                break
+            time.sleep(0.1)
+        assert summary(session)["status"] == "running"
+        steer(session, "pause")
+        for _ in range(300):
+            if summary(session)["status"] == "paused":
+                break
+            time.sleep(0.1)
+        assert summary(session)["status"] == "paused"
+        steer(session, "cancel")
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 or "cancelled" in err
+    assert session.manifest()["status"] == "cancelled" and summary(session)["status"] == "cancelled"
+    session.update(status="created")  # as a worker killed before it could say so leaves it
+    assert summary(session)["status"] == "stopped"

@@ -299,8 +299,8 @@ def run_search(session: Session, sink: Sink = null_sink, control: Control | None
         done, b = completed(study), best_trial(study)
         if not worker:
             session.update(status=status if status != "done" or done >= cfg.trials else "stopped")
-        elif status == "done" and done >= cfg.trials and session.holder() is None:
-            session.update(status="done")  # workers alone filled the budget: no driver is left to say so
+        elif session.holder() is None and (status == "cancelled" or (status == "done" and done >= cfg.trials)):
+            session.update(status=status)  # workers alone ran it (a cancel reaches them all): no driver says so
         sink(SearchFinished(status, done, cfg.trials, b[0] if b else None, b[1] if b else None))
         return done, b
 

@@ -40,9 +40,12 @@ def summary(session: Session) -> dict:
             said = "paused"
         row["recovery"] = said if said == "done" else f"{said} {rec['step']}/{rec['config']['steps']}"
     events, bad = session.read_events()
-    doing = Activity().feed(events).doing()
-    if status in ("created", "stopped") and any(d.job == "search" and d.by.endswith("@" + HOST) for d in doing):
-        row["status"] = status = "running"  # by workers only (`adaprune worker` on a session no driver runs)
+    activity = Activity().feed(events)
+    doing = activity.doing()
+    if status in ("created", "stopped", "cancelled") and activity.live("search"):
+        # run by workers alone (`adaprune worker` on a session no driver runs): they obey pause as a driver does
+        status = "paused" if pause_pending(session, "search") else "running"
+        row["status"] = status
     busy = status in ("running", "paused") or row.get("recovery", "").startswith(("running", "paused"))
     # what each live process of the session is doing (workers beside the search, a recovery, a benchmark);
     # one on another host can't be checked for life, so it is listed only while the session says it runs
@@ -59,6 +62,8 @@ def summary(session: Session) -> dict:
         storage = open_storage(storage_url(session, cfg))
         study = optuna.load_study(study_name=study_name(session, cfg, storage), storage=storage)
         row["done"] = completed(study)
+        if row["status"] == "created" and row["done"]:
+            row["status"] = "stopped"  # trials ran (workers alone, since gone) and nobody said it ended
         b = best_trial(study)
         row["best"] = b[1] if b else None
     except Exception as e:  # a session whose study cannot be read still lists
