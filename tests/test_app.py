@@ -911,3 +911,23 @@ def test_a_search_run_by_workers_alone_reads_running_and_can_be_steered(tmp_path
             assert app.screen.control is not None  # pause and cancel go to it through the requests file
 
     run(go())
+
+
+def test_when_a_stage_ends_inside_another_the_bar_goes_back_to_the_outer_one(tmp_path):
+    me = "7@far"
+    log = [{"kind": "stage_started", "t": 1.0, "stage": "calibration pool self", "by": me},
+           {"kind": "stage_started", "t": 2.0, "stage": "reconstruction statistics 48x128", "total": 30, "by": me},
+           {"kind": "stage_finished", "t": 3.0, "stage": "reconstruction statistics 48x128", "seconds": 1.0,
+            "by": me}]
+
+    async def go() -> None:
+        backend = FakeBackend(tmp_path)
+        backend.store["beta"]["log"] = log
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            app.screen.query_one(DataTable).move_cursor(row=1)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert text_of(app, "#stage") == "calibration pool self"  # still at work in it, not the inner one
+
+    run(go())

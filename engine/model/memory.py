@@ -111,7 +111,7 @@ def plan_memory(shape: Shape, device: str, dtype: str, job: str = "search", batc
     act = tokens * (shape.layers * (6 * shape.hidden + 4 * shape.intermediate) * b + 2 * shape.vocab * 4)
     grad = shape.proj_params * (b + 4 * 2) if gradients else 0  # .grad, then fp32 sums and squared sums
     stage = {"batch + gradients": act + grad} if gradients else \
-        {"batch": tokens * (2 * shape.hidden * b + shape.vocab * 4)}
+        {"batch": tokens * (2 * shape.hidden * b + 3 * shape.vocab * 4)}  # the loss: logits and 2 copies (scale.py)
     if repair:
         one = 4 * (shape.hidden**2 + shape.intermediate**2)
         every = shape.layers * one if repair_cache is None else max(one, min(shape.layers * one, int(repair_cache)))

@@ -256,7 +256,7 @@ class SearchScreen(JobControls, Screen):
             bar = self.query_one("#stage-bar", ProgressBar)
             if event.outcome != "done":
                 self.query_one("#stage", Static).update(f"{self.who(event.by)}{event.stage} ({event.outcome})")
-            elif not self.show_other_stage(event.by):
+            elif not self.show_open_stage(event.by):
                 bar.update(total=bar.total or 1, progress=bar.total or 1)
         elif isinstance(event, Log) and event.level != "info":
             self.query_one("#log", Static).update(cut(event.message, 200))  # the trial's plan line is not shown
@@ -276,9 +276,11 @@ class SearchScreen(JobControls, Screen):
         """'pid 123: ' before a stage while more than one process of the search is at work."""
         return f"pid {by.partition('@')[0]}: " if by and len(self.activity.doing()) > 1 else ""
 
-    def show_other_stage(self, done_by: str) -> bool:
-        """When the shown process's stage ends while another process is inside one, show that one instead."""
-        other = next((d for d in self.activity.doing() if d.by != done_by and d.stage is not None), None)
+    def show_open_stage(self, done_by: str) -> bool:
+        """When the shown stage ends inside another of the same process (a pool around its statistics), show that
+        one; else one another process is inside. False when none is open."""
+        doing = [d for d in self.activity.doing() if d.stage is not None]
+        other = next((d for d in doing if d.by == done_by), None) or next(iter(doing), None)
         if other is None:
             return False
         assert other.stage is not None
