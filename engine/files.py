@@ -66,6 +66,13 @@ def storage(path: Path) -> Iterator[None]:
                             f"intact; a search or recovery resumes where it stopped)") from None
 
 
+def write_tensors_atomic(path: Path, tensors: dict) -> None:
+    """A safetensors file of `tensors`, whole or not at all."""
+    from safetensors.torch import save_file
+
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes the whole file to a temporary sibling of `path`, which then replaces `path`."""
     with storage(path):

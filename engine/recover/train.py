@@ -28,7 +28,7 @@ from engine.data.text import check_source, load_text, parse_spec, text_hash
 from engine.data.windows import eval_windows, sample_self, tokenize
 from engine.errors import AdapruneError, Cancelled
 from engine.events import Log, RecoveryStep, Sink, Stage, null_sink
-from engine.files import atomic_folder, clear_stale, write_atomic
+from engine.files import atomic_folder, clear_stale, write_tensors_atomic
 from engine.measure.evaluate import perplexity
 from engine.model.load import load_configured
 from engine.model.structure import count_params
@@ -152,7 +152,7 @@ def _sampled_text(session: Session, loaded, cfg: RecoverConfig, sink: Sink,
                   control: Control) -> dict[str, torch.Tensor]:
     """Text the dense model samples for training (`self:NxL` in --data), drawn once and kept in recovery/, so a
     resumed or restarted run trains on the same sequences. `loaded` must still be dense."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out = {}
     for spec in cfg.data:
@@ -166,7 +166,7 @@ def _sampled_text(session: Session, loaded, cfg: RecoverConfig, sink: Sink,
         with Stage(sink, "sample self text (recovery)", ts.n, "samples") as st:
             ids = sample_self(loaded.model, loaded.tokenizer, ts.n, ts.seq_len, cfg.seed, on_batch=st.advance,
                               control=control)
-        write_atomic(path, lambda tmp, ids=ids: save_file({"ids": ids.contiguous()}, str(tmp)))
+        write_tensors_atomic(path, {"ids": ids})
         out[spec] = ids
     return out
 

@@ -19,7 +19,7 @@ from engine.events import (
     Sink,
     Stage,
 )
-from engine.files import write_atomic
+from engine.files import write_tensors_atomic
 from engine.measure.evaluate import next_token_nll
 from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_shot
 from engine.model.load import Loaded
@@ -56,7 +56,7 @@ class SearchData:
     def _cached(self, name: str, build, stage: str | None = None) -> dict[str, torch.Tensor]:
         """stats/NAME, built once per session under its lock; only the process that builds it reports the
         `stage` (a worker that waits or reads the file does not repeat it in the session's log)."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         path = self.session.stats_dir / f"{name}.safetensors"
         if path.exists():
@@ -66,7 +66,7 @@ class SearchData:
                 return load_file(path)
             with Stage(self.sink, stage) if stage else contextlib.nullcontext():
                 tensors = build()
-            write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+            write_tensors_atomic(path, tensors)
         return tensors
 
     def _windows(self, spec: str, role: str, n: int, length: int, seed: int) -> torch.Tensor:
@@ -156,8 +156,6 @@ class SearchData:
 
     def _compute_samples(self, key: tuple[str, int], path, ids: torch.Tensor, stats: dict, have: torch.Tensor,
                          missing: list[int]) -> None:
-        from safetensors.torch import save_file
-
         source, length = key
         model = self.loaded.model
         # these windows' gradients are computed anyway: their sum serves taylor1 trials on them
@@ -173,7 +171,7 @@ class SearchData:
         have[rows] = True
         self.samples[key] = (stats, have)
         tensors = {**stats, HAVE: have.to(torch.uint8)}
-        write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        write_tensors_atomic(path, tensors)
 
     def gradient_stats(self, model, source: str, length: int, subset: torch.Tensor, layer_ids: list[int],
                        squares: bool) -> CalibStats:
@@ -231,12 +229,10 @@ class SearchData:
     def _share(self, key: tuple, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Write a repair's moments to stats/ for the session's other processes (workers), when they fit the
         same `repair_cache_gb` budget as memory (an 8B model's are tens of GB: each process computes its own)."""
-        from safetensors.torch import save_file
-
         size = sum(v.numel() * v.element_size() for v in moments.values())
         path = self._moments_path(key)
         if size <= self.cfg.repair_cache_gb * 2**30 and not path.exists():
-            write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp)))
+            write_tensors_atomic(path, moments)
         return moments
 
     def _keep(self, key: tuple, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
