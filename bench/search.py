@@ -82,7 +82,7 @@ def main() -> None:
 
     def sink(event) -> None:
         if event.kind == "stage_finished" and event.stage not in PER_TRIAL:
-            name = " ".join(w for w in event.stage.split() if not w[-1].isdigit())  # without sizes
+            name = unsized(event.stage)
             once[name] = once.get(name, 0.0) + event.seconds
         if event.kind == "trial_started":
             current[0] = event.number
@@ -215,6 +215,11 @@ def main() -> None:
     _record(args.out, key, body)
 
 
+def unsized(stage: str) -> str:
+    """A stage's name without its sizes ('per-sample statistics self x64' -> 'per-sample statistics self')."""
+    return " ".join(w for w in stage.split() if not w[-1].isdigit())
+
+
 def one_time(events: list[dict]) -> tuple[dict[str, int], dict[str, float], int]:
     """Per one-time stage (sizes dropped): how often it was built and the CPU seconds it took over all processes
     (only the outermost one-time stage of each process counts: nested ones are inside its seconds); and how
@@ -226,7 +231,7 @@ def one_time(events: list[dict]) -> tuple[dict[str, int], dict[str, float], int]
         if not e["kind"].startswith("stage_") or e["stage"] in PER_TRIAL or e["kind"] == "stage_progress":
             continue
         stack = open_.setdefault(e.get("by", ""), [])
-        name = " ".join(w for w in e["stage"].split() if not w[-1].isdigit())
+        name = unsized(e["stage"])
         if e["kind"] == "stage_started":
             builds[name] = builds.get(name, 0) + 1
             stack.append(e["stage"])

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import gc
 import os
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +41,7 @@ from engine.search.space import baseline_params, canonical, space, suggest, vali
 from engine.search.study import ask_lock, beat_once, fail_orphans, heartbeat, open_study
 from engine.search.trial import TrialOutcome, prune_trial, run_trial
 from engine.session import requests
+from engine.session.activity import me
 from engine.session.layout import best_record, write_best
 from engine.session.store import Session
 from engine.session.study import (
@@ -74,7 +74,7 @@ class _Driver:
                  sink: Sink, control: Control) -> None:
         self.session, self.cfg, self.study, self.dense, self.data, self.sp = session, cfg, study, dense, data, sp
         self.sink, self.control = sink, control
-        self.me = f"{os.getpid()}@{socket.gethostname()}"
+        self.me = me()
         self.current = None  # the trial this process holds, to be failed and queued again if interrupted
         self.duplicates_in_a_row = 0
         self.failures_in_a_row = 0

@@ -24,8 +24,15 @@ HOST = socket.gethostname()
 
 
 def me() -> str:
-    """This process, as its events name it (the pid read each time: a forked child is another process)."""
+    """This process, as its events (and its trials' owner) name it: the pid read each time, a forked child is
+    another process."""
     return f"{os.getpid()}@{HOST}"
+
+
+def _gone(by: str) -> bool:
+    """A process of this host that no longer runs (another host's can't be told: never gone)."""
+    pid, _, where = by.partition("@")
+    return where == HOST and pid.isdigit() and not pid_alive(int(pid))
 
 
 @dataclass
@@ -44,10 +51,6 @@ class Doing:
     job: str
     stage: OpenStage | None
     trial: int | None
-
-    @property
-    def pid(self) -> str:
-        return self.by.partition("@")[0]
 
     def line(self, here: str | None = None) -> str:
         """'process 123 (trial 4): per-sample statistics self x64 12/64', the host named when not this one."""
@@ -108,14 +111,8 @@ class Activity:
     def live(self, job: str | None = None) -> list[str]:
         """Processes of this host (of `job`) that wrote to the log, have not said their search ended, and run:
         e.g. `adaprune worker` processes, which hold no lock (another host's can't be checked: left out)."""
-        out = []
-        for by in self.stacks:
-            pid, _, where = by.partition("@")
-            if by in self.ended or where != HOST or not pid.isdigit() or (job and self.jobs.get(by) != job):
-                continue
-            if pid_alive(int(pid)):
-                out.append(by)
-        return out
+        return [by for by in self.stacks if by not in self.ended and by.endswith("@" + HOST)
+                and by.partition("@")[0].isdigit() and (not job or self.jobs.get(by) == job) and not _gone(by)]
 
     def doing(self, alive_only: bool = True) -> list[Doing]:
         """Processes with an open stage or trial, most recently started stage first. `alive_only` drops those
@@ -128,8 +125,7 @@ class Activity:
             trial = self.trials.get(by)
             if inner is None and trial is None:
                 continue
-            pid, _, where = by.partition("@")
-            if alive_only and where == HOST and pid.isdigit() and not pid_alive(int(pid)):
+            if alive_only and _gone(by):
                 continue
             out.append(Doing(by, self.jobs.get(by, ""), inner, trial))
         return sorted(out, key=lambda d: -(d.stage.since if d.stage else 0.0))

@@ -48,10 +48,9 @@ def running_jobs(session: Session) -> dict[str, dict]:
         out["bench"] = bench
     if not held:  # a search run by `adaprune worker` processes alone holds no lock: its log names them
         live = Activity().feed(session.read_events()[0]).live("search")
-        if live:
-            since = session.manifest().get("run_started")  # what the workers go by (they obey the same requests)
+        if live:  # they go by the last run's start (and obey the same requests)
             out["search"] = {"pid": int(live[0].partition("@")[0]), "host": HOST, "what": "search",
-                             "since": since, "workers": live}
+                             "since": _started(session, "search"), "workers": live}
     return out
 
 
@@ -90,9 +89,18 @@ def resume_command(name: str, job: str) -> str:
     return f"adaprune resume {name}" + ("" if job == "search" else f" --job {job}")
 
 
+def _started(session: Session, job: str) -> float | None:
+    """When the running `job` began: its lock's; a search of workers alone goes by its last run's start."""
+    held = session.holder("bench") if job == "bench" else session.holder()
+    if held and (job == "bench" or (held.get("what") == "recovery") == (job == "recover")):
+        return held.get("since")
+    return session.manifest().get("run_started") if job == "search" and not held else None
+
+
 def pause_pending(session: Session, job: str) -> bool:
-    """Whether the running `job` was asked to pause since it began (what `resume` can undo)."""
-    since = running_jobs(session).get(job, {}).get("since")
+    """Whether the running `job` was asked to pause since it began (what `resume` can undo). Read at every poll
+    of a following screen: the lock files and the manifest, never the events log."""
+    since = _started(session, job)
     req = _since(requested(session, job), since if isinstance(since, (int, float)) else None)
     return req is not None and req.get("command") == "pause"
 

@@ -133,13 +133,13 @@ class SearchScreen(JobControls, Screen):
             return False
 
     def update_title(self) -> None:
-        holder = self.running()
-        self._resumable = holder is None and not self.activity.live() and self._read_resumable()
+        holder, workers = self.running(), self.activity.live()  # workers: `adaprune worker` processes, no lock
+        self._resumable = holder is None and not workers and self._read_resumable()
         if self.process is not None and self.process.poll() is None:
             what = f"running in process {self.process.pid} (it keeps running if you quit or the connection drops)"
         elif holder:
             what = f"running in process {holder.get('pid')} on {holder.get('host')}"
-        elif workers := self.activity.live():  # `adaprune worker` processes, which hold no lock
+        elif workers:
             pids = ", ".join(by.partition("@")[0] for by in workers)
             what = f"running in worker process{'es' if len(workers) > 1 else ''} {pids}"
         elif self.finished is not None:  # how its last run ended, in the words of the sessions list
