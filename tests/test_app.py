@@ -4,6 +4,7 @@ the real engine on a tiny model, and snapshots of the main screens at 80x24."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -855,6 +856,20 @@ def test_snapshots_of_the_main_screens(snap_compare, tmp_path, keys):
     assert snap_compare(app, press=keys, terminal_size=SIZE)
 
 
+@contextlib.asynccontextmanager
+async def beta_search(tmp_path, log: list[dict]):
+    """The app on session beta's Search screen, with `log` as beta's events log."""
+    backend = FakeBackend(tmp_path)
+    backend.store["beta"]["log"] = log
+    app = AdapruneApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        app.screen.query_one(DataTable).move_cursor(row=1)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, SearchScreen)
+        yield app
+
+
 def test_two_workers_stages_are_told_apart_not_mixed_in_one_bar(tmp_path):
     """Two processes of one search write the same log: the stage bar follows one of them, its label names it,
     the other's stage is on a line of its own, and the other's progress does not move the bar."""
@@ -867,14 +882,7 @@ def test_two_workers_stages_are_told_apart_not_mixed_in_one_bar(tmp_path):
             "total": 64, "by": b}]
 
     async def go() -> None:
-        backend = FakeBackend(tmp_path)
-        backend.store["beta"]["log"] = log
-        app = AdapruneApp(backend)
-        async with app.run_test(size=SIZE) as pilot:
-            app.screen.query_one(DataTable).move_cursor(row=1)
-            await pilot.press("enter")
-            await pilot.pause()
-            assert isinstance(app.screen, SearchScreen)
+        async with beta_search(tmp_path, log) as app:
             assert text_of(app, "#stage") == "pid 222: per-sample statistics stdlib-docs x64"
             assert app.screen.query_one("#stage-bar", ProgressBar).progress == 8  # not a's 40
             assert text_of(app, "#others") == "also: process 111 on far: sample self text 40/64"
@@ -893,19 +901,14 @@ def test_two_workers_stages_are_told_apart_not_mixed_in_one_bar(tmp_path):
 def test_a_search_run_by_workers_alone_reads_running_and_can_be_steered(tmp_path):
     """`adaprune worker` processes hold no lock: the screen knows them from the log (live pids of this host)."""
     from engine.api import Activity
+    from engine.session.activity import me as this_process
 
-    me = f"{os.getpid()}@{__import__('socket').gethostname()}"  # alive, on this host: a worker of the search
+    me = this_process()  # alive, on this host: a worker of the search
     log = [{"kind": "stage_started", "t": 1.0, "stage": "obs scores", "by": me}]
     assert Activity().feed(log).live() == [me]
 
     async def go() -> None:
-        backend = FakeBackend(tmp_path)
-        backend.store["beta"]["log"] = log
-        app = AdapruneApp(backend)
-        async with app.run_test(size=SIZE) as pilot:
-            app.screen.query_one(DataTable).move_cursor(row=1)
-            await pilot.press("enter")
-            await pilot.pause()
+        async with beta_search(tmp_path, log) as app:
             assert text_of(app, "#title") == f"session beta: running in worker process {os.getpid()}"
             app.screen.poll()
             assert app.screen.control is not None  # pause and cancel go to it through the requests file
@@ -921,13 +924,7 @@ def test_when_a_stage_ends_inside_another_the_bar_goes_back_to_the_outer_one(tmp
             "by": me}]
 
     async def go() -> None:
-        backend = FakeBackend(tmp_path)
-        backend.store["beta"]["log"] = log
-        app = AdapruneApp(backend)
-        async with app.run_test(size=SIZE) as pilot:
-            app.screen.query_one(DataTable).move_cursor(row=1)
-            await pilot.press("enter")
-            await pilot.pause()
+        async with beta_search(tmp_path, log) as app:
             assert text_of(app, "#stage") == "calibration pool self"  # still at work in it, not the inner one
 
     run(go())
