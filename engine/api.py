@@ -26,6 +26,7 @@ from engine.session.layout import (
     saved_plans,
     session_plan,
 )
+from engine.session.records import BestRecord, RecoveryState, SessionRow
 from engine.session.requests import (
     JOBS,
     pause_pending,
@@ -47,7 +48,8 @@ HUB_TEXTS = tuple(HUB)  # text names read through `datasets` (they need the hub)
 BUILTIN_TEXT = STDLIB  # the text shipped in the package
 
 __all__ = [
-    "Activity", "Doing", "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "PruneConfig", "RecoverConfig", "SearchConfig", "Session", "TrialRow", "TrialRows",
+    "Activity", "Doing", "BUILTIN_TEXT", "HUB_TEXTS", "BenchConfig", "BestRecord", "PruneConfig", "RecoverConfig",
+    "RecoveryState", "SearchConfig", "Session", "SessionRow", "TrialRow", "TrialRows",
     "bench_results", "best_plan", "best_record", "check_edit", "check_name", "check_model", "check_text_spec", "counts_of",
     "create_session", "default_dir", "export_session", "layer_rows", "list_sessions", "known_depth", "mismatched", "memory_estimate", "model_layers",
     "overrides_to_edits", "params_with", "plan_summary", "plot_png", "plot_text", "prune", "recovery_state", "pause_pending", "request", "requested", "resume_command", "reevaluate", "JOBS", "running_jobs", "steer",
@@ -74,12 +76,12 @@ def _mark_outdated(session: Session, results: dict | None) -> dict | None:
     return results
 
 
-def best_plan(session: Session) -> tuple[Plan | None, dict | None]:
-    """The best trial's plan and its record ({"trial", "value", "params", "plan"}), or (None, None)."""
+def best_plan(session: Session) -> tuple[Plan | None, BestRecord | None]:
+    """The best trial's plan and its record, or (None, None)."""
     from engine.prune.plan import Plan
 
     best = best_record(session)
-    return (Plan.from_dict(best["plan"]), best) if best else (None, None)
+    return (Plan.from_dict(best.plan), best) if best else (None, None)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def plan_choices(session: Session) -> list[PlanChoice]:
     from engine.prune.plan import Plan
 
     plan, best = best_plan(session)
-    out = [PlanChoice("best", f"best trial {best['trial']}", plan, best["value"])] if plan is not None else []
+    out = [PlanChoice("best", f"best trial {best.trial}", plan, best.value)] if best is not None else []
     for n in sorted(saved_plans(session), key=lambda n: (n != OVERRIDES_PLAN, n)):
         edited = n == OVERRIDES_PLAN
         value = session.manifest().get("overrides_value") if edited else None

@@ -167,12 +167,12 @@ def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink =
         dense = load_configured(cfg, sink, frozen=True)
     data = SearchData(session, cfg, dense, sink, control)
     model = copy.deepcopy(dense.model)
-    plan, _ = prune_trial(model, data, cfg, best["params"], control, sink)
+    plan, _ = prune_trial(model, data, cfg, best.params, control, sink)
     with Stage(sink, "objective (overrides)"):
         value = progressive_objective(model, data.objective_sets(), control)
     save_plan(session, OVERRIDES_PLAN, plan)
     manifest_cfg = session.config()
     session.update(config={**manifest_cfg, "overrides": overrides}, overrides_value=value)
-    sink(Log(f"overrides {overrides or '(none)'}: objective {value:.3f} (best trial {best['trial']}: "
-             f"{best['value']:.3f}); later trials respect them"))
+    sink(Log(f"overrides {overrides or '(none)'}: objective {value:.3f} (best trial {best.trial}: "
+             f"{best.value:.3f}); later trials respect them"))
     return {"value": value, "params_after": plan["params_after"], "plan": plan}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.config import RecoverConfig, SearchConfig
+from engine.config import SearchConfig
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Log, Sink, Stage, null_sink
@@ -48,7 +48,7 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     if recovered and widths != "plan":
         raise AdapruneError("--recovered exports the plan its adapter was trained on: leave --widths at plan")
     state = recovery_state(session) if recovered else None
-    trained = state["plan"] if state else "best"
+    trained = state.plan if state else "best"
     plan_name = plan_name or (trained if recovered else "best")
     if plan_name != "best" and widths != "plan":
         raise AdapruneError(f"--widths uniform re-plans the best trial's configuration; it cannot apply to "
@@ -61,40 +61,40 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     plan = Plan.from_dict(chosen)
     if plan.params_before != count_params(loaded.model):
         raise AdapruneError(f"session {name!r}: its model {cfg.model!r} no longer matches the plan (parameter count)")
+    meta = best.to_dict()  # what adaprune_plan.json says of the exported model
     if plan_name == "best":
-        recipe = {"base model": cfg.model, "session": name, "trial": best["trial"],
-                  "objective": f"{best['value']:.4f}"}
+        recipe = {"base model": cfg.model, "session": name, "trial": best.trial, "objective": f"{best.value:.4f}"}
     else:
         value = session.manifest().get("overrides_value") if plan_name == f"plan:{OVERRIDES_PLAN}" else None
         recipe = {"base model": cfg.model, "session": name, "plan": plan_name,
                   **({"objective": f"{value:.4f}"} if value is not None else {})}
-        best = {"plan_name": plan_name, "value": value, "params": best["params"], "plan": chosen}
+        meta = {"plan_name": plan_name, "value": value, "params": best.params, "plan": chosen}
     if recovered:
         windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
         loaded.model, state = recovered_model(session, loaded.model, windows_for)
-        plan = Plan.from_dict(session_plan(session, state["plan"]))
-        c = state["config"]
-        recipe["recovery"] = (f"LoRA r={c['rank']} alpha={c['alpha']} on {', '.join(c['targets'])}, {state['step']} "
-                              f"steps of {c['batch_size']}x{c['seq_len']} tokens at lr {c['lr']:g} on "
-                              f"{', '.join(c['data'])}, loss {loss_name(RecoverConfig.from_dict(c))}; merged; "
-                              f"validation PPL {state['valid_ppl_before']:.2f} -> "
-                              f"{state['valid_ppl_after']:.2f}")
-        best = {**best, "plan": plan.to_dict(), "recovery": {k: v for k, v in state.items() if k != "history"}}
+        plan = Plan.from_dict(session_plan(session, state.plan))
+        c = state.config
+        recipe["recovery"] = (f"LoRA r={c.rank} alpha={c.alpha} on {', '.join(c.targets)}, {state.step} "
+                              f"steps of {c.batch_size}x{c.seq_len} tokens at lr {c.lr:g} on "
+                              f"{', '.join(c.data)}, loss {loss_name(c)}; merged; "
+                              f"validation PPL {state.valid_ppl_before:.2f} -> {state.valid_ppl_after:.2f}")
+        meta = {**meta, "plan": plan.to_dict(),
+                "recovery": {k: v for k, v in state.to_dict().items() if k != "history"}}
     elif widths == "uniform":
         control = control or Control()
         if cfg.overrides:
             sink(Log("uniform widths ignore the session's per-layer overrides", "warning"))
         cfg.overrides = {}
         loaded.model.requires_grad_(False)
-        params = {**best["params"], "first_kept": 0, "last_kept": 0, "allocation": "uniform", "ramp": 0.0}
+        params = {**best.params, "first_kept": 0, "last_kept": 0, "allocation": "uniform", "ramp": 0.0}
         data = SearchData(session, cfg, loaded, sink, control)
         uniform, _ = prune_trial(loaded.model, data, cfg, params, control, sink)
         plan = Plan.from_dict(uniform)
         with Stage(sink, "objective (uniform widths)"):
             value = progressive_objective(loaded.model, data.objective_sets(), control)
-        sink(Log(f"uniform widths: objective {value:.3f} (the searched plan: {best['value']:.3f})"))
-        recipe.update(objective=f"{value:.4f} (uniform re-plan; searched plan {best['value']:.4f})")
-        best = {**best, "plan": uniform, "value": value, "widths": "uniform"}
+        sink(Log(f"uniform widths: objective {value:.3f} (the searched plan: {best.value:.3f})"))
+        recipe.update(objective=f"{value:.4f} (uniform re-plan; searched plan {best.value:.4f})")
+        meta = {**meta, "plan": uniform, "value": value, "widths": "uniform"}
     else:
         windows_for = SearchData(session, cfg, loaded, sink, control or Control()).repair_windows
         apply_stored_plan(loaded.model, plan, windows_for, control, sink)
@@ -102,6 +102,6 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
     card = {"title": f"{cfg.model} pruned by {plan.removed / plan.params_before:.1%}{how} (adaprune search)",
             "recipe": {**recipe, **plan.recipe}}
     fmt = export(loaded.model, loaded.tokenizer, out, force, card, sink)
-    (out / "adaprune_plan.json").write_text(json.dumps(best) + "\n", encoding="utf-8")
+    (out / "adaprune_plan.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     return fmt
 

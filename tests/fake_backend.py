@@ -14,6 +14,7 @@ from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Event, Sink, event_from_dict
 from engine.prune.plan import Plan
+from engine.session.records import BestRecord, RecoveryState, SessionRow
 from tui.backend import Backend, NewSession
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -53,10 +54,9 @@ class FakeBackend(Backend):
         self.requests: dict[str, str] = {}
         self.exit_code = 0  # what the fake search process exits with
 
-    def sessions(self) -> list[dict]:
-        return [{"name": n, "model": s["config"]["model"], "prune": s["config"]["prune"],
-                 "trials": s["config"]["trials"], "done": s["done"], "best": s["best"], "status": s["status"],
-                 "updated": 1_790_000_000.0, "recovery": (s.get("recovery") or {}).get("status")}
+    def sessions(self) -> list[SessionRow]:
+        return [SessionRow(n, s["config"]["model"], s["config"]["prune"], s["config"]["trials"], s["status"],
+                           1_790_000_000.0, s["done"], s["best"], (s.get("recovery") or {}).get("status"))
                 for n, s in sorted(self.store.items())]
 
     def all_trials_done(self, name: str) -> int | None:
@@ -215,7 +215,7 @@ class FakeBackend(Backend):
 
     def best_plan(self, name: str):
         best = self._get(name)["plan"]
-        return (Plan.from_dict(best["plan"]), best) if best else (None, None)
+        return (Plan.from_dict(best["plan"]), BestRecord.from_dict(best)) if best else (None, None)
 
     def reevaluate(self, name: str, edits, sink: Sink, control: Control) -> dict:
         self.calls.append(("reevaluate", name, dict(edits)))
@@ -256,10 +256,11 @@ class FakeBackend(Backend):
             raise AdapruneError(self.fail_export)
         return "uniform" if widths == "uniform" else "per-layer"
 
-    def recovery_state(self, name: str) -> dict | None:
-        return self._get(name).get("recovery")
+    def recovery_state(self, name: str) -> RecoveryState | None:
+        data = self._get(name).get("recovery")
+        return None if data is None else RecoveryState.from_dict(data)
 
-    def recover(self, name: str, cfg, resume: bool, restart: bool, sink: Sink, control: Control) -> dict:
+    def recover(self, name: str, cfg, resume: bool, restart: bool, sink: Sink, control: Control) -> RecoveryState:
         s = self._get(name)
         self.calls.append(("recover", name, cfg, resume, restart))
         for row in (DATA / "recovery_events.jsonl").read_text().splitlines():
@@ -267,4 +268,4 @@ class FakeBackend(Backend):
             sink(event_from_dict(json.loads(row)))
             time.sleep(self.delay)
         s["recovery"] = json.loads((DATA / "recovery_state.json").read_text())
-        return s["recovery"]
+        return RecoveryState.from_dict(s["recovery"])

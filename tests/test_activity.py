@@ -53,7 +53,7 @@ def test_a_dead_process_on_this_host_is_not_doing_anything():
 
 def test_the_log_names_the_process_of_every_event_and_the_listing_says_what_it_does(tmp_path):
     session = create_session(tmp_path, "s", SearchConfig(trials=2))  # the embedded model: nothing is loaded
-    assert summary(session)["status"] == "created" and summary(session)["doing"] == []
+    assert summary(session).status == "created" and summary(session).doing == []
     sink = session.logged(lambda e: None, "search")
     sink(StageStarted("per-sample statistics self x64", 64))
     sink(StageProgress("per-sample statistics self x64", 12, 64))
@@ -61,8 +61,8 @@ def test_the_log_names_the_process_of_every_event_and_the_listing_says_what_it_d
     assert {e["by"] for e in events} == {me()}
     assert event_from_dict(events[0]).by == me()
     pid = me().partition("@")[0]
-    assert summary(session)["status"] == "running"  # by a worker alone (no driver marked it)
-    assert summary(session)["doing"] == [f"process {pid} (search): per-sample statistics self x64 12/64"]
+    assert summary(session).status == "running"  # by a worker alone (no driver marked it)
+    assert summary(session).doing == [f"process {pid} (search): per-sample statistics self x64 12/64"]
 
 
 def test_pause_and_cancel_reach_a_search_that_workers_alone_run(tmp_path):

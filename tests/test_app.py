@@ -788,7 +788,7 @@ def test_real_engine_from_the_form_to_a_finished_search(tmp_path, tokenizer):
             assert (tmp_path / "sessions" / "real" / "plan.json").exists()
 
     run(go())
-    assert backend.sessions()[0]["done"] == 2
+    assert backend.sessions()[0].done == 2
 
 
 def test_a_search_started_in_the_app_outlives_it_and_a_new_app_controls_it(tmp_path, tokenizer):
@@ -813,7 +813,7 @@ def test_a_search_started_in_the_app_outlives_it_and_a_new_app_controls_it(tmp_p
             await pilot.pause()
             await pilot.press("ctrl+s")
             # created by a worker thread, then started in its own process: wait for both (a loaded CI is slow)
-            await until(pilot, lambda: any(r["name"] == "long" for r in backend.sessions())
+            await until(pilot, lambda: any(r.name == "long" for r in backend.sessions())
                         and backend.holder("long") is not None, timeout=120)
             await pilot.press("ctrl+q")
             assert isinstance(app.screen, Choose)
@@ -840,7 +840,7 @@ def test_a_search_started_in_the_app_outlives_it_and_a_new_app_controls_it(tmp_p
 
     run(second())
     row = backend.sessions()[0]
-    assert row["status"] == "cancelled" and row["done"] < 5000, row  # stopped at a safe point, resumable
+    assert row.status == "cancelled" and row.done < 5000, row  # stopped at a safe point, resumable
 
 
 SCREENS = {"sessions": [], "search": ["enter"], "layers": ["l"], "bench": ["b"], "recover": ["f"], "export": ["x"],

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -249,16 +250,16 @@ def test_rows_of_a_model_the_session_no_longer_has_are_marked_outdated(tmp_path,
 
     session = searched_template(tmp_path, "old")
     best = best_record(session)
-    saved = {**best["plan"], "note": "edited"}
+    saved = {**best.plan, "note": "edited"}
     save_plan(session, "mine", saved)
-    rows = {"dense": {"plan_id": "dense", "params": 10}, "best": {"plan_id": plan_id(best["plan"]), "params": 8},
+    rows = {"dense": {"plan_id": "dense", "params": 10}, "best": {"plan_id": plan_id(best.plan), "params": 8},
             "plan:mine": {"plan_id": plan_id(saved), "params": 8},
-            "recovered": {"plan_id": plan_id(best["plan"]) + "+lora-abc", "params": 8, "recovery_loss": "LM"}}
+            "recovered": {"plan_id": plan_id(best.plan) + "+lora-abc", "params": 8, "recovery_loss": "LM"}}
     session.write_json("bench.json", {"rows": rows, "dense_params": 10})
     marked = {n: r.get("outdated") for n, r in api.bench_results(session)["rows"].items()}
     assert marked == {"dense": None, "best": None, "plan:mine": None,
                       "recovered": "its LoRA recovery was discarded"}
-    write_best(session, {**best, "plan": {**best["plan"], "note": "a new best"}})
+    write_best(session, replace(best, plan={**best.plan, "note": "a new best"}))
     save_plan(session, "mine", {**saved, "note": "again"})
     results = api.bench_results(session)
     assert results["rows"]["best"]["outdated"] == "a new best trial since"

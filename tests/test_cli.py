@@ -199,7 +199,7 @@ def test_the_apps_recovery_process_gets_exactly_the_forms_config(monkeypatch, tm
 
     def fake(root, name, cfg, sink, resume=False, restart=False, since=None, control=None):
         seen.update(name=name, cfg=cfg, resume=resume, restart=restart)
-        return {"valid_ppl_before": 2.0, "valid_ppl_after": 1.5, "step": cfg.steps}
+        return api.RecoveryState(cfg, cfg.steps, "done", valid_ppl_before=2.0, valid_ppl_after=1.5)
 
     monkeypatch.setattr(api, "run_recovery", fake)
     for cfg, resume, restart in ((RecoverConfig(), False, False),
@@ -241,11 +241,11 @@ def test_the_sessions_table_at_80_columns_cuts_only_the_model_path():
     """A long model path keeps its end (the model's name); nothing else is squeezed to an ellipsis."""
     from rich.console import Console
 
+    from engine.api import SessionRow
     from tui.report import sessions_table
 
-    rows = [{"name": "llama8b-30pct", "model": "/home/someone/models/Meta-Llama-3.1-8B-Instruct", "prune": 0.3,
-             "trials": 200, "done": 137, "best": 12.3456, "status": "cancelled", "recovery": "stopped 40/100",
-             "updated": 1_790_000_000.0}]
+    rows = [SessionRow("llama8b-30pct", "/home/someone/models/Meta-Llama-3.1-8B-Instruct", 0.3, 200, "cancelled",
+                       1_790_000_000.0, 137, 12.3456, "stopped 40/100")]
     console = Console(width=80, record=True, color_system=None)
     console.print(sessions_table(rows))
     text = console.export_text()

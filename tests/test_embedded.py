@@ -53,7 +53,7 @@ def test_embedded_model_recovers_with_lora_and_exports_merged(tmp_path):
     session.write_json("plan.json", {"trial": 0, "value": 0.0, "params": {}, "plan": plan.to_dict()})
     cfg = RecoverConfig(steps=2, batch_size=1, seq_len=64, warmup=1, lr=1e-3, valid_windows=1, valid_len=64)
     state = run_recovery(tmp_path / "s", "smol", cfg)
-    assert state["status"] == "done" and state["trainable_params"] > 0
+    assert state.status == "done" and state.trainable_params > 0
 
     out = tmp_path / "recovered"
     assert export_session(tmp_path / "s", "smol", out, recovered=True) == "per-layer"

@@ -50,12 +50,12 @@ def test_recovery_learns_and_merges_into_plain_weights(searched, text_file):
     root = searched.path.parent
     steps = []
     state = run_recovery(root, "r", _cfg(text_file), steps.append)
-    assert state["status"] == "done" and state["step"] == 12 and len(state["history"]) == 12
+    assert state.status == "done" and state.step == 12 and len(state.history) == 12
     assert [e.step for e in steps if isinstance(e, RecoveryStep)] == list(range(1, 13))
-    losses = [h["loss"] for h in state["history"]]
+    losses = [h["loss"] for h in state.history]
     assert sum(losses[-4:]) < sum(losses[:4])  # it learns the training text
-    assert state["valid_ppl_after"] < state["valid_ppl_before"]
-    assert state["trainable_params"] > 0 and state["data"] and state["valid"]
+    assert state.valid_ppl_after < state.valid_ppl_before
+    assert state.trainable_params > 0 and state.data and state.valid
 
     dense = load(SearchConfig.from_dict(searched.config()).model, device="cpu").model
     _, pruned = _pruned(searched)
@@ -70,14 +70,14 @@ def test_recovery_learns_and_merges_into_plain_weights(searched, text_file):
     state_now = recovery_state(searched)
     for f in checkpoint_dir(searched, state_now).iterdir():
         f.rename(recovery_dir(searched) / f.name)
-    searched.write_json("recovery/state.json", {k: v for k, v in state_now.items() if k != "checkpoint"})
+    searched.write_json("recovery/state.json", {k: v for k, v in state_now.to_dict().items() if k != "checkpoint"})
     old_layout, _ = recovered_model(searched, copy.deepcopy(dense))
     with torch.no_grad():
         torch.testing.assert_close(old_layout(input_ids=x).logits, merged(input_ids=x).logits)
 
     # activation checkpointing trades compute for memory, not results
     again = run_recovery(root, "r", _cfg(text_file, steps=3, grad_checkpointing=True), restart=True)
-    for a, b in zip(again["history"], state["history"][:3], strict=True):
+    for a, b in zip(again.history, state.history[:3], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(b["loss"])
 
 
@@ -100,7 +100,7 @@ def test_interrupted_recovery_resumes_to_the_same_weights(searched, text_file, t
     with pytest.raises(Cancelled):
         run_recovery(root, "r", _cfg(text_file), stop_after_five, control, restart=True)
     assert searched.read_json("recovery/state.json")["step"] == 5  # saved at the stop, not only at save_every
-    assert summary(searched)["recovery"] == "stopped 5/12"
+    assert summary(searched).recovery == "stopped 5/12"
     with pytest.raises(AdapruneError, match="stopped at step 5"):
         recovered_model(searched, make_model("llama"))
     original = text_file.read_text()
@@ -109,11 +109,11 @@ def test_interrupted_recovery_resumes_to_the_same_weights(searched, text_file, t
         run_recovery(root, "r", RecoverConfig(), resume=True)
     text_file.write_text(original)
     state = run_recovery(root, "r", RecoverConfig(steps=999), resume=True)  # the saved configuration wins
-    assert state["step"] == 12 and state["status"] == "done"
+    assert state.step == 12 and state.status == "done"
     resumed = load_file(str(checkpoint_dir(searched, recovery_state(searched)) / ADAPTER))
     # one checkpoint is kept, the one state.json names; nothing half-written is left
     kept = sorted(p.name for p in recovery_dir(searched).iterdir())
-    assert kept == sorted(["state.json", recovery_state(searched)["checkpoint"]])
+    assert kept == sorted(["state.json", recovery_state(searched).checkpoint])
     assert set(resumed) == set(straight)
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-7)
@@ -185,7 +185,7 @@ def test_bad_recovery_input_is_one_line_and_keeps_state(searched, text_file, tmp
     assert r.exit_code == 0, r.output
     assert "recovered: validation PPL" in r.output
     r = runner.invoke(app, ["sessions", "--sessions-dir", str(root)])
-    assert r.exit_code == 0 and "LoRA done" in r.output and summary(searched)["recovery"] == "done"
+    assert r.exit_code == 0 and "LoRA done" in r.output and summary(searched).recovery == "done"
 
 
 def test_learning_rate_schedule():
@@ -214,8 +214,8 @@ def test_distillation_moves_the_pruned_model_toward_the_dense_one(searched, text
 
     root = searched.path.parent
     state = run_recovery(root, "r", _cfg(text_file, distil=1.0, steps=8, eval_every=4))
-    assert state["status"] == "done" and state["config"]["distil"] == 1.0
-    assert loss_name(RecoverConfig.from_dict(state["config"])) == "KL to dense"
+    assert state.status == "done" and state.config.distil == 1.0
+    assert loss_name(state.config) == "KL to dense"
     loaded, pruned = _pruned(searched)
     dense = load(SearchConfig.from_dict(searched.config()).model, device="cpu").model
     merged, _ = recovered_model(searched, copy.deepcopy(dense), _pruned_windows(searched, loaded))
@@ -257,7 +257,7 @@ def test_recovery_on_text_sampled_from_the_dense_model_resumes_on_the_same_sampl
     assert len(samples) == 1 and load_file(str(samples[0]))["ids"].shape == (6, 32)
     first = load_file(str(samples[0]))["ids"]
     resumed = run_recovery(root, "r", cfg, resume=True)
-    assert resumed["status"] == "done" and resumed["data"]["self:6x32"] == "self"
+    assert resumed.status == "done" and resumed.data["self:6x32"] == "self"
     assert torch.equal(load_file(str(samples[0]))["ids"], first)  # not drawn again
     whole = run_recovery(root, "r", cfg, restart=True)
-    assert [h["loss"] for h in whole["history"]] == pytest.approx([h["loss"] for h in resumed["history"]], rel=1e-5)
+    assert [h["loss"] for h in whole.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-5)

@@ -101,12 +101,12 @@ def test_the_cli_pauses_resumes_and_cancels_a_headless_search(tmp_path, tokenize
         assert r.exit_code == 0 and f"asked the search of h (process {proc.pid}) to pause" in r.output, r.output
         logged("search paused at a safe point: adaprune (process")
         row = summary(Session(root / "h"))
-        assert row["status"] == "paused", row  # the list says so, not "running"
-        assert row["updated"] == pytest.approx(events.stat().st_mtime)  # last change: its log's last line
+        assert row.status == "paused", row  # the list says so, not "running"
+        assert row.updated == pytest.approx(events.stat().st_mtime)  # last change: its log's last line
         r = cli("resume", "h")  # running and paused: un-paused, not a second driver
         assert r.exit_code == 0 and "to go on" in r.output, r.output
         logged("search resumed")
-        assert summary(Session(root / "h"))["status"] == "running"
+        assert summary(Session(root / "h")).status == "running"
         r = cli("resume", "h")  # running and not paused: nothing to resume, and it says what would help
         assert r.exit_code == 2 and "not paused" in r.output and "adaprune pause h" in r.output, r.output
         r = cli("resume", "h", "--job", "recover")
@@ -128,16 +128,16 @@ def test_the_sessions_list_says_paused_for_a_paused_recovery(tmp_path):
 
     session = Session.create(tmp_path, "r", {"model": "tiny", "prune": 0.2, "trials": 2})
     with session.lock("recovery"):  # before its first checkpoint there is no state file yet
-        assert summary(session)["recovery"] == "running"
+        assert summary(session).recovery == "running"
         request(session, "recover", "pause")
-        assert summary(session)["recovery"] == "paused"
+        assert summary(session).recovery == "paused"
         request(session, "recover", "resume")
     session.write_json(f"{RECOVERY}/{STATE}", {"status": "running", "step": 3, "config": {"steps": 12}})
     with session.lock("recovery"):
-        assert summary(session)["recovery"] == "running 3/12"
+        assert summary(session).recovery == "running 3/12"
         request(session, "recover", "pause")
-        assert summary(session)["recovery"] == "paused 3/12"
-    assert summary(session)["recovery"] == "stopped 3/12"  # its process died before it could say so
+        assert summary(session).recovery == "paused 3/12"
+    assert summary(session).recovery == "stopped 3/12"  # its process died before it could say so
 
 
 def test_the_app_tells_a_recovery_holding_the_session_from_a_search(tmp_path):

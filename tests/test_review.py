@@ -119,15 +119,15 @@ def test_a_session_copied_on_disk_opens_and_listing_never_writes(searched):
     root = searched.path.parent
     shutil.copytree(searched.path, root / "copy")
     copy = Session.open(root, "copy")
-    assert summary(copy)["done"] == 2 and summary(copy)["best"] == summary(searched)["best"]
+    assert summary(copy).done == 2 and summary(copy).best == summary(searched).best
     copy.update(config={**copy.config(), "trials": 3})
     run_search(copy)  # resumes in its own study file; the original is untouched
-    assert summary(copy)["done"] == 3 and summary(searched)["done"] == 2
+    assert summary(copy).done == 3 and summary(searched).done == 2
     half = root / "half"
     half.mkdir()
     shutil.copy(searched.path / "session.json", half / "session.json")
     row = summary(Session.open(root, "half"))
-    assert row["done"] == 0 and "unreadable" not in row["status"]
+    assert row.done == 0 and "unreadable" not in row.status
     assert sorted(p.name for p in half.iterdir()) == ["session.json"]  # reading wrote nothing
 
 
@@ -143,7 +143,7 @@ def test_rename_delete_and_follow(searched, tmp_path):
     assert not (root / "rev").exists() and Session.open(root, "renamed").study_name == "rev"
     from engine.session.summary import summary
 
-    assert summary(moved)["done"] == 2  # the study is still found under its first name
+    assert summary(moved).done == 2  # the study is still found under its first name
     with pytest.raises(AdapruneError, match="exists already"):
         create_session(root, "other", SearchConfig.from_dict(moved.config())).rename("renamed")
     (moved.path / "lock").write_text(json.dumps({"pid": __import__("os").getpid(),

@@ -68,7 +68,7 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
                      ["moments", "objective", "obs", "pool", "samples", "self"])
     assert all(p.suffix == ".safetensors" for p in session.stats_dir.iterdir())  # no build lock left
     row = summary(session)
-    assert row["done"] == 4 and row["best"] == pytest.approx(best["value"])
+    assert row.done == 4 and row.best == pytest.approx(best["value"])
     # the best plan exports and loads
     from engine.model.load import load
     from engine.session_export import export_session
@@ -465,7 +465,7 @@ def test_workers_share_a_postgresql_study(llama_folder, tmp_path, postgres):
                if t.state.name in ("COMPLETE", "PRUNED") and "duplicate_of" not in t.user_attrs]
     keys = [t.user_attrs["key"] for t in counted]
     assert len(counted) == 5 and len(keys) == len(set(keys))
-    assert summary(session)["done"] == 5
+    assert summary(session).done == 5
 
 
 def test_repaired_trials_are_what_exports_and_benchmarks_rebuild(llama_folder, tmp_path):
@@ -670,18 +670,18 @@ def test_a_search_of_workers_alone_is_steered_and_says_how_it_ended(llama_folder
             if completed(open_study(session, cfg)) >= 2:
                 break
             time.sleep(0.1)
-        assert summary(session)["status"] == "running"
+        assert summary(session).status == "running"
         steer(session, "pause")
         for _ in range(300):
-            if summary(session)["status"] == "paused":
+            if summary(session).status == "paused":
                 break
             time.sleep(0.1)
-        assert summary(session)["status"] == "paused"
+        assert summary(session).status == "paused"
         steer(session, "cancel")
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode != 0 or "cancelled" in err
-    assert session.manifest()["status"] == "cancelled" and summary(session)["status"] == "cancelled"
+    assert session.manifest()["status"] == "cancelled" and summary(session).status == "cancelled"
     session.update(status="created")  # as a worker killed before it could say so leaves it
-    assert summary(session)["status"] == "stopped"
+    assert summary(session).status == "stopped"

@@ -70,7 +70,7 @@ class AdapruneApp(App):
         self.push_screen(NewSessionScreen(defaults))
 
     def _free_name(self, base: str = "smol20") -> str:
-        taken = {r["name"] for r in self.backend.sessions()}
+        taken = {r.name for r in self.backend.sessions()}
         return next(n for n in [base, *(f"{base}-{i}" for i in range(2, 1000))] if n not in taken)
 
     def searches(self, job: str = "search") -> dict[str, subprocess.Popen]:

@@ -44,7 +44,7 @@ class Backend:
 
     # --- sessions -------------------------------------------------------------------------------------------
 
-    def sessions(self) -> list[dict]:
+    def sessions(self) -> list[api.SessionRow]:
         return [api.summary(s) for s in api.list_sessions(self.root)]
 
     def session(self, name: str):
@@ -54,8 +54,8 @@ class Backend:
         """The trial budget when the session has run all of it and saved its best (nothing to resume); None
         while trials are still to go. Reads this session's study only."""
         row = api.summary(self.session(name))
-        done = row.get("trials") and row.get("done", 0) >= row["trials"] and row.get("best") is not None
-        return row["trials"] if done else None
+        done = row.trials and row.done >= row.trials and row.best is not None
+        return row.trials if done else None
 
     def rename(self, name: str, new: str) -> None:
         self.session(name).rename(new.strip())
@@ -241,10 +241,11 @@ class Backend:
         return api.export_session(self.root, name, Path(out).expanduser(), force, sink, widths, control, recovered,
                                   plan)
 
-    def recovery_state(self, name: str) -> dict | None:
+    def recovery_state(self, name: str) -> api.RecoveryState | None:
         return api.recovery_state(self.session(name))
 
-    def recover(self, name: str, cfg, resume: bool, restart: bool, sink: Sink, control: Control) -> dict:
+    def recover(self, name: str, cfg, resume: bool, restart: bool, sink: Sink,
+                control: Control) -> api.RecoveryState:
         return api.run_recovery(self.root, name, cfg, sink, control, resume=resume, restart=restart)
 
 

@@ -300,11 +300,11 @@ def sessions_cmd(sessions_dir: Path = SESSIONS_DIR) -> None:
     console = Console(emoji=False)
     console.print(sessions_table(rows))
     for r in rows:  # what each live process is doing: workers beside the search, a recovery, a benchmark
-        for line in r.get("doing", []):
-            console.print(f"{escape(r['name'])}: {escape(line)}", soft_wrap=True)
+        for line in r.doing:
+            console.print(f"{escape(r.name)}: {escape(line)}", soft_wrap=True)
     for r in rows:
-        if r.get("problem"):
-            err.print(f"[yellow]warning:[/] {escape(r['name'])}: {escape(r['problem'])}", soft_wrap=True)
+        if r.problem:
+            err.print(f"[yellow]warning:[/] {escape(r.name)}: {escape(r.problem)}", soft_wrap=True)
 
 
 @app.command("export")
@@ -380,8 +380,8 @@ def recover_cmd(
     except (KeyboardInterrupt, Cancelled):
         err.print(f"recovery stopped; every finished step is saved: `adaprune recover {name} --resume` goes on")
         raise typer.Exit(130) from None
-    console.print(f"recovered: validation PPL {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f} "
-                  f"after {state['step']} steps; `adaprune export {name} --recovered --out DIR` writes the model")
+    console.print(f"recovered: validation PPL {state.valid_ppl_before:.2f} -> {state.valid_ppl_after:.2f} "
+                  f"after {state.step} steps; `adaprune export {name} --recovered --out DIR` writes the model")
 
 
 @app.command("bench")

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from engine import api
-from engine.api import TrialRows
+from engine.api import SessionRow, TrialRows
 from engine.events import (
     BestChanged,
     Event,
@@ -193,7 +193,7 @@ def cut(text: str, width: int, path: bool = False) -> str:
     return "…" + text[-(width - 1):] if path else text[: width - 1] + "…"
 
 
-def sessions_table(rows: list[dict]) -> Table:
+def sessions_table(rows: list[SessionRow]) -> Table:
     import datetime
 
     # no side rules, narrow gaps, the LoRA recovery inside the status: 80 columns hold the table, and what is
@@ -203,11 +203,11 @@ def sessions_table(rows: list[dict]) -> Table:
         t.add_column(col, justify="right" if col in ("trials", "best") else "left",
                      no_wrap=col in ("name", "model", "prune", "trials", "best"), overflow="fold")
     for r in rows:
-        when = datetime.datetime.fromtimestamp(r["updated"]).strftime("%m-%d %H:%M") if r.get("updated") else ""
-        best = f"{r['best']:.3f}" if r.get("best") is not None else ""
-        target = f"{r['prune']:.0%}" if r.get("prune") else ""
-        status = r["status"] + (f"; LoRA {r['recovery']}" if r.get("recovery") else "")
-        t.add_row(escape(r["name"]), escape(cut(r["model"], 16, path=True)), target, f"{r['done']}/{r['trials']}",
+        when = datetime.datetime.fromtimestamp(r.updated).strftime("%m-%d %H:%M") if r.updated else ""
+        best = f"{r.best:.3f}" if r.best is not None else ""
+        target = f"{r.prune:.0%}" if r.prune else ""
+        status = r.status + (f"; LoRA {r.recovery}" if r.recovery else "")
+        t.add_row(escape(r.name), escape(cut(r.model, 16, path=True)), target, f"{r.done}/{r.trials}",
                   best, escape(status), when)
     return t
 

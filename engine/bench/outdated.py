@@ -31,7 +31,7 @@ def outdated_rows(session: Session, results: dict) -> dict[str, str]:
 def _why(session: Session, name: str, measured: str | None) -> str | None:
     if name == "best":
         best = best_record(session)
-        return None if best and plan_id(best["plan"]) == measured else "a new best trial since"
+        return None if best and plan_id(best.plan) == measured else "a new best trial since"
     if name.startswith("plan:"):
         if name.removeprefix("plan:") not in saved_plans(session):
             return f"{name} is no longer saved"
@@ -40,8 +40,8 @@ def _why(session: Session, name: str, measured: str | None) -> str | None:
         state = recovery_state(session)
         if state is None:
             return "its LoRA recovery was discarded"
-        if state.get("status") != "done":
-            return f"its LoRA recovery was trained again ({state.get('status')} now)"
-        plan = session_plan(session, state.get("plan", "best"))
+        if state.status != "done":
+            return f"its LoRA recovery was trained again ({state.status} now)"
+        plan = session_plan(session, state.plan)
         return None if row_identity(session, name, plan) == measured else "its LoRA recovery was trained again"
     return None

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from engine.bench.outdated import row_identity
-from engine.config import SELF, BenchConfig, RecoverConfig, SearchConfig
+from engine.config import SELF, BenchConfig, SearchConfig
 from engine.control import Control
 from engine.data.text import load_text, parse_spec, text_hash
 from engine.data.windows import eval_windows, tokenize
@@ -96,7 +96,8 @@ def check_rows(session: Session, wanted: list[str] | None) -> list[str]:
     """The rows asked for (default: every row the session can make), refused by name before any work."""
     best = best_record(session)
     user = saved_plans(session)
-    recovered = (recovery_state(session) or {}).get("status") == "done"
+    state = recovery_state(session)
+    recovered = state is not None and state.status == "done"
     available = ["dense", *(["best", "magnitude", "random"] if best else []), "baseline", "oneshot",
                  "oneshot-repaired",
                  *[f"plan:{p}" for p in user], *(["recovered"] if recovered else [])]
@@ -115,7 +116,7 @@ def row_models(session: Session, loaded, wanted: list[str] | None, windows_for, 
     best = best_record(session)
     # derived rows keep the layers the best plan kept (its overrides), not edits the session took on later
     # (those are the row plan:overrides): every row answers "what if best had been made another way"
-    made_with = ((best or {}).get("plan") or {}).get("recipe", {}).get("overrides", {})
+    made_with = (best.plan if best else {}).get("recipe", {}).get("overrides", {})
     cfg = replace(SearchConfig.from_dict(session.config()), overrides={
         i: "lock" if list(kc) == [0, 0] else {"heads": kc[0], "channels": kc[1]} for i, kc in made_with.items()})
     names = check_rows(session, wanted)
@@ -124,8 +125,8 @@ def row_models(session: Session, loaded, wanted: list[str] | None, windows_for, 
     oneshot = {"oneshot": oneshot_config(cfg), "oneshot-repaired": oneshot_config(cfg, repaired=True)}
     derived.update({name: asdict(c) for name, c in oneshot.items()})
     if best:
-        derived["magnitude"] = {**best["params"], "metric": "l2", "metric2": "none"}
-        derived["random"] = {**best["params"], "metric": "random", "metric2": "none"}
+        derived["magnitude"] = {**best.params, "metric": "l2", "metric2": "none"}
+        derived["random"] = {**best.params, "metric": "random", "metric2": "none"}
     saved = session.read_json(RESULTS) or {}
     data = SearchData(session, cfg, loaded, sink, control)
     dense = loaded.model  # never cut: every row works on a copy
@@ -136,11 +137,11 @@ def row_models(session: Session, loaded, wanted: list[str] | None, windows_for, 
             yield name, None, None, dense
             continue
         if name == "recovered":
-            plan = session_plan(session, recovery_state(session)["plan"])
+            plan = session_plan(session, recovery_state(session).plan)
             yield name, plan, None, recovered_model(session, copy.deepcopy(dense), windows_for)[0]
             continue
         if name == "best":
-            plan = best["plan"]
+            plan = best.plan
         elif name.startswith("plan:"):
             plan = session_plan(session, name)
         else:
@@ -213,7 +214,7 @@ def _measure(session: Session, cfg: BenchConfig, tasks, texts, sink: Sink, contr
         if row.get("plan_id") != ident:
             row = {}  # a different plan now (e.g. a new best): its old numbers describe another model
         if name == "recovered":
-            row["recovery_loss"] = loss_name(RecoverConfig.from_dict(recovery_state(session)["config"]))
+            row["recovery_loss"] = loss_name(recovery_state(session).config)
         row.update(plan_id=ident, params=count_params(model), env=env,
                    recipe=(plan or {}).get("recipe", {}), plan=plan if params_config is not None else None,
                    params_config=params_config)

@@ -16,7 +16,6 @@ import secrets
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,14 +37,14 @@ from engine.search.data import SearchData
 from engine.session.layout import (
     ADAPTER,
     OPTIMIZER,
-    RECOVERY,
-    STATE,
     checkpoint_dir,
     plan_id,
     recovery_dir,
     recovery_state,
     session_plan,
+    write_recovery_state,
 )
+from engine.session.records import RecoveryState
 from engine.session.requests import SessionControl
 from engine.session.store import Session
 
@@ -175,7 +174,7 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _save(session: Session, peft_model, optimizer, state: dict) -> None:
+def _save(session: Session, peft_model, optimizer, state: RecoveryState) -> None:
     """A checkpoint folder per step, then state.json naming it (written atomically), then older folders go:
     a crash at any moment leaves a state that names a complete checkpoint."""
     import shutil
@@ -183,7 +182,7 @@ def _save(session: Session, peft_model, optimizer, state: dict) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    name = f"ckpt-step-{state['step']}-{secrets.token_hex(4)}"  # a new folder every time, even for one step
+    name = f"ckpt-step-{state.step}-{secrets.token_hex(4)}"  # a new folder every time, even for one step
     folder = recovery_dir(session) / name
     adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     opt = optimizer.state_dict()
@@ -192,9 +191,9 @@ def _save(session: Session, peft_model, optimizer, state: dict) -> None:
     with atomic_folder(folder) as tmp:
         save_file(adapter, str(tmp / ADAPTER))
         save_file(moments, str(tmp / OPTIMIZER))
-    state["param_groups"] = [dict(g) for g in opt["param_groups"]]
-    state["checkpoint"] = name
-    session.write_json(f"{RECOVERY}/{STATE}", state)
+    state.param_groups = [dict(g) for g in opt["param_groups"]]
+    state.checkpoint = name
+    write_recovery_state(session, state)
     for old in recovery_dir(session).glob("ckpt-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -203,7 +202,7 @@ def _save(session: Session, peft_model, optimizer, state: dict) -> None:
         (recovery_dir(session) / old).unlink(missing_ok=True)
 
 
-def _load_optimizer(optimizer, folder: Path, state: dict) -> None:
+def _load_optimizer(optimizer, folder: Path, state: RecoveryState) -> None:
     from safetensors.torch import load_file
 
     moments = load_file(str(folder / OPTIMIZER))
@@ -211,7 +210,7 @@ def _load_optimizer(optimizer, folder: Path, state: dict) -> None:
     for key, value in moments.items():
         i, _, name = key.partition(".")
         per_param.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    optimizer.load_state_dict({"state": per_param, "param_groups": state.param_groups})
 
 
 def _wrap(model: nn.Module, cfg: RecoverConfig):
@@ -223,7 +222,8 @@ def _wrap(model: nn.Module, cfg: RecoverConfig):
         return get_peft_model(model, _lora_config(cfg))
 
 
-def _settle(session: Session, cfg: RecoverConfig, resume: bool, restart: bool) -> tuple[RecoverConfig, dict | None]:
+def _settle(session: Session, cfg: RecoverConfig, resume: bool,
+            restart: bool) -> tuple[RecoverConfig, RecoveryState | None]:
     """The configuration to train with (a resumed run takes its saved one) and the recovery on disk, if any;
     every contradiction between the two is refused here."""
     name = session.name
@@ -235,13 +235,13 @@ def _settle(session: Session, cfg: RecoverConfig, resume: bool, restart: bool) -
     if resume:
         if prior is None:
             raise AdapruneError(f"session {name!r} has no recovery to resume: run `adaprune recover {name}`")
-        if prior["status"] == "done":
-            raise AdapruneError(f"session {name!r}: its recovery already finished ({prior['step']} steps); "
+        if prior.status == "done":
+            raise AdapruneError(f"session {name!r}: its recovery already finished ({prior.step} steps); "
                                 f"--restart to train again")
-        cfg = RecoverConfig.from_dict(prior["config"])
+        cfg = prior.config
     elif prior is not None and not restart:
-        raise AdapruneError(f"session {name!r} already has a recovery ({prior['step']}/{prior['config']['steps']} "
-                            f"steps, {prior['status']}): --resume to continue it, or --restart to train again")
+        raise AdapruneError(f"session {name!r} already has a recovery ({prior.step}/{prior.config.steps} "
+                            f"steps, {prior.status}): --resume to continue it, or --restart to train again")
     validate(cfg)
     return cfg, (prior if resume else None)
 
@@ -277,11 +277,11 @@ def _loss(peft_model, teacher, x: torch.Tensor, cfg: RecoverConfig) -> torch.Ten
     return loss + (1 - cfg.distil) * out.loss if cfg.distil < 1 else loss
 
 
-def _train(session: Session, cfg: RecoverConfig, state: dict, peft_model, teacher, optimizer, params,
+def _train(session: Session, cfg: RecoverConfig, state: RecoveryState, peft_model, teacher, optimizer, params,
            train: torch.Tensor, valid: torch.Tensor, sink: Sink, control: Control) -> None:
-    """Steps from `state["step"]` to the end, a checkpoint every `save_every`; a cancel saves and re-raises."""
+    """Steps from `state.step` to the end, a checkpoint every `save_every`; a cancel saves and re-raises."""
     device = next(peft_model.parameters()).device
-    done = state["step"]
+    done = state.step
     try:
         with Stage(sink, "recovery", cfg.steps, "steps") as stage:
             stage.advance(done)
@@ -303,8 +303,8 @@ def _train(session: Session, cfg: RecoverConfig, state: dict, peft_model, teache
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 entry = {"step": done, "loss": loss.item(), "lr": lr}
-                state["history"].append(entry)
-                state["step"] = done
+                state.history.append(entry)
+                state.step = done
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     peft_model.eval()
                     entry["valid_ppl"] = perplexity(peft_model, valid, control=control)
@@ -313,7 +313,7 @@ def _train(session: Session, cfg: RecoverConfig, state: dict, peft_model, teache
                 if done % cfg.save_every == 0 and done < cfg.steps:
                     _save(session, peft_model, optimizer, state)
     except (Cancelled, KeyboardInterrupt):
-        state["status"] = "stopped"
+        state.status = "stopped"
         _save(session, peft_model, optimizer, state)  # every finished step is kept: --resume goes on
         raise
 
@@ -321,7 +321,7 @@ def _train(session: Session, cfg: RecoverConfig, state: dict, peft_model, teache
 def run_recovery(
     root: Path, name: str, cfg: RecoverConfig, sink: Sink = null_sink, control: Control | None = None,
     resume: bool = False, restart: bool = False, since: float | None = None,
-) -> dict:
+) -> RecoveryState:
     """Fine-tune the session's pruned model with LoRA; returns the recovery's state (also in recovery/state.json).
 
     Its events go to the session's log too, and pause/cancel requests from any process made since `since`
@@ -333,7 +333,7 @@ def run_recovery(
     plan_dict = session_plan(session, cfg.plan)
     with Stage(sink, "recovery text"):  # a missing file or an unreachable hub fails before the model loads
         hashes = {"data": _texts_hash(cfg.data, "calib"), "valid": _texts_hash(cfg.valid, "eval")}
-    if prior is not None and any(prior.get(k) != v for k, v in hashes.items()):
+    if prior is not None and (prior.data, prior.valid) != (hashes["data"], hashes["valid"]):
         raise AdapruneError(f"session {name!r}: the recovery's training or validation text changed since it began "
                             f"(its SHA-256 differs); --restart to train on the new text")
     with session.lock("recovery"):
@@ -346,7 +346,7 @@ def run_recovery(
         plan = Plan.from_dict(plan_dict)
         if plan.params_before != count_params(loaded.model):
             raise AdapruneError(f"session {name!r}: its model {scfg.model!r} no longer matches the plan")
-        if prior is not None and prior.get("plan_id") != plan_id(plan_dict):
+        if prior is not None and prior.plan_id != plan_id(plan_dict):
             raise AdapruneError(f"session {name!r}: the {cfg.plan} plan changed since the recovery began; "
                                 f"--restart to train on the new one")
         peft_model, teacher = _student(session, scfg, loaded, plan, cfg, sink, control)
@@ -363,24 +363,22 @@ def run_recovery(
         else:
             peft_model.eval()
             before = perplexity(peft_model, valid, control=control, sink=sink, stage="validation PPL (before)")
-            state = {"config": asdict(cfg), "plan": cfg.plan, "plan_id": plan_id(plan_dict), "step": 0,
-                     "status": "running", "valid_ppl_before": before, "valid_ppl_after": None, "history": [],
-                     "train_windows": int(train.shape[0]), **hashes,
-                     "trainable_params": sum(p.numel() for p in params), "params": count_params(loaded.model),
-                     "started": time.time()}
-            sink(Log(f"recovery: {state['trainable_params']:,} LoRA parameters, {train.shape[0]} sequences of "
+            state = RecoveryState(cfg, 0, "running", cfg.plan, plan_id(plan_dict), before, None, [],
+                                  int(train.shape[0]), hashes["data"], hashes["valid"],
+                                  sum(p.numel() for p in params), count_params(loaded.model), time.time())
+            sink(Log(f"recovery: {state.trainable_params:,} LoRA parameters, {train.shape[0]} sequences of "
                      f"{cfg.seq_len} tokens; validation PPL before {before:.2f}"))
-        state["status"] = "running"
+        state.status = "running"
         _train(session, cfg, state, peft_model, teacher, optimizer, params, train, valid, sink, control)
-        state["status"] = "done"
-        state["valid_ppl_after"] = state["history"][-1].get("valid_ppl")
-        state["finished"] = time.time()
+        state.status = "done"
+        state.valid_ppl_after = state.history[-1].get("valid_ppl")
+        state.finished = time.time()
         _save(session, peft_model, optimizer, state)
-        sink(Log(f"recovery done: validation PPL {state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f}"))
+        sink(Log(f"recovery done: validation PPL {state.valid_ppl_before:.2f} -> {state.valid_ppl_after:.2f}"))
         return state
 
 
-def recovered_model(session: Session, model: nn.Module, windows_for=None) -> tuple[nn.Module, dict]:
+def recovered_model(session: Session, model: nn.Module, windows_for=None) -> tuple[nn.Module, RecoveryState]:
     """The session's pruned model with its finished recovery's adapter merged in: plain modules, plain weights.
 
     `model` is the dense model (pruned in place); a repaired plan also needs `windows_for` (its reconstruction
@@ -392,14 +390,14 @@ def recovered_model(session: Session, model: nn.Module, windows_for=None) -> tup
     state = recovery_state(session)
     if state is None:
         raise AdapruneError(f"session {session.name!r} has no recovery: run `adaprune recover {session.name}` first")
-    if state["status"] != "done":
-        raise AdapruneError(f"session {session.name!r}: its recovery stopped at step {state['step']} of "
-                            f"{state['config']['steps']}: `adaprune recover {session.name} --resume` to finish it")
-    plan_dict = session_plan(session, state["plan"])
-    if plan_id(plan_dict) != state["plan_id"]:
-        raise AdapruneError(f"session {session.name!r}: the {state['plan']} plan changed after the recovery was "
+    if state.status != "done":
+        raise AdapruneError(f"session {session.name!r}: its recovery stopped at step {state.step} of "
+                            f"{state.config.steps}: `adaprune recover {session.name} --resume` to finish it")
+    plan_dict = session_plan(session, state.plan)
+    if plan_id(plan_dict) != state.plan_id:
+        raise AdapruneError(f"session {session.name!r}: the {state.plan} plan changed after the recovery was "
                             f"trained; `adaprune recover {session.name} --restart` to train on the new one")
-    cfg = RecoverConfig.from_dict(state["config"])
+    cfg = state.config
     apply_stored_plan(model, Plan.from_dict(plan_dict), windows_for)
     peft_model = _wrap(model, cfg)
     set_peft_model_state_dict(peft_model, load_file(str(checkpoint_dir(session, state) / ADAPTER)))

@@ -43,6 +43,7 @@ from engine.search.trial import TrialOutcome, prune_trial, run_trial
 from engine.session import requests
 from engine.session.activity import me
 from engine.session.layout import best_record, write_best
+from engine.session.records import BestRecord
 from engine.session.store import Session
 from engine.session.study import (
     best_trial,
@@ -179,8 +180,7 @@ class _Driver:
         self.sink(TrialFinished(trial.number, out.state, out.value, params, out.seconds, out.objective_seconds,
                                 out.params_after, out.message))
         if state == TrialState.COMPLETE and best_trial(self.study) == (trial.number, out.value):
-            write_best(self.session, {"trial": trial.number, "value": out.value, "params": params,
-                                      "plan": out.plan})
+            write_best(self.session, BestRecord(trial.number, out.value, params, out.plan))
             self.sink(BestChanged(trial.number, out.value, params))
 
     def run(self) -> None:
@@ -234,7 +234,7 @@ def settle_best(session: Session, cfg: SearchConfig, study, dense: Loaded, data:
     its plan leaves a best without a plan: the plan is rebuilt (the trial's pruning, not its objective)."""
     b = best_trial(study)
     record = best_record(session)
-    if b is None or (record is not None and record.get("trial") == b[0]):
+    if b is None or (record is not None and record.trial == b[0]):
         return
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == b[0])
     params = suggest(frozen, sp, cfg.fixed)
@@ -242,7 +242,7 @@ def settle_best(session: Session, cfg: SearchConfig, study, dense: Loaded, data:
              f"rebuilding it"))
     model = copy.deepcopy(dense.model)
     plan, _ = prune_trial(model, data, cfg, params, control, sink)
-    write_best(session, {"trial": b[0], "value": b[1], "params": params, "plan": plan})
+    write_best(session, BestRecord(b[0], b[1], params, plan))
 
 
 def _already_done(session: Session) -> dict | None:
@@ -251,7 +251,7 @@ def _already_done(session: Session) -> dict | None:
     cfg = SearchConfig.from_dict(session.config())
     study = open_study(session, cfg)
     done, b, record = completed(study), best_trial(study), best_record(session)
-    if done < cfg.trials or b is None or record is None or record.get("trial") != b[0]:
+    if done < cfg.trials or b is None or record is None or record.trial != b[0]:
         return None
     if session.manifest().get("status") != "done":
         session.update(status="done")

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 from engine.errors import AdapruneError
+from engine.session.records import BestRecord, RecoveryState
 from engine.session.store import Session
 
-BEST = "plan.json"  # the best trial's plan: {"trial", "value", "params", "plan"}
+BEST = "plan.json"  # the best trial's record (BestRecord)
 RESULTS = "bench.json"
 PLANS = "plans"  # user plans (the app's overrides) as <name>.json Plan dicts; rows named plan:<name>
 OVERRIDES_PLAN = "overrides"  # plans/overrides.json: the last re-evaluated override plan (a benchmark row)
@@ -25,13 +26,14 @@ def plan_id(plan: dict | None) -> str:
     return "dense" if plan is None else hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def best_record(session: Session) -> dict | None:
-    """The best trial so far: {"trial", "value", "params", "plan"}, or None before the first completes."""
-    return session.read_json(BEST)
+def best_record(session: Session) -> BestRecord | None:
+    """The best trial so far, or None before the first completes."""
+    data = session.read_json(BEST)
+    return None if data is None else BestRecord.from_dict(data, f"{session.path / BEST}")
 
 
-def write_best(session: Session, record: dict) -> None:
-    session.write_json(BEST, record)
+def write_best(session: Session, record: BestRecord) -> None:
+    session.write_json(BEST, record.to_dict())
 
 
 def save_plan(session: Session, name: str, plan: dict) -> None:
@@ -52,7 +54,7 @@ def session_plan(session: Session, which: str) -> dict:
         best = best_record(session)
         if best is None:
             raise AdapruneError(f"session {session.name!r} has no completed trial yet: run or resume its search first")
-        return best["plan"]
+        return best.plan
     path = session.path / PLANS / f"{which.removeprefix('plan:')}.json"
     if not path.is_file():
         names = saved_plans(session)
@@ -65,18 +67,22 @@ def recovery_dir(session: Session) -> Path:
     return session.path / RECOVERY
 
 
-def recovery_state(session: Session) -> dict | None:
-    return session.read_json(f"{RECOVERY}/{STATE}")
+def recovery_state(session: Session) -> RecoveryState | None:
+    data = session.read_json(f"{RECOVERY}/{STATE}")
+    return None if data is None else RecoveryState.from_dict(data, f"{recovery_dir(session) / STATE}")
 
 
-def checkpoint_dir(session: Session, state: dict) -> Path:
+def write_recovery_state(session: Session, state: RecoveryState) -> None:
+    session.write_json(f"{RECOVERY}/{STATE}", state.to_dict())
+
+
+def checkpoint_dir(session: Session, state: RecoveryState | None) -> Path:
     """The folder of the checkpoint `state` names (its adapter and optimiser moments)."""
-    if "checkpoint" not in state:  # the first layout kept one checkpoint in recovery/ itself
+    if state is None or state.checkpoint is None:  # the first layout kept one checkpoint in recovery/ itself
         return recovery_dir(session)
-    return recovery_dir(session) / state["checkpoint"]
+    return recovery_dir(session) / state.checkpoint
 
 
 def adapter_id(session: Session) -> str:
     """Identifies the adapter's weights (a benchmark row of a re-trained recovery is a different model)."""
-    state = recovery_state(session) or {}
-    return hashlib.sha1((checkpoint_dir(session, state) / ADAPTER).read_bytes()).hexdigest()[:12]
+    return hashlib.sha1((checkpoint_dir(session, recovery_state(session)) / ADAPTER).read_bytes()).hexdigest()[:12]

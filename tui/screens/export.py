@@ -28,7 +28,7 @@ class ExportScreen(Screen):
         self.control = None  # the running export's, while it runs
         self.choices: list = []  # api.PlanChoice, in the order of the radio buttons
         self.trained: str | None = None  # the plan a finished recovery was trained on
-        self.lora_state: dict | None = None
+        self.lora_state: api.RecoveryState | None = None
         self.index = 0  # the chosen plan
         self.problem = ""  # the plans could not be read
         self.writing = ""  # what the running or last export writes, in words ("best, the LoRA recovery merged in")
@@ -103,8 +103,8 @@ class ExportScreen(Screen):
             self.lora_state = self.app.backend.recovery_state(self.session_name)
         except AdapruneError:
             self.lora_state = None
-        if self.lora_state is not None and self.lora_state["status"] == "done":
-            self.trained = self.lora_state.get("plan", "best")
+        if self.lora_state is not None and self.lora_state.status == "done":
+            self.trained = self.lora_state.plan
         self.sync_lora()
 
     def sync_lora(self) -> None:
@@ -112,13 +112,13 @@ class ExportScreen(Screen):
         lora, state = self.query_one("#lora", Checkbox), self.lora_state
         if state is None:
             return
-        if state["status"] != "done":
+        if state.status != "done":
             lora.disabled, lora.value = True, False
-            lora.label = f"LoRA recovery {state['status']} at step {state['step']}: merge it once it is done"
+            lora.label = f"LoRA recovery {state.status} at step {state.step}: merge it once it is done"
         elif self.choices and self.chosen().name == self.trained:
             lora.disabled, lora.value = False, self.lora_wanted
-            lora.label = (f"merge the LoRA recovery ({state['step']} steps, validation PPL "
-                          f"{state['valid_ppl_before']:.1f} -> {state['valid_ppl_after']:.1f})")
+            lora.label = (f"merge the LoRA recovery ({state.step} steps, validation PPL "
+                          f"{state.valid_ppl_before:.1f} -> {state.valid_ppl_after:.1f})")
         else:
             lora.disabled, lora.value = True, False
             lora.label = f"LoRA recovery: trained on {self.trained}, not on this plan"

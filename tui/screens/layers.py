@@ -111,7 +111,7 @@ class LayersScreen(Screen):
         target = p.params_before - p.target_removed
         status = "on target" if abs(after - target) <= 0.002 * p.params_before else (
             f"{(target - after) / p.params_before:+.2%} from the target: re-evaluate (v) rebalances the other layers")
-        shown = self.showing or f"best trial {self.best['trial']} (objective {self.best['value']:.3f})"
+        shown = self.showing or f"best trial {self.best.trial} (objective {self.best.value:.3f})"
         if self.showing and self.edits != self.saved:
             shown += ", edited since (v measures the edits)"  # its objective is not of the rows shown now
         self.query_one("#summary", Static).update(
@@ -276,7 +276,7 @@ class LayersScreen(Screen):
             self.plan, self.showing = fresh, f"your re-evaluated edits (objective {r['value']:.3f})"
             self.render_rows()
         self.query_one("#status", Static).update(
-            f"with these overrides: objective {r['value']:.3f} (best trial: {self.best['value']:.3f}), "
+            f"with these overrides: objective {r['value']:.3f} (best trial: {self.best.value:.3f}), "
             f"{r['params_after']:,} parameters; saved as the session's overrides and as plan:overrides (x exports it)")
 
     def action_export(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 
 from textual.app import ComposeResult
@@ -38,24 +37,22 @@ class RecoverForm(ModalScreen[tuple[RecoverConfig, bool, bool] | None]):
     BINDINGS = [Binding("ctrl+s", "run", "Start", priority=True, id="recover-form.start", tooltip="start the recovery"),
                 Binding("escape", "cancel", "Cancel", id="recover-form.cancel", tooltip="close the form")]
 
-    def __init__(self, state: dict | None, choices: list | None = None) -> None:
+    def __init__(self, state: api.RecoveryState | None, choices: list | None = None) -> None:
         super().__init__()
         self.state = state
         self.choices = choices or []  # api.PlanChoice: the plans it can train (best first)
 
     def compose(self) -> ComposeResult:
-        d = RecoverConfig()
-        stopped = self.state is not None and self.state["status"] != "done"
-        if self.state is not None:  # training again starts from the last run's settings
-            with contextlib.suppress(AdapruneError, KeyError, TypeError):
-                d = RecoverConfig.from_dict(self.state["config"])
+        stopped = self.state is not None and self.state.status != "done"
+        # training again starts from the last run's settings
+        d = self.state.config if self.state is not None else RecoverConfig()
         # it scrolls: with a new run's fields it is taller than 24 rows (focus scrolls the field into view)
         with VerticalScroll(classes="dialog", can_focus=False):
             if stopped:
-                yield Static(f"the recovery stopped at step {self.state['step']} of "
-                             f"{self.state['config']['steps']}: continue it, or train again", markup=False)
+                yield Static(f"the recovery stopped at step {self.state.step} of "
+                             f"{self.state.config.steps}: continue it, or train again", markup=False)
                 yield Check("continue where it stopped (its own settings)", value=True, id="resume")
-                yield Static(f"training again discards the {self.state['step']} steps done", markup=False,
+                yield Static(f"training again discards the {self.state.step} steps done", markup=False,
                              classes="error", id="discards")
             elif self.state is not None:
                 yield Static("a finished recovery exists: starting discards it", markup=False, classes="error")
@@ -228,17 +225,17 @@ class RecoverScreen(FollowsProcess, Screen):
         self.query_one("#stage-row").display = False
         code = self.process.poll() if self.process is not None else None
         state = self.app.backend.recovery_state(self.session_name)
-        if state is not None and state["status"] == "done":
+        if state is not None and state.status == "done":
             self.query_one("#status", Static).update("done: x exports the model with the adapter merged in")
             self.notify("recovery done")
         elif code not in (None, 0, 130):
             error = self.app.backend.last_error(self.session_name, "recover") or f"the recovery exited with {code}"
             self.query_one("#status", Static).update(error)
             self.notify(error, severity="error")
-        elif state is None or not state.get("step"):
+        elif state is None or not state.step:
             self.query_one("#status", Static).update("stopped before the first step: nothing to keep; r starts it")
         else:
-            self.query_one("#status", Static).update(f"stopped at step {state['step']}: the steps done are saved; "
+            self.query_one("#status", Static).update(f"stopped at step {state.step}: the steps done are saved; "
                                                      f"r continues from there")
 
     def show_state(self) -> None:
@@ -255,17 +252,16 @@ class RecoverScreen(FollowsProcess, Screen):
         if state is None:
             summary.update("no recovery yet: r starts one (LLM-Pruner's LoRA recipe on the built-in corpus)")
             return
-        c = state["config"]
-        history = state.get("history", [])
-        before, after = state.get("valid_ppl_before"), state.get("valid_ppl_after")
+        c, history = state.config, state.history
+        before, after = state.valid_ppl_before, state.valid_ppl_after
         if after is None:  # stopped or running: the last validation so far
             after, at = next(((h["valid_ppl"], h["step"]) for h in reversed(history) if "valid_ppl" in h), (None, 0))
             last = f" -> {after:.2f} at step {at}" if after is not None else ""
         else:
             last = f" -> {after:.2f}"
         ppl = f"validation PPL {before:.2f}{last}" if before else ""
-        summary.update(f"{state['status']} on {state.get('plan', 'best')}: step {state['step']} of {c['steps']}, rank {c['rank']}, lr {c['lr']:g}, "
-                       f"{c['batch_size']}x{c['seq_len']} tokens per step; {ppl}")
+        summary.update(f"{state.status} on {state.plan}: step {state.step} of {c.steps}, rank {c.rank}, lr {c.lr:g}, "
+                       f"{c.batch_size}x{c.seq_len} tokens per step; {ppl}")
         self.losses = [h["loss"] for h in history]
         self.query_one(Sparkline).data = self.losses
         self.query_one(Sparkline).display = bool(self.losses)

@@ -163,7 +163,7 @@ class SearchScreen(JobControls, Screen):
             self.query_one("#plan", Static).update(f"best plan: unreadable ({e})")
             return
         if plan is not None:
-            self.query_one("#plan", Static).update(f"best plan (trial {best['trial']}): {api.plan_summary(plan)}")
+            self.query_one("#plan", Static).update(f"best plan (trial {best.trial}): {api.plan_summary(plan)}")
 
     # --- sources of events ----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from engine.api import SessionRow
 from engine.errors import AdapruneError
 from tui.report import cut
 from tui.screens.dialogs import Ask, Confirm
@@ -77,7 +78,7 @@ class SessionsScreen(Screen):
             return
         self.show_rows(rows, select)
 
-    def show_rows(self, rows: list[dict], select: str | None = None) -> None:
+    def show_rows(self, rows: list[SessionRow], select: str | None = None) -> None:
         table = self.query_one(DataTable)
         selected = select or self.selected()
         # a process this app started that has not taken its session yet (it loads torch, seconds): "starting"
@@ -85,25 +86,24 @@ class SessionsScreen(Screen):
         table.clear()
         full: dict[str, str] = {}  # statuses too long for their column, said in full below the table
         for r in rows:
-            best = f"{r['best']:.2f}" if r.get("best") is not None else ""
-            status = r["status"]
-            if r["name"] in starting["search"] and status not in ("running", "paused"):
+            best = f"{r.best:.2f}" if r.best is not None else ""
+            status = r.status
+            if r.name in starting["search"] and status not in ("running", "paused"):
                 status = "starting"
-            recovery = r.get("recovery")
-            if r["name"] in starting["recover"] and not (recovery or "").startswith(("running", "paused")):
+            recovery = r.recovery
+            if r.name in starting["recover"] and not (recovery or "").startswith(("running", "paused")):
                 recovery = "starting"
             if recovery:  # "done, LoRA", "done, LoRA 40/100" (running or stopped), "done, LoRA paused"
                 word = recovery.split()[0]
                 status += ", LoRA" + ("" if recovery == "done" else f" {word}" if word in ("starting", "paused")
                                       else f" {recovery.split()[-1]}")
-            if r.get("problem") or len(status) > STATUS_W:
-                full[r["name"]] = "; ".join([*([status] if len(status) > STATUS_W else []),
-                                             *([r["problem"]] if r.get("problem") else [])])
+            if r.problem or len(status) > STATUS_W:
+                full[r.name] = "; ".join([*([status] if len(status) > STATUS_W else []),
+                                          *([r.problem] if r.problem else [])])
                 status = cut(status, STATUS_W - 2) + " !"
-            table.add_row(cut(r["name"], NAME_W), cut(r["model"], MODEL_W, path=True), f"{r['prune']:.0%}" if
-                          r.get("prune") else "", f"{r['done']}/{r['trials']}", best, status,
-                          _when(r.get("updated")), key=r["name"])
-        if selected is not None and selected in {r["name"] for r in rows}:
+            table.add_row(cut(r.name, NAME_W), cut(r.model, MODEL_W, path=True), f"{r.prune:.0%}" if
+                          r.prune else "", f"{r.done}/{r.trials}", best, status, _when(r.updated), key=r.name)
+        if selected is not None and selected in {r.name for r in rows}:
             table.move_cursor(row=table.get_row_index(selected))
         hint = "no sessions yet: n starts one" if not rows else ""
         self.query_one("#hint", Static).update("\n".join([hint, *(f"{n}: {t}" for n, t in full.items())]).strip())

@@ -1,0 +1,66 @@
+"""A session's records read back as types: exactly, and strictly (a damaged or foreign file is named)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.config import RecoverConfig
+from engine.errors import AdapruneError
+from engine.session.layout import best_record, recovery_state, write_best, write_recovery_state
+from engine.session.records import BestRecord, RecoveryState
+from engine.session.store import Session
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def session(tmp_path) -> Session:
+    (tmp_path / "s").mkdir()
+    return Session(tmp_path / "s")
+
+
+def test_best_record_round_trips_and_refuses_foreign_keys(session):
+    assert best_record(session) is None
+    stored = json.loads((DATA / "plan.json").read_text())
+    write_best(session, BestRecord.from_dict(stored))
+    back = best_record(session)
+    assert back == BestRecord(stored["trial"], stored["value"], stored["params"], stored["plan"])
+    assert json.loads((session.path / "plan.json").read_text()) == stored  # the file format is unchanged
+
+    session.write_json("plan.json", {**stored, "widths": "uniform"})
+    with pytest.raises(AdapruneError, match=r"unknown key\(s\) widths in .*plan.json"):
+        best_record(session)
+    session.write_json("plan.json", {k: v for k, v in stored.items() if k != "value"})
+    with pytest.raises(AdapruneError, match=r"plan.json lacks value"):
+        best_record(session)
+    session.write_json("plan.json", [1, 2])
+    with pytest.raises(AdapruneError, match="not a JSON object"):
+        best_record(session)
+
+
+def test_recovery_state_round_trips_with_its_config_typed(session):
+    stored = json.loads((DATA / "recovery_state.json").read_text())
+    state = RecoveryState.from_dict(stored)
+    assert isinstance(state.config, RecoverConfig) and state.config == RecoverConfig.from_dict(stored["config"])
+    assert state.progress() == "done" and state.data == stored["data"]
+    write_recovery_state(session, state)
+    # as stored, with what older versions left out said: the first layout's checkpoint, a newer setting's default
+    written = json.loads((session.path / "recovery" / "state.json").read_text())
+    assert written == {**stored, "checkpoint": None, "config": {**stored["config"], "distil": 0.0}}
+    assert recovery_state(session) == state
+
+    # the first layout named no checkpoint folder: still read (the checkpoint is recovery/ itself)
+    old = {k: v for k, v in stored.items() if k != "checkpoint"}
+    session.write_json("recovery/state.json", {**old, "status": "stopped", "step": 40})
+    state = recovery_state(session)
+    assert state.checkpoint is None and state.progress() == f"stopped 40/{stored['config']['steps']}"
+
+    session.write_json("recovery/state.json", {**stored, "config": {**stored["config"], "rnak": 4}})
+    with pytest.raises(AdapruneError, match="unknown recovery setting.*rnak"):
+        recovery_state(session)
+    session.write_json("recovery/state.json", {k: v for k, v in stored.items() if k != "step"})
+    with pytest.raises(AdapruneError, match=r"state.json lacks step"):
+        recovery_state(session)
