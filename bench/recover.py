@@ -112,9 +112,9 @@ def main() -> None:
             f"Held-out PPL: {args.windows} windows of 128 tokens of texts neither the search nor the recovery "
             f"read.\n\n")
     for (label, state, wall), (_, ppl) in zip(runs, rows[2:], strict=True):
-        body += (f"- loss {label}: {state['trainable_params']:,} trainable parameters; {wall / 60:.1f} min, "
+        body += (f"- loss {label}: {state.trainable_params:,} trainable parameters; {wall / 60:.1f} min, "
                  f"{wall / c['steps']:.1f} s a step including validation; validation PPL (stdlib-docs valid) "
-                 f"{state['valid_ppl_before']:.2f} -> {state['valid_ppl_after']:.2f}; against the untuned best: "
+                 f"{state.valid_ppl_before:.2f} -> {state.valid_ppl_after:.2f}; against the untuned best: "
                  + ", ".join(f"{short[n]} {1 - ppl[n] / rows[1][1][n]:+.0%}" for n in names) + " lower PPL\n")
     body += "\n" + "\n".join(lines) + "\n"
     print(body)
