@@ -40,6 +40,7 @@ from engine.prune.plan import Plan
 from engine.prune.reconstruct import apply_stored_plan
 from engine.search.data import SearchData
 from engine.search.driver import create_session, run_search
+from engine.search.params import TrialParams
 from engine.search.study import open_study
 from engine.search.trial import prune_trial
 from engine.session.study import completed
@@ -154,7 +155,7 @@ def main() -> None:
 
     def built(params: dict):
         model = copy.deepcopy(dense.model)
-        prune_trial(model, data, cfg, params, Control(), lambda e: None)
+        prune_trial(model, data, cfg, TrialParams.from_dict(params), Control(), lambda e: None)
         return model
 
     rows.append(("dense", "", heldout(dense.model), None))
@@ -304,7 +305,7 @@ def _plan_of(session, trial, cfg, dense) -> dict:
     from engine.search.trial import run_trial
 
     data = SearchData(session, cfg, dense, lambda e: None, Control())
-    out = run_trial(dense, data, cfg, trial.params, None, Control(), lambda e: None)
+    out = run_trial(dense, data, cfg, TrialParams.from_dict(trial.params), None, Control(), lambda e: None)
     return out.plan
 
 

@@ -3,7 +3,7 @@ build and check them before anything heavy loads."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from engine.errors import AdapruneError
 
@@ -31,11 +31,23 @@ ACT_METRICS = {"wanda"}
 def from_dict(cls: type, data: dict, what: str):
     """A stored configuration back as its dataclass; a key it does not know is an error that names it (a newer
     schema is refused before this, by the session's schema version), never silently dropped."""
-    unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+    return cls(**stored_fields(cls, data, f"{what} setting(s)", "a stored configuration"))
+
+
+def stored_fields(cls: type, data: object, keys: str, where: str) -> dict:
+    """`data`, a dict read from a file, checked against the fields of the dataclass `cls`: a key it does not
+    know, or a required one it lacks, is an error naming the key and `where` it was read."""
+    if not isinstance(data, dict):
+        raise AdapruneError(f"{where} is not a JSON object: the file was damaged; remove it to go on")
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
-        raise AdapruneError(f"unknown {what} setting(s) {', '.join(unknown)} in a stored configuration: "
-                            f"the file was edited or written by another adaprune; remove them to go on")
-    return cls(**data)
+        raise AdapruneError(f"unknown {keys} {', '.join(unknown)} in {where}: the file was edited or written by "
+                            f"another adaprune; remove them to go on")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - set(data))
+    if missing:
+        raise AdapruneError(f"{where} lacks {', '.join(missing)}: the file was damaged; remove it to go on")
+    return data
 
 
 # --- checks every job and form shares (one home per rule) -------------------------------------------------

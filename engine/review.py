@@ -21,6 +21,7 @@ from engine.prune.plan import LayerPlan, Plan, parse_overrides
 from engine.prune.reconstruct import bias_layout, bias_params
 from engine.search.data import SearchData
 from engine.search.objective import progressive_objective
+from engine.search.params import TrialParams
 from engine.search.trial import prune_trial
 from engine.session.layout import OVERRIDES_PLAN, best_record, save_plan
 from engine.session.store import Session
@@ -167,7 +168,7 @@ def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink =
         dense = load_configured(cfg, sink, frozen=True)
     data = SearchData(session, cfg, dense, sink, control)
     model = copy.deepcopy(dense.model)
-    plan, _ = prune_trial(model, data, cfg, best.params, control, sink)
+    plan, _ = prune_trial(model, data, cfg, TrialParams.from_dict(best.params), control, sink)
     with Stage(sink, "objective (overrides)"):
         value = progressive_objective(model, data.objective_sets(), control)
     save_plan(session, OVERRIDES_PLAN, plan)

@@ -18,6 +18,7 @@ from engine.prune.reconstruct import apply_stored_plan
 from engine.recover.train import loss_name, recovered_model
 from engine.search.data import SearchData
 from engine.search.objective import progressive_objective
+from engine.search.params import TrialParams
 from engine.search.trial import prune_trial
 from engine.session.layout import OVERRIDES_PLAN, best_record, recovery_state, session_plan
 from engine.session.store import Session
@@ -88,7 +89,7 @@ def export_session(root: Path, name: str, out: Path, force: bool = False, sink: 
         loaded.model.requires_grad_(False)
         params = {**best.params, "first_kept": 0, "last_kept": 0, "allocation": "uniform", "ramp": 0.0}
         data = SearchData(session, cfg, loaded, sink, control)
-        uniform, _ = prune_trial(loaded.model, data, cfg, params, control, sink)
+        uniform, _ = prune_trial(loaded.model, data, cfg, TrialParams.from_dict(params), control, sink)
         plan = Plan.from_dict(uniform)
         with Stage(sink, "objective (uniform widths)"):
             value = progressive_objective(loaded.model, data.objective_sets(), control)

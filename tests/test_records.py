@@ -64,3 +64,22 @@ def test_recovery_state_round_trips_with_its_config_typed(session):
     session.write_json("recovery/state.json", {k: v for k, v in stored.items() if k != "step"})
     with pytest.raises(AdapruneError, match=r"state.json lacks step"):
         recovery_state(session)
+
+
+def test_trial_params_take_the_defaults_of_newer_dimensions_and_refuse_unknown_ones():
+    from engine.config import SearchConfig
+    from engine.search.params import TrialParams
+    from engine.search.space import baseline_params
+
+    base = baseline_params(SearchConfig(model="m"), 30)
+    assert TrialParams.from_dict(base).to_dict() == base  # every dimension of today's space is a field
+    older = {k: v for k, v in base.items() if k not in ("metric2", "mix", "allocation", "ramp", "repair",
+                                                         "repair_lambda", "repair_n")}
+    p = TrialParams.from_dict(older)  # a session from before those dimensions: pruned as it was then
+    assert (p.metric2, p.allocation, p.ramp, p.repair) == ("none", "uniform", 0.0, "none") and not p.mixing
+    assert TrialParams.from_dict({**base, "metric2": "wanda"}).mixing
+    assert not TrialParams.from_dict({**base, "metric2": base["metric"]}).mixing  # mixing a metric with itself
+    with pytest.raises(AdapruneError, match="unknown search dimension.*calib_size"):
+        TrialParams.from_dict({**base, "calib_size": 3})
+    with pytest.raises(AdapruneError, match="lacks metric"):
+        TrialParams.from_dict({k: v for k, v in base.items() if k != "metric"})

@@ -17,6 +17,7 @@ from engine.events import SearchFinished, StageStarted, TrialFinished, TrialStar
 from engine.prune.reconstruct import Repair
 from engine.search.data import pick_windows
 from engine.search.driver import create_session, run_search
+from engine.search.params import TrialParams
 from engine.search.space import baseline_params, canonical, space, suggest
 from engine.search.study import open_study
 from engine.search.trial_rows import TrialRows
@@ -283,7 +284,7 @@ def test_a_trial_mixing_two_metrics(llama_folder, tmp_path, metric):
     dense = load(str(llama_folder), device="cpu")
     data = SearchData(session, cfg, dense, lambda e: None, Control())
     params = {**baseline_params(cfg, 4), "metric": metric, "metric2": "wanda", "mix": 0.5}
-    out = run_trial(dense, data, cfg, params, None, Control(), lambda e: None)
+    out = run_trial(dense, data, cfg, TrialParams.from_dict(params), None, Control(), lambda e: None)
     assert out.state == "complete" and out.plan["recipe"]["metric2"] == "wanda"
     assert out.params_after < 77232
 
@@ -481,7 +482,7 @@ def test_repaired_trials_are_what_exports_and_benchmarks_rebuild(llama_folder, t
     run_search(session)
     best = json.loads((session.path / "plan.json").read_text())
     # --fix holds trial 0 too, so every trial (the best among them) was repaired
-    assert best["plan"]["repair"] == trial_repair(best["params"], cfg).to_dict()
+    assert best["plan"]["repair"] == trial_repair(TrialParams.from_dict(best["params"]), cfg).to_dict()
     # the first 8 windows of the self pool the calibration already drew: no draw of its own
     assert best["plan"]["repair"] == {"calib": "self:12x128", "lam": 0.3, "mode": "dense", "seed": 0, "take": 8}
     assert not any(p.name.startswith("repair-") for p in session.stats_dir.iterdir())

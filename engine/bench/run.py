@@ -35,6 +35,7 @@ from engine.prune.plan import Plan
 from engine.prune.reconstruct import apply_stored_plan
 from engine.recover.train import loss_name, recovered_model
 from engine.search.data import SearchData, objective_task_indices
+from engine.search.params import TrialParams
 from engine.search.space import baseline_params
 from engine.search.trial import prune_trial
 from engine.session.layout import (
@@ -156,7 +157,7 @@ def row_models(session: Session, loaded, wanted: list[str] | None, windows_for, 
             copied = Loaded(model, loaded.tokenizer, loaded.name, loaded.folder, loaded.device, loaded.dtype)
             plan = plan_and_prune(copied, oneshot[name], sink, control)[0].to_dict()
         else:
-            plan, _ = prune_trial(model, data, cfg, params, control, sink)
+            plan, _ = prune_trial(model, data, cfg, TrialParams.from_dict(params), control, sink)
         yield name, plan, params, model
 
 

@@ -37,6 +37,7 @@ from engine.model.load import Loaded, announce_memory, load_configured, num_laye
 from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.prune.plan import parse_overrides
 from engine.search.data import SearchData
+from engine.search.params import TrialParams
 from engine.search.space import baseline_params, canonical, space, suggest, validate, warm_start_params
 from engine.search.study import ask_lock, beat_once, fail_orphans, heartbeat, open_study
 from engine.search.trial import TrialOutcome, prune_trial, run_trial
@@ -147,7 +148,8 @@ class _Driver:
 
         try:
             with heartbeat(self.study, trial):
-                out = run_trial(self.dense, self.data, self.cfg, params, report, self.control, self.sink)
+                out = run_trial(self.dense, self.data, self.cfg, TrialParams.from_dict(params), report, self.control,
+                                self.sink)
         except (AdapruneError, torch.OutOfMemoryError, MemoryError) as e:
             # this configuration cannot be built (e.g. an unreachable split) or does not fit: the search goes on
             reason = str(e) if isinstance(e, AdapruneError) else f"out of memory: {str(e)[:200]}"
@@ -241,7 +243,7 @@ def settle_best(session: Session, cfg: SearchConfig, study, dense: Loaded, data:
     sink(Log(f"trial {b[0]} is the best but its plan was not saved (its process stopped in between): "
              f"rebuilding it"))
     model = copy.deepcopy(dense.model)
-    plan, _ = prune_trial(model, data, cfg, params, control, sink)
+    plan, _ = prune_trial(model, data, cfg, TrialParams.from_dict(params), control, sink)
     write_best(session, BestRecord(b[0], b[1], params, plan))
 
 

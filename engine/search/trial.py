@@ -22,6 +22,7 @@ from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_moments, snapshot_layers
 from engine.search.data import SearchData, pick_indices, pool_repair, pools_repair
 from engine.search.objective import Pruned, progressive_objective
+from engine.search.params import TrialParams
 from engine.search.space import ALL, CALIB_LENS, repair_sources
 
 
@@ -37,16 +38,15 @@ class TrialOutcome:
     message: str = ""
 
 
-def _notes(params: dict, mixing: bool, cfg: SearchConfig) -> dict:
-    calib = (f"{params['calib_source']}:{params['calib_n']}x{params['calib_len']} "
-             f"({params['calib_select']}, seed {params['calib_seed']})")
-    if params["metric"] in REPAIR_METRICS:
+def _notes(p: TrialParams, cfg: SearchConfig) -> dict:
+    calib = f"{p.calib_source}:{p.calib_n}x{p.calib_len} ({p.calib_select}, seed {p.calib_seed})"
+    if p.metric in REPAIR_METRICS:
         calib = f"{pools_repair(cfg.sources, cfg).calib} (every pool)"
-    extra = {"metric2": params["metric2"], "mix": params["mix"]} if mixing else {}
+    extra = {"metric2": p.metric2, "mix": p.mix} if p.mixing else {}
     return {"calib": calib, **extra}
 
 
-def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, control: Control,
+def prune_trial(model, data: SearchData, cfg: SearchConfig, params: TrialParams, control: Control,
                 sink: Sink) -> tuple[dict, float]:
     """Prune `model` (a copy of the dense one) in place with a trial's configuration.
 
@@ -54,56 +54,51 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     """
     n_layers = len(decoder_layers(model))
     overrides = parse_overrides(cfg.overrides, n_layers, layer_shapes(model), cfg.head_mode)
-    layer_ids = [i for i in range(params["first_kept"], n_layers - params["last_kept"]) if i not in overrides]
+    p = params
+    layer_ids = [i for i in range(p.first_kept, n_layers - p.last_kept) if i not in overrides]
     if not layer_ids:
         raise AdapruneError("the protected first and last layers and the overrides leave nothing to prune")
     scored = sorted(set(layer_ids) | {i for i, kc in overrides.items() if kc != (0, 0)})
-    _, loss = data.pool(params["calib_source"])
-    idx = pick_indices(loss, params["calib_n"], params["calib_select"], params["calib_seed"])
+    _, loss = data.pool(p.calib_source)
+    idx = pick_indices(loss, p.calib_n, p.calib_select, p.calib_seed)
     once = 0.0
-    metric2 = params.get("metric2", "none")
-    allocation = params.get("allocation", "uniform")
-    mixing = metric2 != "none" and metric2 != params["metric"]
 
     def sample_stats() -> dict:
         nonlocal once
         tc = time.perf_counter()
-        cache = data.sample_stats(params["calib_source"], params["calib_len"], idx)
+        cache = data.sample_stats(p.calib_source, p.calib_len, idx)
         once += time.perf_counter() - tc  # built once per session: not this trial's own work
         return cache
 
     def cached_scores(metric: str) -> dict:
-        return scores_from_samples(model, sample_stats(), idx, scored, metric, params["aggregate"],
-                                   params["calib_len"], cfg.seed)
+        return scores_from_samples(model, sample_stats(), idx, scored, metric, p.aggregate, p.calib_len, cfg.seed)
 
-    repair = trial_repair(params, cfg)
+    repair = trial_repair(p, cfg)
     if repair is not None:  # the dense model's statistics, before `model` (which may be the dense one) is cut
         tc = time.perf_counter()
         moments = data.repair_moments(repair)
         once += time.perf_counter() - tc  # built once per session (per text and size)
-    second = cached_scores(metric2) if mixing else None
-    if params["metric"] in REPAIR_METRICS:  # from every pool's input moments, once per session
+    second = cached_scores(p.metric2) if p.mixing else None
+    if p.metric in REPAIR_METRICS:  # from every pool's input moments, once per session
         tc = time.perf_counter()
         every = data.obs_scores()
         once += time.perf_counter() - tc
         scores = {i: every[i] for i in scored}
-    elif params["metric"] in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
-        scores = cached_scores(params["metric"])
+    elif p.metric in SAMPLE_METRICS:  # decomposable: scores from cached per-sample statistics
+        scores = cached_scores(p.metric)
     else:  # taylor1 / taylor-mix: from gradient sums shared between trials
-        stats = data.gradient_stats(model, params["calib_source"], params["calib_len"], idx, scored,
-                                    params["metric"] in FISHER_METRICS)
-        scores = score_layers(model, scored, params["metric"], params["aggregate"], stats, cfg.seed)
+        stats = data.gradient_stats(model, p.calib_source, p.calib_len, idx, scored, p.metric in FISHER_METRICS)
+        scores = score_layers(model, scored, p.metric, p.aggregate, stats, cfg.seed)
         del stats
     if second is not None:
-        scores = mix_scores(scores, second, float(params["mix"]))
+        scores = mix_scores(scores, second, float(p.mix))
     if repair is not None:  # the repair's targets: the dense layers (copied first when `model` is the dense one)
         dense_shapes = layer_shapes(model)
         dense_layers = (snapshot_layers(model, range(n_layers)) if model is data.loaded.model
                         else dict(enumerate(decoder_layers(data.loaded.model))))
-    recipe = Recipe(cfg.prune, params["metric"], params["aggregate"], cfg.head_mode,
-                    parse_attn_share(params["attn_share"]), cfg.round_to, cfg.seed,
-                    0.0 if allocation == "global" else float(params.get("ramp", 0.0)), allocation, repair,
-                    notes=_notes(params, mixing, cfg))
+    recipe = Recipe(cfg.prune, p.metric, p.aggregate, cfg.head_mode, parse_attn_share(p.attn_share), cfg.round_to,
+                    cfg.seed, 0.0 if p.allocation == "global" else float(p.ramp), p.allocation, repair,
+                    notes=_notes(p, cfg))
     plan = prune_with(model, recipe, layer_ids, scores=scores, overrides=overrides, control=control, sink=sink)
     if repair is not None:
         cut = pruned_layer_ids(dense_shapes, plan.layers)
@@ -113,23 +108,23 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: dict, contro
     return plan.to_dict(), once
 
 
-def trial_repair(params: dict, cfg: SearchConfig) -> Repair | None:
+def trial_repair(params: TrialParams, cfg: SearchConfig) -> Repair | None:
     """A trial's reconstruction, solved toward the sliced weights from the dense model's statistics on the
     first `repair_n` windows of the repair text's calibration pool (or, for more windows than the pool has, of
     a draw of their own with seed + 3)."""
-    source = params.get("repair", "none")
+    source, lam = params.repair, float(params.repair_lambda)
     if source == "none":
         return None
     if source == ALL:  # every window of every repair text's pool
-        return pools_repair(repair_sources(cfg), cfg, float(params["repair_lambda"]))
-    n = int(params.get("repair_n", cfg.pool_size))
+        return pools_repair(repair_sources(cfg), cfg, lam)
+    n = int(params.repair_n or cfg.pool_size)
     length = max(CALIB_LENS)
     if n <= cfg.pool_size:
-        return pool_repair(source, cfg, float(params["repair_lambda"]), n)
-    return Repair(f"{source}:{n}x{length}", float(params["repair_lambda"]), "dense", cfg.seed + 3, n)
+        return pool_repair(source, cfg, lam, n)
+    return Repair(f"{source}:{n}x{length}", lam, "dense", cfg.seed + 3, n)
 
 
-def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: dict, report, control: Control,
+def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: TrialParams, report, control: Control,
               sink: Sink) -> TrialOutcome:
     """Prune a copy of the dense model with `params` and measure the objective."""
     t0 = time.perf_counter()

@@ -4,26 +4,9 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from engine.config import RecoverConfig
-from engine.errors import AdapruneError
-
-
-def _strict(cls: type, data: object, what: str) -> dict:
-    """`data` checked against the fields of `cls`: unknown keys and missing required ones are named."""
-    if not isinstance(data, dict):
-        raise AdapruneError(f"{what} is not a JSON object: the file was damaged; remove it to go on")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise AdapruneError(f"unknown key(s) {', '.join(unknown)} in {what}: the file was edited or written by "
-                            f"another adaprune; remove them to go on")
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-    missing = sorted(required - set(data))
-    if missing:
-        raise AdapruneError(f"{what} lacks {', '.join(missing)}: the file was damaged; remove it to go on")
-    return data
+from engine.config import RecoverConfig, stored_fields
 
 
 @dataclass(frozen=True)
@@ -41,7 +24,7 @@ class BestRecord:
 
     @classmethod
     def from_dict(cls, data: object, what: str = "the best plan (plan.json)") -> BestRecord:
-        return cls(**_strict(cls, data, what))
+        return cls(**stored_fields(cls, data, "key(s)", what))
 
 
 @dataclass
@@ -74,7 +57,7 @@ class RecoveryState:
 
     @classmethod
     def from_dict(cls, data: object, what: str = "the recovery's state (recovery/state.json)") -> RecoveryState:
-        data = dict(_strict(cls, data, what))
+        data = dict(stored_fields(cls, data, "key(s)", what))
         data["config"] = RecoverConfig.from_dict(data["config"])
         return cls(**data)
 
