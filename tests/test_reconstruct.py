@@ -56,11 +56,15 @@ def test_moments_of_two_texts_merge_into_those_of_both():
     model = make_model("llama")
     a, b = _windows(6, seed=1), _windows(10, seed=2)
     layers = [0, 1]
-    merged = merge_moments([dense_moments(model, layers, a, 4), dense_moments(model, layers, b, 4)])
+    parts = [dense_moments(model, layers, a, 4), dense_moments(model, layers, b, 4)]
+    kept = [{k: v.clone() for k, v in p.items()} for p in parts]
+    merged = merge_moments(parts)
     both = dense_moments(model, layers, torch.cat([a, b]), 4)
     assert merged.keys() == both.keys()
     for k in both:  # the outer products are float32: equal to their rounding
         torch.testing.assert_close(merged[k], both[k], rtol=1e-4, atol=1e-5 * float(both[k].abs().max()))
+    for part, before in zip(parts, kept, strict=True):  # merged in place, but never into the parts (a cache's)
+        assert all(torch.equal(part[k], before[k]) for k in part)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

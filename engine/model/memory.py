@@ -120,6 +120,8 @@ def plan_memory(shape: Shape, device: str, dtype: str, job: str = "search", batc
         p.lines.append(("obs input statistics", shape.layers * 8 * (shape.hidden**2 + shape.intermediate**2)))
     if obs:
         stage["obs inverse"] = 2 * 8 * shape.intermediate**2
+    if repair:  # one layer's solve in float64: the MLP input's moments, their kept columns, the system (scale.py)
+        stage["repair solve"] = 3 * 8 * shape.intermediate**2
     what, most = max(stage.items(), key=lambda kv: kv[1])
     p.lines.append((what, most))
     p.peak = sum(n for _, n in p.lines)

@@ -76,7 +76,8 @@ class Moments:
     def __init__(self, dim: int) -> None:
         self.n = 0
         self.mean = torch.zeros(dim, dtype=torch.float64)
-        self.m2 = torch.zeros(dim, dim, dtype=torch.float64)  # sum of centred outer products
+        # sum of centred outer products; empty, a zero broadcast (no d x d memory until the first tokens arrive)
+        self.m2 = torch.zeros((), dtype=torch.float64).expand(dim, dim)
 
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -84,17 +85,22 @@ class Moments:
         mu = x.mean(0)
         xc = x - mu
         # the outer products in float32 (fast), their sum and the merge in float64 (Chan et al.)
-        self._merge(k, mu.double().cpu(), (xc.T @ xc).double().cpu())
+        self._merge(k, mu.double().cpu(), (xc.T @ xc).double().cpu(), own=True)
 
     def merge(self, other: Moments) -> Moments:
         """Add another set of tokens' moments (exact: those of both sets of tokens together)."""
-        self._merge(other.n, other.mean, other.m2)
+        self._merge(other.n, other.mean, other.m2, own=False)
         return self
 
-    def _merge(self, k: int, mu: Tensor, m2: Tensor) -> None:
+    def _merge(self, k: int, mu: Tensor, m2: Tensor, own: bool) -> None:
+        """`own`: m2 is a fresh tensor this object may keep (else it is another's, e.g. a cache's, and copied)."""
+        # in place: at an 8B model's MLP width every d x d temporary is 1.6 GiB of float64
+        if self.n == 0:
+            self.n, self.mean, self.m2 = k, mu.clone(), m2 if own else m2.clone()
+            return
         delta = mu - self.mean
         total = self.n + k
-        self.m2 += m2 + torch.outer(delta, delta) * (self.n * k / total)
+        self.m2.add_(m2).addr_(delta, delta, alpha=self.n * k / total)
         self.mean += delta * (k / total)
         self.n = total
 
@@ -135,12 +141,14 @@ def merge_moments(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
 def ridge_weights(w: Tensor, bias: Tensor | None, mom: Moments, keep: Tensor, lam: float) -> tuple[Tensor, Tensor]:
     """The repaired kept columns and the output bias (float64), for dense weights `w` and input moments."""
     w = w.detach().double().cpu()
-    cov, mu = mom.cov, mom.mean
-    c_k = cov[:, keep]
-    c_kk = c_k[keep]
-    reg = lam * float(c_kk.diagonal().mean().clamp_min(1e-12))
-    a = c_kk + reg * torch.eye(len(keep), dtype=torch.float64)
-    rhs = w @ c_k + reg * w[:, keep]
+    mu = mom.mean
+    # no full covariance, identity or sum held beside the moments: each is 1.6 GiB at an 8B model's MLP width
+    c_k = mom.m2[:, keep].div_(max(mom.n, 1))
+    a = c_k[keep]
+    reg = lam * float(a.diagonal().mean().clamp_min(1e-12))
+    rhs = (w @ c_k).add_(w[:, keep], alpha=reg)
+    del c_k
+    a.diagonal().add_(reg)
     new = torch.linalg.solve(a, rhs.T).T  # a is symmetric
     b = w @ mu - new @ mu[keep]
     if bias is not None:
