@@ -13,6 +13,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Input, ProgressBar, Static
 
 from engine.control import Control
+from engine.errors import AdapruneError
 from tui.app import AdapruneApp
 from tui.backend import Backend, NewSession
 from tui.screens.bench import BenchForm, BenchScreen
@@ -141,6 +142,24 @@ def test_the_sessions_list_says_starting_until_a_started_process_takes_its_sessi
     states, after = run(go())
     assert states == ("starting", "done, LoRA starting")
     assert after == ("stopped", "done")  # it ended without taking the session: what the session says
+
+
+def test_the_sessions_list_tells_a_running_recovery_from_a_stopped_one(tmp_path):
+    from dataclasses import replace
+
+    async def go():
+        backend = FakeBackend(tmp_path)
+        rows = backend.sessions()
+        said = {"alpha": "running 3/12", "beta": "stopped 3/12"}
+        backend.sessions = lambda: [replace(r, recovery=said.get(r.name, r.recovery)) for r in rows]
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f5")
+            table = app.screen.query_one(DataTable)
+            return str(table.get_cell("alpha", "status")), str(table.get_cell("beta", "status"))
+
+    alpha, beta = run(go())
+    assert alpha.endswith("LoRA 3/12") and beta.endswith("LoRA stopped"), (alpha, beta)
 
 
 def test_new_session_form_flags_problems_in_place_then_starts(tmp_path):
@@ -456,6 +475,29 @@ def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
             del backend.requests["beta"]
             await pilot.press("c")  # nothing of ours to cancel
             assert not any(c[0] == "search" for c in backend.calls)
+
+    run(go())
+
+
+def test_layers_without_a_readable_plan_say_so_and_every_key_is_harmless(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+
+        def damaged(name):
+            raise AdapruneError(f"unknown key(s) foo in {tmp_path}/{name}/plan.json: the file was edited")
+
+        backend.best_plan = damaged
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("l")
+            await pilot.pause()
+            assert isinstance(app.screen, LayersScreen) and "unknown key(s) foo" in text_of(app, "#summary")
+            for key in ("r", "v", "k", "h", "m"):  # r (restore) crashed the app here
+                await pilot.press(key)
+                await pilot.pause()
+            while not isinstance(app.screen, LayersScreen):  # a key that opened a dialog: closed again
+                await pilot.press("escape")
+            assert "unknown key(s) foo" in text_of(app, "#summary")
 
     run(go())
 

@@ -192,6 +192,8 @@ class LayersScreen(Screen):
         self._ask("channels")
 
     def action_restore(self) -> None:
+        if self.plan is None:  # no plan could be read: the error is on screen already
+            return
         self.edits = {}
         self.render_rows()
         self.notify("the proposed plan is back (re-evaluate to clear the session's overrides)")
