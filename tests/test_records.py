@@ -83,3 +83,19 @@ def test_trial_params_take_the_defaults_of_newer_dimensions_and_refuse_unknown_o
         TrialParams.from_dict({**base, "calib_size": 3})
     with pytest.raises(AdapruneError, match="lacks metric"):
         TrialParams.from_dict({k: v for k, v in base.items() if k != "metric"})
+
+
+def test_the_listing_names_a_damaged_record_and_still_lists_the_session(tmp_path):
+    from engine.config import SearchConfig
+    from engine.search.driver import create_session
+    from engine.session.summary import summary
+
+    session = create_session(tmp_path, "s", SearchConfig(trials=2))  # the embedded model: nothing is loaded
+    assert summary(session).problem is None
+    stored = json.loads((DATA / "plan.json").read_text())
+    session.write_json("plan.json", {**stored, "foo": 1})
+    row = summary(session)
+    assert row.status == "created" and "unknown key(s) foo" in row.problem and "plan.json" in row.problem
+    session.write_json("recovery/state.json", {"foo": 1})
+    row = summary(session)
+    assert row.recovery == "unreadable" and "plan.json" in row.problem and "state.json" in row.problem

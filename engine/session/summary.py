@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine.config import SearchConfig
 from engine.errors import AdapruneError
 from engine.session.activity import HOST, Activity
-from engine.session.layout import recovery_state
+from engine.session.layout import best_record, recovery_state
 from engine.session.records import SessionRow
 from engine.session.requests import pause_pending
 from engine.session.store import Session
@@ -26,9 +26,14 @@ def summary(session: Session) -> SessionRow:
         status = "paused"
     row = SessionRow(session.name, cfg.model, cfg.prune, cfg.trials, status, _last_change(session, m))
     try:
+        best_record(session)  # a damaged plan.json is said in the list, not only when the session is opened
+    except AdapruneError as e:
+        row.problem = str(e)
+    try:
         rec = recovery_state(session)
     except AdapruneError as e:
-        rec, row.recovery, row.problem = None, "unreadable", str(e)
+        rec, row.recovery = None, "unreadable"
+        row.problem = f"{row.problem}; {e}" if row.problem else str(e)
     if rec is None and (session.holder() or {}).get("what") == "recovery":  # before its first checkpoint
         row.recovery = "paused" if pause_pending(session, "recover") else "running"
     elif rec is not None:  # the LoRA recovery, when there is one: "done", or e.g. "stopped 40/100"

@@ -93,10 +93,10 @@ class SessionsScreen(Screen):
             recovery = r.recovery
             if r.name in starting["recover"] and not (recovery or "").startswith(("running", "paused")):
                 recovery = "starting"
-            if recovery:  # "done, LoRA", "done, LoRA 40/100" (running or stopped), "done, LoRA paused"
+            if recovery:  # "done, LoRA", "done, LoRA 40/100" (running), "done, LoRA stopped", "... paused"
                 word = recovery.split()[0]
-                status += ", LoRA" + ("" if recovery == "done" else f" {word}" if word in ("starting", "paused")
-                                      else f" {recovery.split()[-1]}")
+                status += ", LoRA" + ("" if recovery == "done" else f" {recovery.split()[-1]}" if word == "running"
+                                      else f" {word}")
             if r.problem or len(status) > STATUS_W:
                 full[r.name] = "; ".join([*([status] if len(status) > STATUS_W else []),
                                           *([r.problem] if r.problem else [])])
