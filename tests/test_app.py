@@ -641,6 +641,25 @@ def test_a_bench_process_pauses_cancels_and_quitting_asks(tmp_path):
     assert run(go("s")).requests["bench:alpha"] == "cancel"  # stopped at its next safe point
 
 
+def test_export_with_an_unreadable_recovery_says_so_in_its_lora_box(tmp_path):
+    async def go():
+        backend = FakeBackend(tmp_path)
+
+        def damaged(name):
+            raise AdapruneError(f"unknown key(s) foo in {tmp_path}/{name}/recovery/state.json")
+
+        backend.recovery_state = damaged
+        app = AdapruneApp(backend)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("x")
+            await pilot.pause()
+            lora = app.screen.query_one("#lora")
+            return lora.disabled, lora.value, str(lora.label)
+
+    disabled, value, label = run(go())
+    assert disabled and not value and "cannot be read" in label
+
+
 def test_export_writes_the_chosen_folder(tmp_path):
     async def go():
         backend = FakeBackend(tmp_path)

@@ -101,8 +101,12 @@ class ExportScreen(Screen):
     def show_lora(self) -> None:
         try:
             self.lora_state = self.app.backend.recovery_state(self.session_name)
-        except AdapruneError:
+        except AdapruneError:  # a damaged state file: the box says so (the sessions list says why)
             self.lora_state = None
+            lora = self.query_one("#lora", Checkbox)
+            lora.disabled, lora.value = True, False
+            lora.label = "LoRA recovery: recovery/state.json cannot be read (the sessions list says why)"
+            return
         if self.lora_state is not None and self.lora_state.status == "done":
             self.trained = self.lora_state.plan
         self.sync_lora()
