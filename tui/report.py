@@ -193,22 +193,29 @@ def cut(text: str, width: int, path: bool = False) -> str:
     return "…" + text[-(width - 1):] if path else text[: width - 1] + "…"
 
 
-def sessions_table(rows: list[SessionRow]) -> Table:
+def when(t: float | None) -> str:
+    """When a session last changed, in 5 columns: the time of day for today, the date before."""
     import datetime
 
+    if not t:
+        return ""
+    at = datetime.datetime.fromtimestamp(t)
+    return at.strftime("%H:%M" if at.date() == datetime.date.today() else "%m-%d")
+
+
+def sessions_table(rows: list[SessionRow]) -> Table:
     # no side rules, narrow gaps, the LoRA recovery inside the status: 80 columns hold the table, and what is
     # too long wraps instead of being cut (only a model path loses its head)
-    t = Table(title="sessions", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    t = Table(title="sessions", box=box.SIMPLE_HEAD, pad_edge=False, padding=0)  # the box puts a space between
     for col in ("name", "model", "prune", "trials", "best", "status", "changed"):
         t.add_column(col, justify="right" if col in ("trials", "best") else "left",
-                     no_wrap=col in ("name", "model", "prune", "trials", "best"), overflow="fold")
+                     no_wrap=col != "status", overflow="fold", ratio=1 if col == "status" else None)
     for r in rows:
-        when = datetime.datetime.fromtimestamp(r.updated).strftime("%m-%d %H:%M") if r.updated else ""
         best = f"{r.best:.3f}" if r.best is not None else ""
         target = f"{r.prune:.0%}" if r.prune else ""
         status = r.status + (f"; LoRA {r.recovery}" if r.recovery else "")
         t.add_row(escape(r.name), escape(cut(r.model, 16, path=True)), target, f"{r.done}/{r.trials}",
-                  best, escape(status), when)
+                  best, escape(status), when(r.updated))
     return t
 
 

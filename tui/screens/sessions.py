@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -11,7 +9,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from engine.api import SessionRow
 from engine.errors import AdapruneError
-from tui.report import cut
+from tui.report import cut, when
 from tui.screens.dialogs import Ask, Confirm
 from tui.widgets import RowTable
 
@@ -102,7 +100,7 @@ class SessionsScreen(Screen):
                                           *([r.problem] if r.problem else [])])
                 status = cut(status, STATUS_W - 2) + " !"
             table.add_row(cut(r.name, NAME_W), cut(r.model, MODEL_W, path=True), f"{r.prune:.0%}" if
-                          r.prune else "", f"{r.done}/{r.trials}", best, status, _when(r.updated), key=r.name)
+                          r.prune else "", f"{r.done}/{r.trials}", best, status, when(r.updated), key=r.name)
         if selected is not None and selected in {r.name for r in rows}:
             table.move_cursor(row=table.get_row_index(selected))
         hint = "no sessions yet: n starts one" if not rows else ""
@@ -200,13 +198,5 @@ class SessionsScreen(Screen):
             self.refresh_rows()
 
         self.app.push_screen(Confirm(f"Delete session {name} and everything in it (study, plans, results)?"), done)
-
-
-def _when(t: float | None) -> str:
-    """The time of day for today, the date before (5 columns)."""
-    if not t:
-        return ""
-    when = datetime.datetime.fromtimestamp(t)
-    return when.strftime("%H:%M" if when.date() == datetime.date.today() else "%m-%d")
 
 
