@@ -8,7 +8,6 @@ objective, and records both in the session.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from engine.config import SearchConfig
@@ -19,6 +18,7 @@ from engine.model.load import load_configured
 from engine.model.structure import LayerShape
 from engine.prune.plan import LayerPlan, Plan, parse_overrides
 from engine.prune.reconstruct import bias_layout, bias_params
+from engine.prune.slicing import shared_copy
 from engine.search.data import SearchData
 from engine.search.objective import progressive_objective
 from engine.search.params import TrialParams
@@ -167,7 +167,7 @@ def reevaluate(session: Session, edits: dict[int, tuple[int, int]], sink: Sink =
     if dense is None:
         dense = load_configured(cfg, sink, frozen=True)
     data = SearchData(session, cfg, dense, sink, control)
-    model = copy.deepcopy(dense.model)
+    model = shared_copy(dense.model)
     plan, _ = prune_trial(model, data, cfg, TrialParams.from_dict(best.params), control, sink)
     with Stage(sink, "objective (overrides)"):
         value = progressive_objective(model, data.objective_sets(), control)

@@ -289,6 +289,34 @@ def test_a_trial_mixing_two_metrics(llama_folder, tmp_path, metric):
     assert out.params_after < 77232
 
 
+def test_trials_share_the_dense_weights_and_never_write_into_them(llama_folder, tmp_path):
+    """A trial prunes a copy whose weights are the dense model's memory (no second model): every metric kind,
+    with and without the repair, leaves the dense weights bit for bit as loaded."""
+    from engine.model.load import load
+    from engine.model.structure import decoder_layers
+    from engine.prune.slicing import shared_copy
+    from engine.search.data import SearchData
+    from engine.search.trial import run_trial
+
+    cfg = _cfg(llama_folder, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "shared", cfg)
+    dense = load(str(llama_folder), device="cpu")
+    before = {k: v.clone() for k, v in dense.model.state_dict().items()}
+    copied = shared_copy(dense.model)
+    layer, twin = decoder_layers(dense.model)[0].mlp.down_proj, decoder_layers(copied)[0].mlp.down_proj
+    assert twin.weight.data_ptr() == layer.weight.data_ptr() and twin.weight is not layer.weight
+    assert copied.lm_head.weight is copied.model.embed_tokens.weight or not dense.model.config.tie_word_embeddings
+    data = SearchData(session, cfg, dense, lambda e: None, Control())
+    base = baseline_params(cfg, 4)
+    for metric, repair in (("taylor1", "none"), ("taylor2", "stdlib-docs"), ("wanda", "none"), ("obs", "all")):
+        params = {**base, "metric": metric, "repair": repair, "attn_share": "0.25", "first_kept": 0}
+        out = run_trial(dense, data, cfg, TrialParams.from_dict(params), None, Control(), lambda e: None)
+        assert out.state == "complete" and out.params_after < 77232, (metric, out.message)
+        after = dense.model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()), metric
+        assert all(p.grad is None for p in dense.model.parameters()), metric  # the trial's gradients are its own
+
+
 def test_per_sample_statistics_cover_the_windows_trials_use_and_equal_a_whole_pool_pass(llama_folder, tmp_path):
     from engine.events import StageStarted
     from engine.model.load import load

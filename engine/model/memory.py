@@ -104,7 +104,9 @@ def plan_memory(shape: Shape, device: str, dtype: str, job: str = "search", batc
     p = MemoryPlan(device, dtype, must_fit=dense)
     p.lines.append(("dense", dense))
     if job == "search":
-        p.lines.append(("trial copy", dense))  # at most the dense size
+        # a trial shares the dense weights (engine.prune.slicing.shared_copy): it holds the projections it
+        # slices anew, at most every projection's
+        p.lines.append(("trial", shape.proj_params * b))
     tokens = batch * seq_len
     # per layer, the tensors a backward keeps (inputs of the norms, q/k/v, attention out, gate/up/act) and the
     # logits with their gradient in fp32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +28,17 @@ def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor
             new.bias.copy_(b.index_select(0, rows.to(b.device)) if rows is not None else b)
     new.weight.requires_grad_(lin.weight.requires_grad)
     return new
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` to prune: new modules and Parameter objects (requires_grad, .grad are its own), but the
+    weights and buffers share the original's memory. Slicing and the repair put new, smaller tensors in place of
+    the projections they change and never write into the old ones, so a trial holds what it changes, not a
+    second model. Not for anything that writes weights in place (merging a LoRA adapter)."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        memo[id(t)] = nn.Parameter(t.detach(), t.requires_grad) if isinstance(t, nn.Parameter) else t
+    return copy.deepcopy(model, memo)
 
 
 def head_rows(indices: Sequence[int], block: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ hopeless trial early. Trial 0 is LLM-Pruner's recipe, enqueued, so every later t
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import os
 import time
@@ -36,6 +35,7 @@ from engine.events import (
 from engine.model.load import Loaded, announce_memory, load_configured, num_layers
 from engine.model.structure import count_params, decoder_layers, layer_shapes
 from engine.prune.plan import parse_overrides
+from engine.prune.slicing import shared_copy
 from engine.search.data import SearchData
 from engine.search.params import TrialParams
 from engine.search.space import baseline_params, canonical, space, suggest, validate, warm_start_params
@@ -242,7 +242,7 @@ def settle_best(session: Session, cfg: SearchConfig, study, dense: Loaded, data:
     params = suggest(frozen, sp, cfg.fixed)
     sink(Log(f"trial {b[0]} is the best but its plan was not saved (its process stopped in between): "
              f"rebuilding it"))
-    model = copy.deepcopy(dense.model)
+    model = shared_copy(dense.model)
     plan, _ = prune_trial(model, data, cfg, TrialParams.from_dict(params), control, sink)
     write_best(session, BestRecord(b[0], b[1], params, plan))
 

@@ -3,7 +3,6 @@ objective."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from engine.prune.importance import mix_scores, score_layers, scores_from_sample
 from engine.prune.plan import parse_overrides
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, repair_from_moments, snapshot_layers
+from engine.prune.slicing import shared_copy
 from engine.search.data import SearchData, pick_indices, pool_repair, pools_repair
 from engine.search.objective import Pruned, progressive_objective
 from engine.search.params import TrialParams
@@ -128,7 +128,7 @@ def run_trial(dense: Loaded, data: SearchData, cfg: SearchConfig, params: TrialP
               sink: Sink) -> TrialOutcome:
     """Prune a copy of the dense model with `params` and measure the objective."""
     t0 = time.perf_counter()
-    model = copy.deepcopy(dense.model)
+    model = shared_copy(dense.model)  # the dense weights are shared, never written: a trial holds what it cuts
     plan, once = prune_trial(model, data, cfg, params, control, sink)
     sets = data.objective_sets()
     t1 = time.perf_counter()
