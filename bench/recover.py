@@ -101,19 +101,19 @@ def main() -> None:
     lines += [f"| {label} | " + " | ".join(f"{ppl[n]:.2f}" for n in names) + " |" for label, ppl in rows]
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
                f"{transformers.__version__}, cpu, float32")
-    c = runs[0][1]["config"]
+    c = runs[0][1].config
     body = (f"## recover.py — {datetime.date.today()}\n\nMachine: {machine}.\n"
             f"`adaprune recover` on the best plan of the search.py session (embedded model, 20% removed): LoRA "
-            f"r={c['rank']}, alpha {c['alpha']}, dropout {c['dropout']} on {', '.join(c['targets'])}; "
-            f"{c['steps']} steps of {c['batch_size']}x{c['seq_len']} tokens (texts: their calibration splits; "
+            f"r={c.rank}, alpha {c.alpha}, dropout {c.dropout} on {', '.join(c.targets)}; "
+            f"{c.steps} steps of {c.batch_size}x{c.seq_len} tokens (texts: their calibration splits; "
             f"`self:NxL`: N sequences the dense model samples, drawn once), linear decay after "
-            f"{warmup_steps(RecoverConfig.from_dict(c))} warm-up steps; loss LM is LLM-Pruner's language-modelling loss, KL `--distil` (KL to the dense "
+            f"{warmup_steps(c)} warm-up steps; loss LM is LLM-Pruner's language-modelling loss, KL `--distil` (KL to the dense "
             f"model's next-token distributions). Wall time includes sampling self text. "
             f"Held-out PPL: {args.windows} windows of 128 tokens of texts neither the search nor the recovery "
             f"read.\n\n")
     for (label, state, wall), (_, ppl) in zip(runs, rows[2:], strict=True):
         body += (f"- loss {label}: {state.trainable_params:,} trainable parameters; {wall / 60:.1f} min, "
-                 f"{wall / c['steps']:.1f} s a step including validation; validation PPL (stdlib-docs valid) "
+                 f"{wall / c.steps:.1f} s a step including validation; validation PPL (stdlib-docs valid) "
                  f"{state.valid_ppl_before:.2f} -> {state.valid_ppl_after:.2f}; against the untuned best: "
                  + ", ".join(f"{short[n]} {1 - ppl[n] / rows[1][1][n]:+.0%}" for n in names) + " lower PPL\n")
     body += "\n" + "\n".join(lines) + "\n"

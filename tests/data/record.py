@@ -68,8 +68,8 @@ def record_recovery(tmp: Path, session) -> None:
             if k in e:
                 e[k] = 0.0
     (HERE / "recovery_events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    state.update(started=0.0, finished=0.0)
-    (HERE / "recovery_state.json").write_text(json.dumps(state) + "\n")
+    state.started = state.finished = 0.0
+    (HERE / "recovery_state.json").write_text(json.dumps(state.to_dict()) + "\n")
 
 
 if __name__ == "__main__":
