@@ -75,6 +75,10 @@ def test_recovery_learns_and_merges_into_plain_weights(searched, text_file):
     with torch.no_grad():
         torch.testing.assert_close(old_layout(input_ids=x).logits, merged(input_ids=x).logits)
 
+    # a damaged state refuses a resume with its reason, and does not stand in the way of --restart
+    searched.write_json("recovery/state.json", {**state_now.to_dict(), "foo": 1})
+    with pytest.raises(AdapruneError, match="unknown key.*foo"):
+        run_recovery(root, "r", RecoverConfig(), resume=True)
     # activation checkpointing trades compute for memory, not results
     again = run_recovery(root, "r", _cfg(text_file, steps=3, grad_checkpointing=True), restart=True)
     for a, b in zip(again.history, state.history[:3], strict=True):

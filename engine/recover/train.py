@@ -227,7 +227,12 @@ def _settle(session: Session, cfg: RecoverConfig, resume: bool,
     """The configuration to train with (a resumed run takes its saved one) and the recovery on disk, if any;
     every contradiction between the two is refused here."""
     name = session.name
-    prior = recovery_state(session)
+    try:
+        prior = recovery_state(session)
+    except AdapruneError:
+        if not restart:
+            raise
+        prior = None  # a damaged state is what --restart discards: it does not stand in its way
     if resume and restart:
         raise AdapruneError("--resume continues a recovery and --restart discards it: give one of them")
     if not resume:

@@ -224,7 +224,10 @@ class RecoverScreen(FollowsProcess, Screen):
         self.show_state()
         self.query_one("#stage-row").display = False
         code = self.process.poll() if self.process is not None else None
-        state = self.app.backend.recovery_state(self.session_name)
+        try:
+            state = self.app.backend.recovery_state(self.session_name)
+        except AdapruneError:  # show_state above has put the reason on screen
+            state = None
         if state is not None and state.status == "done":
             self.query_one("#status", Static).update("done: x exports the model with the adapter merged in")
             self.notify("recovery done")
