@@ -51,9 +51,7 @@ class RecoveryState:
     checkpoint: str | None = None  # None: the first layout's checkpoint in recovery/ itself
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["config"] = asdict(self.config)
-        return out
+        return asdict(self)  # the config too: asdict recurses into dataclasses
 
     @classmethod
     def from_dict(cls, data: object, what: str = "the recovery's state (recovery/state.json)") -> RecoveryState:
@@ -81,3 +79,6 @@ class SessionRow:
     recovery: str | None = None  # the LoRA recovery: "done", "running 40/100", "paused", ...
     doing: list[str] = field(default_factory=list)  # a line per live process of the session
     problem: str | None = None  # what is damaged, when something is
+
+    def add_problem(self, text: str) -> None:
+        self.problem = f"{self.problem}; {text}" if self.problem else text

@@ -28,12 +28,12 @@ def summary(session: Session) -> SessionRow:
     try:
         best_record(session)  # a damaged plan.json is said in the list, not only when the session is opened
     except AdapruneError as e:
-        row.problem = str(e)
+        row.add_problem(str(e))
     try:
         rec = recovery_state(session)
     except AdapruneError as e:
         rec, row.recovery = None, "unreadable"
-        row.problem = f"{row.problem}; {e}" if row.problem else str(e)
+        row.add_problem(str(e))
     if rec is None and (session.holder() or {}).get("what") == "recovery":  # before its first checkpoint
         row.recovery = "paused" if pause_pending(session, "recover") else "running"
     elif rec is not None:  # the LoRA recovery, when there is one: "done", or e.g. "stopped 40/100"
@@ -55,8 +55,7 @@ def summary(session: Session) -> SessionRow:
     row.doing = [d.line() for d in doing if busy or d.by.endswith("@" + HOST)]
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-        corrupt = f"{session.events_path}: line(s) {shown} corrupt, kept out; the other events are intact"
-        row.problem = f"{row.problem}; {corrupt}" if row.problem else corrupt
+        row.add_problem(f"{session.events_path}: line(s) {shown} corrupt, kept out; the other events are intact")
     if not cfg.storage and not (session.path / "study.db").is_file():
         return row  # listing never writes: no study file yet (or a folder still being copied) is 0 trials
     try:
