@@ -15,7 +15,6 @@ import argparse
 import copy
 import datetime
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,20 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from prune_recipes import cpu_name
+from prune_recipes import cpu_name, heldout
 
-from engine.config import EMBEDDED, PruneConfig, default_layer_range
+from engine.config import default_layer_range
 from engine.control import Control
 from engine.data.text import calib_parts
 from engine.data.windows import draw_windows
-from engine.measure.evaluate import perplexity
-from engine.model.load import load
 from engine.model.structure import count_params, layer_shapes
-from engine.oneshot import evaluation_sets
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import Repair, pruned_layer_ids, reconstruct, snapshot_layers
 
-WIKITEXT = Path(os.environ.get("ADAPRUNE_WIKITEXT", ROOT.parent / "shared" / "data" / "wikitext2-test.txt"))
 MIX = "stdlib-docs:64x128+self:64x128"
 
 
@@ -51,12 +46,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
-    base = PruneConfig(model=EMBEDDED, prune=0.20, evals=evals, eval_windows=args.windows)
-    dense = load(base.model, "cpu", "float32")
-    dense.model.requires_grad_(False)
-    sets, _ = evaluation_sets(dense.tokenizer, base)
-    names = {k: ("stdlib-docs test" if k.startswith("stdlib") else "WikiText-2 test") for k in sets}
+    base, dense, ppl = heldout(args.windows)
     control = Control()
     drawn: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -67,9 +57,6 @@ def main() -> None:
                 drawn[(part, seed)] = draw_windows(dense.model, dense.tokenizer, part, seed)[0]
             parts.append(drawn[(part, seed)])
         return torch.cat(parts)
-
-    def ppl(model) -> dict[str, float]:
-        return {names[k]: perplexity(model, w, control=control) for k, w in sets.items()}
 
     shapes = layer_shapes(dense.model)
     layer_ids = list(range(*default_layer_range(len(shapes))))

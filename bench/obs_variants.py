@@ -28,16 +28,13 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_recipes import WIKITEXT, _record, cpu_name
+from prune_recipes import _record, cpu_name, heldout
 
-from engine.config import EMBEDDED, PruneConfig, default_layer_range
+from engine.config import default_layer_range
 from engine.control import Control
 from engine.data.text import calib_parts
 from engine.data.windows import draw_windows
-from engine.measure.evaluate import perplexity
-from engine.model.load import load
 from engine.model.structure import count_params, decoder_layers, layer_shapes
-from engine.oneshot import evaluation_sets
 from engine.prune.obs import removal_scores
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import (
@@ -91,19 +88,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
-    base = PruneConfig(model=EMBEDDED, prune=0.20, evals=evals, eval_windows=args.windows)
-    dense = load(base.model, "cpu", "float32")
-    dense.model.requires_grad_(False)
-    sets, _ = evaluation_sets(dense.tokenizer, base)
-    names = {k: ("stdlib-docs test" if k.startswith("stdlib") else "WikiText-2 test") for k in sets}
+    base, dense, ppl = heldout(args.windows)
     control = Control()
     windows = torch.cat([draw_windows(dense.model, dense.tokenizer, part, 0)[0] for part in calib_parts(MIX)])
     shapes = layer_shapes(dense.model)
     layer_ids = list(range(*default_layer_range(len(shapes))))
-
-    def ppl(model) -> dict[str, float]:
-        return {names[k]: perplexity(model, w, control=control) for k, w in sets.items()}
 
     rows = [("dense", ppl(dense.model), 0.0)]
     variants = [("uniform", {}), ("reselect", {}), ("global", {"allocation": "global"}),

@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,13 +24,13 @@ import transformers
 
 from engine.config import EMBEDDED, PruneConfig
 from engine.control import Control
-from engine.measure.evaluate import peak_memory
+from engine.measure.evaluate import peak_memory, perplexity
 from engine.model.export import export
 from engine.model.load import Loaded, load
 from engine.oneshot import evaluation_sets, measure, plan_and_prune
 
 ROOT = Path(__file__).resolve().parent.parent
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
+WIKITEXT = Path(os.environ.get("ADAPRUNE_WIKITEXT", ROOT.parent / "shared" / "data" / "wikitext2-test.txt"))
 
 # LLM-Pruner's recipe and its baselines use its split (same ratio of heads and channels); then our defaults.
 LLM_PRUNER = {"attn_share": "same"}
@@ -43,6 +44,23 @@ RECIPES = [
     ("magnitude l2, --attn-share auto", {"metric": "l2"}),
     ("random, --attn-share auto", {"metric": "random"}),
 ]
+
+
+def heldout(windows: int) -> tuple[PruneConfig, Loaded, Callable[[torch.nn.Module], dict[str, float]]]:
+    """The embedded model at 20% as `adaprune prune` configures it, its dense model (frozen), and a model's PPL
+    on the held-out texts (stdlib-docs test, and WikiText-2 test when present) over `windows` windows of 128
+    tokens, keyed "stdlib-docs test" / "WikiText-2 test"."""
+    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
+    base = PruneConfig(model=EMBEDDED, prune=0.20, evals=evals, eval_windows=windows)
+    dense = load(base.model, "cpu", "float32")
+    dense.model.requires_grad_(False)
+    sets, _ = evaluation_sets(dense.tokenizer, base)
+    names = {k: ("stdlib-docs test" if k.startswith("stdlib") else "WikiText-2 test") for k in sets}
+
+    def ppl(model) -> dict[str, float]:
+        return {names[k]: perplexity(model, w, control=Control()) for k, w in sets.items()}
+
+    return base, dense, ppl
 
 
 def cpu_name() -> str:

@@ -26,15 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from prune_recipes import cpu_name
+from prune_recipes import cpu_name, heldout
 
-from engine.config import EMBEDDED, PruneConfig, default_layer_range
+from engine.config import default_layer_range
 from engine.control import Control
 from engine.data.text import parse_spec
-from engine.measure.evaluate import perplexity
-from engine.model.load import load
 from engine.model.structure import count_params, layer_shapes
-from engine.oneshot import calibration_windows, evaluation_sets
+from engine.oneshot import calibration_windows
 from engine.prune.recipe import Recipe, prune_with
 from engine.prune.reconstruct import (
     Repair,
@@ -45,7 +43,6 @@ from engine.prune.reconstruct import (
     snapshot_layers,
 )
 
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 QUIET = lambda e: None  # noqa: E731
 
 
@@ -58,16 +55,8 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
-    base = PruneConfig(model=EMBEDDED, prune=0.20, evals=evals, eval_windows=args.windows)
-    dense = load(base.model, "cpu", "float32")
-    dense.model.requires_grad_(False)
-    sets, _ = evaluation_sets(dense.tokenizer, base)
-    names = {k: ("stdlib-docs test" if k.startswith("stdlib") else "WikiText-2 test") for k in sets}
+    base, dense, ppl = heldout(args.windows)
     control = Control()
-
-    def ppl(model) -> dict[str, float]:
-        return {names[k]: perplexity(model, w, control=control) for k, w in sets.items()}
 
     n_layers = len(layer_shapes(dense.model))
     layer_ids = list(range(*default_layer_range(n_layers)))
