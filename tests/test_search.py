@@ -348,6 +348,46 @@ def test_per_sample_statistics_cover_the_windows_trials_use_and_equal_a_whole_po
         torch.testing.assert_close(stats[k][[0, 1, 3, 7, 8]], v[[0, 1, 3, 7, 8]], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("repaired", [True, False])
+def test_wanda_reads_the_pools_own_pass_and_needs_no_backward(llama_folder, tmp_path, repaired):
+    """Each window's input norms come with the pool's pass (the layer-wise one that also gathers the repair's
+    moments, or a plain forward), at every window length, equal to a per-window pass; a wanda trial (alone or
+    as a second metric) then computes no per-sample statistics."""
+    from engine.events import StageStarted
+    from engine.model.load import load
+    from engine.prune.importance import collect_sample_stats
+    from engine.search.data import SearchData
+    from engine.search.trial import run_trial
+
+    extra = {} if repaired else {"repair_sources": [], "metrics": ["taylor1", "wanda"]}
+    cfg = _cfg(llama_folder, sources=["stdlib-docs"], objective=["stdlib-docs/valid"], **extra)
+    session = create_session(tmp_path / "s", "norms", cfg)
+    dense = load(str(llama_folder), device="cpu")
+    events = []
+    data = SearchData(session, cfg, dense, events.append, Control())
+    ids = data.pool("stdlib-docs")[0]
+    for length in (64, 128):
+        norms = data.window_norms("stdlib-docs", length)
+        whole = collect_sample_stats(dense.model, ids[:, :length])
+        acts = {k: v for k, v in whole.items() if k.endswith(".act")}
+        assert acts and set(norms) == set(acts)
+        for k, v in acts.items():
+            torch.testing.assert_close(norms[k], v, rtol=1e-4, atol=1e-5)
+    params = {**baseline_params(cfg, 4), "metric": "wanda", "first_kept": 0, "calib_len": 128}
+    mixed = {**params, "metric": "taylor1", "metric2": "wanda"}
+    for p in (params, mixed):
+        out = run_trial(dense, data, cfg, TrialParams.from_dict(p), None, Control(), events.append)
+        assert out.state == "complete"
+    stages = {e.stage for e in events if isinstance(e, StageStarted)}
+    assert "per-sample statistics" not in stages and "activation norms stdlib-docs" not in stages
+    # a session whose pool was built before norms were kept: one forward pass over the pool, the same norms
+    for f in session.stats_dir.glob("norms-*"):
+        f.unlink()
+    again = SearchData(session, cfg, dense, events.append, Control())
+    torch.testing.assert_close(again.window_norms("stdlib-docs", 64), data.window_norms("stdlib-docs", 64))
+    assert "activation norms stdlib-docs" in {e.stage for e in events if isinstance(e, StageStarted)}
+
+
 def test_the_pool_and_the_objective_sample_self_text_in_one_draw(llama_folder, tmp_path):
     from engine.data.windows import sample_self
     from engine.events import StageStarted

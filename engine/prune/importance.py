@@ -154,27 +154,15 @@ def collect_stats(
         stats.grad = {k: v / n for k, v in grad.items()}
         stats.fisher = {k: v / n for k, v in sq.items()}
         return stats
-    layers = decoder_layers(model)
     device = next(model.parameters()).device
-
-    def hook(key: str):
-        def fn(_mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            sq = x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
-            stats.act[key] = stats.act.get(key, 0) + sq
-        return fn
-
-    hooks = [_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}"))
-             for i in layer_ids for p in ("q_proj", "o_proj", "gate_proj", "down_proj")]
     bs = max(1, batch_size)
-    with (_gradients_only_for(model, ()), _removed_after(hooks), torch.no_grad(),
-          Stage(sink, "calibration statistics", n, "windows") as stage):
+    with (_gradients_only_for(model, ()), hooked_norms(model, [windows.shape[1]], layer_ids) as norms,
+          torch.no_grad(), Stage(sink, "calibration statistics", n, "windows") as stage):
         for b in range(0, n, bs):
             control.checkpoint()
             model(input_ids=windows[b : b + bs].to(device))
             stage.advance(min(b + bs, n))
-    for key in stats.act:
-        stats.act[key] /= stats.n_tokens
+    stats.act = {k.removesuffix(".act"): v.sum(0) / stats.n_tokens for k, v in norms.tensors(windows.shape[1]).items()}
     return stats
 
 
@@ -252,6 +240,46 @@ def score_layers(
     return {i: layer_scores(model, i, metric, aggregate, stats, seed) for i in layer_ids}
 
 
+# --- input norms per window (wanda): a forward pass, no backward ------------------------------------------
+
+NORM_PROJ = ("q_proj", "o_proj", "gate_proj", "down_proj")  # wanda's inputs (q/k/v share one, gate/up too)
+
+
+class WindowNorms:
+    """Per window, each projection input's squares summed over the window's first L tokens, for every L in
+    `lengths`: a causal model reads a window's first L tokens the same in a longer window, so one pass over
+    the longest windows serves every length. Keys 'LAYER.PROJ.act' -> [windows, in_features]."""
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        self.lengths = sorted(set(lengths))
+        self._rows: dict[tuple[int, str], list[Tensor]] = {}
+
+    def add(self, key: str, x: Tensor) -> None:
+        """A batch's inputs `x` [windows, tokens, in_features] of projection `key` ('LAYER.PROJ')."""
+        x = x.detach()
+        for n in self.lengths:
+            self._rows.setdefault((n, key), []).append(x[:, :n].float().pow(2).sum(1).cpu())
+
+    def tensors(self, length: int) -> dict[str, Tensor]:
+        return {f"{k}.act": torch.cat(v) for (n, k), v in self._rows.items() if n == length}
+
+
+@contextmanager
+def hooked_norms(model: nn.Module, lengths: Sequence[int],
+                 layer_ids: Sequence[int] | None = None) -> Iterator[WindowNorms]:
+    """WindowNorms of whatever passes through `model` (every layer, or `layer_ids`) while the block runs."""
+    layers = decoder_layers(model)
+    norms = WindowNorms(lengths)
+
+    def hook(key: str):
+        return lambda _mod, args: norms.add(key, args[0])
+
+    hooks = [_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}"))
+             for i in (range(len(layers)) if layer_ids is None else layer_ids) for p in NORM_PROJ]
+    with _removed_after(hooks):
+        yield norms
+
+
 # --- per-sample statistics: computed once for a pool, reused by every subset a search trial picks ----------
 
 
@@ -280,18 +308,8 @@ def collect_sample_stats(
     device = next(model.parameters()).device
     n = windows.shape[0]
     rows: dict[str, list[Tensor]] = {}
-    acts: dict[str, Tensor] = {}
-
-    def hook(key: str):
-        def fn(_mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            acts[key] = x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
-        return fn
-
-    hooks = [_proj(layers[i], p).register_forward_pre_hook(hook(f"{i}.{p}.act"))
-             for i in range(len(layers)) for p in ("q_proj", "o_proj", "gate_proj", "down_proj")]
     weights = {(i, p): _proj(layers[i], p).weight for i in range(len(layers)) for p in PROJ}
-    with (_gradients_only_for(model, weights.values()), _removed_after(hooks),
+    with (_gradients_only_for(model, weights.values()), hooked_norms(model, [windows.shape[1]]) as norms,
           Stage(sink, "per-sample statistics", n, "samples") as stage):
         for s in range(n):
             control.checkpoint()
@@ -308,14 +326,12 @@ def collect_sample_stats(
                     for kind in first:
                         rows.setdefault(f"{i}.{kind}.vector", []).append(torch.stack(first[kind]).cpu())
                         rows.setdefault(f"{i}.{kind}.taylor2", []).append(torch.stack(second[kind]).cpu())
-            for key, value in acts.items():
-                rows.setdefault(key, []).append(value.cpu())
             if on_window is not None:
                 on_window({f"{i}.{p}": w.grad.float() for (i, p), w in weights.items()})
             for w in weights.values():
                 w.grad = None
             stage.advance(s + 1)
-    return {k: torch.stack(v) for k, v in rows.items()}
+    return {**{k: torch.stack(v) for k, v in rows.items()}, **norms.tensors(windows.shape[1])}
 
 
 def scores_from_samples(

@@ -37,6 +37,7 @@ from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
 from engine.measure.evaluate import next_token_nll
 from engine.model.structure import decoder_layers, layer_shape, layer_shapes
+from engine.prune.importance import WindowNorms
 from engine.prune.plan import LayerPlan
 from engine.prune.slicing import apply_plan, describe_widths, head_rows
 
@@ -279,16 +280,18 @@ def dense_moments(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, b
 
 @torch.no_grad()
 def moments_and_losses(model: nn.Module, windows: Tensor, batch_size: int = 4, control: Control | None = None,
-                       sink: Sink = null_sink) -> tuple[dict[str, Tensor], Tensor]:
-    """Every layer's moments (as `dense_moments`) and each window's mean next-token loss, in one pass."""
+                       sink: Sink = null_sink, norms: WindowNorms | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Every layer's moments (as `dense_moments`) and each window's mean next-token loss, in one pass; with
+    `norms`, each window's projection input norms too (what wanda reads)."""
     moments, losses = _dense_pass(model, range(len(decoder_layers(model))), windows, batch_size, control, sink,
-                                  True)
+                                  True, norms)
     assert losses is not None
     return moments, losses
 
 
 def _dense_pass(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, batch_size: int,
-                control: Control | None, sink: Sink, losses: bool) -> tuple[dict[str, Tensor], Tensor | None]:
+                control: Control | None, sink: Sink, losses: bool,
+                norms: WindowNorms | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
     control = control or Control()
     layers = decoder_layers(model)
     wanted = sorted(set(layer_ids))
@@ -304,13 +307,19 @@ def _dense_pass(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, bat
                 batches = [(layer(h, **kw), kw) for h, kw in batches]
                 st.advance(i + 1)
                 continue
-            xs = [_o_inputs(layer.self_attn, layer.input_layernorm(h), kw) for h, kw in batches]
+            normed = [layer.input_layernorm(h) for h, _ in batches]
+            xs = [_o_inputs(layer.self_attn, a, kw) for a, (_, kw) in zip(normed, batches, strict=True)]
             # the layer's output from its parts (as the decoder layer adds them): no second pass through it
             mids = [h + layer.self_attn.o_proj(x) for (h, _), x in zip(batches, xs, strict=True)]
             out.update(Moments.of(xs).tensors(f"{i}.o"))
-            del xs
-            zs = [_down_inputs(layer.mlp, layer.post_attention_layernorm(m)) for m in mids]
+            posts = [layer.post_attention_layernorm(m) for m in mids]
+            zs = [_down_inputs(layer.mlp, p) for p in posts]
             out.update(Moments.of(zs).tensors(f"{i}.down"))
+            if norms is not None:
+                for proj, inputs in (("q_proj", normed), ("o_proj", xs), ("gate_proj", posts), ("down_proj", zs)):
+                    for x in inputs:
+                        norms.add(f"{i}.{proj}", x)
+            del normed, xs, posts
             batches = [(m + layer.mlp.down_proj(z), kw) for m, z, (_, kw) in zip(mids, zs, batches, strict=True)]
             del mids, zs
             st.advance(i + 1)

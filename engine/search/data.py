@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from engine.config import REPAIR_METRICS, SEARCH_METRICS, SELF, SearchConfig
+from engine.config import ACT_METRICS, REPAIR_METRICS, SEARCH_METRICS, SELF, SearchConfig
 from engine.control import Control
 from engine.data.text import calib_parts, load_text, parse_spec
 from engine.data.windows import eval_windows, random_windows, sample_self, tokenize
@@ -25,7 +25,7 @@ from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_s
 from engine.model.load import Loaded
 from engine.model.structure import decoder_layers
 from engine.prune.gradsums import GradientCache
-from engine.prune.importance import CalibStats, LayerScores, collect_sample_stats
+from engine.prune.importance import CalibStats, LayerScores, WindowNorms, collect_sample_stats, hooked_norms
 from engine.prune.obs import obs_scores
 from engine.prune.reconstruct import Repair, dense_moments, merge_moments, moments_and_losses
 from engine.search.space import CALIB_LENS, SELECTIONS, repair_sources
@@ -48,6 +48,7 @@ class SearchData:
         self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.objective: dict[str, torch.Tensor] = {}
         self.samples: dict[tuple[str, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # rows, computed
+        self.norms: dict[str, dict[str, torch.Tensor]] = {}  # per pool: its windows' input norms, every length
         self.grads = GradientCache(int(cfg.grad_cache_gb * 2**30))
         self.moments: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}  # oldest first
         self.obs: dict[int, LayerScores] | None = None
@@ -113,24 +114,51 @@ class SearchData:
 
             def build() -> dict[str, torch.Tensor]:
                 ids = self._windows(source, "calibration", cfg.pool_size, max(CALIB_LENS), cfg.seed)
+                # wanda's statistics (input norms per window) come with the pass: wanda trials need no backward
                 if source not in repair_sources(cfg) and REPAIR_METRICS.isdisjoint(cfg.metrics or SEARCH_METRICS):
-                    return {"ids": ids, "loss": window_losses(self.loaded.model, ids, self.control)}
-                # repaired and obs trials read the dense model's input moments on the pool: the same pass
-                moments, loss = moments_and_losses(self.loaded.model, ids, CALIB_BATCH, self.control, self.sink)
-                key = (pool_repair(source, cfg).calib, cfg.seed, cfg.pool_size)
-                self._share(key, self._keep(key, moments))  # before the pool's file: who sees it finds them
+                    with hooked_norms(self.loaded.model, CALIB_LENS) as norms:
+                        loss = window_losses(self.loaded.model, ids, self.control)
+                else:  # repaired and obs trials read the dense model's input moments on the pool: the same pass
+                    norms = WindowNorms(CALIB_LENS)
+                    moments, loss = moments_and_losses(self.loaded.model, ids, CALIB_BATCH, self.control, self.sink,
+                                                       norms)
+                    key = (pool_repair(source, cfg).calib, cfg.seed, cfg.pool_size)
+                    self._share(key, self._keep(key, moments))  # before the pool's file: who sees it finds them
+                write_tensors_atomic(self._norms_path(source), _by_length(norms))
                 return {"ids": ids, "loss": loss}
 
             data = self._cached(f"pool-{slug(source)}-{cfg.seed}", build, f"calibration pool {source}")
             self.pools[source] = (data["ids"], data["loss"])
         return self.pools[source]
 
-    def sample_stats(self, source: str, length: int, subset: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _norms_path(self, source: str):
+        return self.session.stats_dir / f"norms-{slug(source)}-{self.cfg.seed}.safetensors"
+
+    def window_norms(self, source: str, length: int) -> dict[str, torch.Tensor]:
+        """Every pool window's projection input norms at one window length (what wanda reads), rows indexed as
+        the pool: from the pool's own pass, or (a session whose pools were built before) one forward pass."""
+        ids, _ = self.pool(source)
+
+        def build() -> dict[str, torch.Tensor]:
+            with hooked_norms(self.loaded.model, CALIB_LENS) as norms:
+                window_losses(self.loaded.model, ids, self.control)
+            return _by_length(norms)
+
+        if source not in self.norms:
+            self.norms[source] = self._cached(self._norms_path(source).stem, build, f"activation norms {source}")
+        prefix = f"{length}."
+        return {k.removeprefix(prefix): v for k, v in self.norms[source].items() if k.startswith(prefix)}
+
+    def sample_stats(self, source: str, length: int, subset: torch.Tensor,
+                     metric: str | None = None) -> dict[str, torch.Tensor]:
         """Per-window statistics of a pool at one window length, rows indexed as the pool: one backward per
         window, computed the first time a trial asks for that window and kept (stats/), so a search pays for
-        the windows its trials use, not for the whole pool."""
+        the windows its trials use, not for the whole pool. For `metric` wanda only the input norms, which
+        need no backward."""
         from safetensors.torch import load_file
 
+        if metric in ACT_METRICS:
+            return self.window_norms(source, length)
         key = (source, length)
         path = self.session.stats_dir / f"samples-{slug(source)}-{length}-{self.cfg.seed}.safetensors"
         ids, _ = self.pool(source)
@@ -307,6 +335,11 @@ class SearchData:
                 self.objective[spec] = self._cached(f"objective-{slug(spec)}-{cfg.seed}", build,
                                                     f"objective text {spec}")["ids"]
         return self.objective
+
+
+def _by_length(norms: WindowNorms) -> dict[str, torch.Tensor]:
+    """WindowNorms as one file: keys 'LENGTH.LAYER.PROJ.act'."""
+    return {f"{n}.{k}": v for n in norms.lengths for k, v in norms.tensors(n).items()}
 
 
 def pool_repair(source: str, cfg: SearchConfig, lam: float = 1.0, take: int | None = None) -> Repair:

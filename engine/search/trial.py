@@ -63,15 +63,16 @@ def prune_trial(model, data: SearchData, cfg: SearchConfig, params: TrialParams,
     idx = pick_indices(loss, p.calib_n, p.calib_select, p.calib_seed)
     once = 0.0
 
-    def sample_stats() -> dict:
+    def sample_stats(metric: str) -> dict:
         nonlocal once
         tc = time.perf_counter()
-        cache = data.sample_stats(p.calib_source, p.calib_len, idx)
+        cache = data.sample_stats(p.calib_source, p.calib_len, idx, metric)
         once += time.perf_counter() - tc  # built once per session: not this trial's own work
         return cache
 
     def cached_scores(metric: str) -> dict:
-        return scores_from_samples(model, sample_stats(), idx, scored, metric, p.aggregate, p.calib_len, cfg.seed)
+        return scores_from_samples(model, sample_stats(metric), idx, scored, metric, p.aggregate, p.calib_len,
+                                   cfg.seed)
 
     repair = trial_repair(p, cfg)
     if repair is not None:  # the dense model's statistics, before `model` (which may be the dense one) is cut
