@@ -64,9 +64,10 @@ def test_search_records_everything_in_the_session(llama_folder, tmp_path):
     kinds = sorted({p.name.split("-")[0] for p in session.stats_dir.iterdir()})
     # trial 1 (obs, the strongest fixed recipe) always builds its scores; per-sample statistics when TPE asks;
     # the self text both the pool and the objective sample, as one draw
-    # the pools' input moments, shared with workers (the tiny model's fit the repair cache's budget)
-    assert kinds in (["moments", "objective", "obs", "pool", "self"],
-                     ["moments", "objective", "obs", "pool", "samples", "self"])
+    # the pools' input moments, shared with workers (the tiny model's fit the repair cache's budget), and their
+    # windows' input norms (wanda's)
+    assert kinds in (["moments", "norms", "objective", "obs", "pool", "self"],
+                     ["moments", "norms", "objective", "obs", "pool", "samples", "self"])
     assert all(p.suffix == ".safetensors" for p in session.stats_dir.iterdir())  # no build lock left
     row = summary(session)
     assert row.done == 4 and row.best == pytest.approx(best["value"])
@@ -214,6 +215,48 @@ def test_two_workers_share_one_study_exactly(llama_folder, tmp_path):
     keys = [t.user_attrs["key"] for t in counted]
     assert len(keys) == len(set(keys))  # no configuration evaluated twice
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both took part
+
+
+def test_trials_stop_by_successive_halving_over_the_objectives_batches(llama_folder, tmp_path):
+    """Rungs at 1 and 2 batches (of 4): a trial goes on only while in the better half measured there; the last
+    batch is never a stopping point (the whole objective is known by then); --no-early-stop stops nothing."""
+    from engine.model.load import load
+    from engine.search.objective import Pruned, progressive_objective
+
+    cfg = _cfg(llama_folder, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    study = open_study(create_session(tmp_path / "s", "sh", cfg), cfg)
+
+    def run(values: list[float]) -> int:
+        """Report a trial's running values; the batches it ran before being stopped (all when not)."""
+        trial = study.ask()
+        for done, v in enumerate(values, 1):
+            trial.report(v, done)
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                return done
+        study.tell(trial, values[-1])
+        return len(values)
+
+    from optuna.trial import TrialState
+
+    assert run([10, 10, 10]) == 3  # alone at every rung
+    assert run([20, 20, 20]) == 1  # worse than the only other at the first rung
+    assert run([9, 12, 9]) == 2  # better at 1 batch, worse at 2
+    assert run([8, 8, 50]) == 3  # no rung at 3 batches
+    none = open_study(create_session(tmp_path / "s", "all", replace(cfg, early_stop=False)),
+                      replace(cfg, early_stop=False))
+    trial = none.ask()
+    trial.report(1e9, 1)
+    assert not trial.should_prune()
+
+    dense = load(str(llama_folder), device="cpu")
+    windows = torch.randint(0, 100, (12, 16))
+    asked = []
+    value = progressive_objective(dense.model, {"a": windows}, Control(), lambda d, v: asked.append(d) or False)
+    assert asked == [1, 2] and value > 1  # 3 batches of 4: asked after the first two only
+    with pytest.raises(Pruned) as stopped:
+        progressive_objective(dense.model, {"a": windows}, Control(), lambda d, v: True)
+    assert (stopped.value.done, stopped.value.steps) == (1, 3)
 
 
 def test_pick_windows():

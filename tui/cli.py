@@ -206,7 +206,7 @@ def search_cmd(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     storage: str = typer.Option(None, help="Optuna storage URL (default: SQLite in the session)"),
-    early_stop: bool = typer.Option(True, help="stop hopeless trials early (Optuna median pruner)"),
+    early_stop: bool = typer.Option(True, help="stop trials early by successive halving over the objective's batches"),
     sampler: str = typer.Option("tpe", help="tpe (the method) or random (Optuna's RandomSampler, a yardstick)"),
     override: list[str] = typer.Option([], help="per-layer decision the search respects: L=lock or L=K/C"),
     grad_cache_gb: float = typer.Option(2.0, help="memory for gradient sums that taylor1/taylor-mix trials share "

@@ -2,7 +2,7 @@
 
 Each trial prunes a copy of the dense model with one configuration and scores it by the objective: the
 geometric mean of the pruned model's PPL over several validation domains (held-out built-in text and text
-sampled from the dense model by default), evaluated progressively so Optuna's median pruner can stop a
+sampled from the dense model by default), evaluated progressively so successive halving can stop a
 hopeless trial early. Trial 0 is LLM-Pruner's recipe, enqueued, so every later trial is read against it.
 """
 
@@ -142,8 +142,8 @@ class _Driver:
 
         self.sink(TrialStarted(trial.number, params, self.me, bool(trial.user_attrs.get("baseline"))))
 
-        def report(step: int, value: float) -> bool:
-            trial.report(value, step)
+        def report(done: int, value: float) -> bool:
+            trial.report(value, done)
             return trial.number > 0 and trial.should_prune()
 
         try:

@@ -16,7 +16,8 @@ def progressive_objective(model, sets: dict[str, torch.Tensor], control: Control
                           batch_size: int = 4) -> float:
     """Geometric mean of per-domain PPL, computed a batch of every domain at a time.
 
-    `report(step, value)` gets the running value after each step and returns True to stop (trial pruned).
+    `report(done, value)` gets the running value after each step but the last (`done` batches of every text
+    so far: the fidelity a multi-fidelity pruner compares trials at) and returns True to stop (trial pruned).
     """
     device = next(model.parameters()).device
     nll = {k: 0.0 for k in sets}
@@ -35,7 +36,8 @@ def progressive_objective(model, sets: dict[str, torch.Tensor], control: Control
             count[name] += tokens.numel()
         mean_log = sum(nll[k] / count[k] for k in sets if count[k]) / sum(1 for k in sets if count[k])
         value = math.exp(min(mean_log, 700))
-        if report is not None and report(step, value):
+        # after the last step the value is the whole objective: stopping then would save nothing and lose it
+        if report is not None and step + 1 < steps and report(step + 1, value):
             raise Pruned(value, step + 1, steps)
     return value
 
