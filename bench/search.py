@@ -4,6 +4,7 @@ the same parameter count on text the search never saw. Records its table in benc
 
     .venv/bin/python bench/search.py [--trials 20] [--windows 40] [--sampler tpe|random] [--search-only]
     .venv/bin/python bench/search.py --workers 2 [--trials 6]
+    .venv/bin/python bench/search.py --before REV [--trials 20]
 
 `--workers N` measures what N `adaprune worker` processes started together on one session build: each one-time
 stage (objective texts, self-sampled text, calibration pools, statistics) should appear once in the session's
@@ -43,6 +44,8 @@ from engine.search.driver import create_session, run_search
 from engine.search.params import TrialParams
 from engine.search.study import open_study
 from engine.search.trial import prune_trial
+from engine.session.layout import best_record
+from engine.session.store import Session
 from engine.session.study import completed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,10 +64,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="N worker processes on one session against one")
     ap.add_argument("--threads", type=int, default=0, help="with --workers: torch threads per worker process "
                     "(OMP_NUM_THREADS; 1 keeps N workers from oversubscribing the cores, which inflates CPU time)")
+    ap.add_argument("--before", metavar="REV", help="time the same search by the code at git revision REV, "
+                    "then by this tree, and compare their bests on held-out text")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
     if args.workers:
         workers(args)
+        return
+    if args.before:
+        before(args)
         return
 
     cfg = SearchConfig(trials=args.trials, sampler=args.sampler)
@@ -137,16 +145,8 @@ def main() -> None:
         _record(args.out, key, body)
         return
 
-    # held-out texts the search never saw: stdlib-docs test split and WikiText-2 test, at 128 and 2048 tokens
-    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
     dense = load(cfg.model)
-    sets, _ = evaluation_sets(dense.tokenizer, PruneConfig(evals=evals, eval_windows=args.windows))
-    short = {n: ("WikiText-2" if n == str(WIKITEXT) else "stdlib-docs") for n in sets}
-    sets = {f"{short[n]}@128": w for n, w in sets.items()}
-    if args.long_windows:
-        for n in evals:
-            ids = tokenize(dense.tokenizer, load_text(n, "eval"))
-            sets[f"{short[n]}@2048"] = eval_windows(ids, 2048, args.long_windows)
+    sets = heldout_sets(dense, args.windows, args.long_windows)
     rows = []
     data = SearchData(session, cfg, dense, lambda e: None, Control())
 
@@ -212,6 +212,120 @@ def main() -> None:
             f"- one-time work (s, nested stages overlap): "
             f"{', '.join(f'{k} {v:.0f}' for k, v in sorted(once.items(), key=lambda kv: -kv[1]))}\n"
             f"- best against dense: {dense_x}\n\n" + "\n".join(lines) + "\n")
+    print(body)
+    _record(args.out, key, body)
+
+
+def heldout_sets(dense: Loaded, windows: int, long_windows: int) -> dict[str, torch.Tensor]:
+    """Held-out texts the search never saw: stdlib-docs test split and WikiText-2 test, at 128 tokens
+    (`windows` windows) and 2048 (`long_windows`), keyed e.g. "WikiText-2@128"."""
+    evals = ["stdlib-docs"] + ([str(WIKITEXT)] if WIKITEXT.exists() else [])
+    sets, _ = evaluation_sets(dense.tokenizer, PruneConfig(evals=evals, eval_windows=windows))
+    short = {n: ("WikiText-2" if n == str(WIKITEXT) else "stdlib-docs") for n in sets}
+    sets = {f"{short[n]}@128": w for n, w in sets.items()}
+    if long_windows:
+        for n in evals:
+            ids = tokenize(dense.tokenizer, load_text(n, "eval"))
+            sets[f"{short[n]}@2048"] = eval_windows(ids, 2048, long_windows)
+    return sets
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (no ties expected: objective values are floats)."""
+    ra, rb = (sorted(range(len(x)), key=x.__getitem__) for x in (a, b))
+    rank_a, rank_b = [0] * len(a), [0] * len(b)
+    for r, i in enumerate(ra):
+        rank_a[i] = r
+    for r, i in enumerate(rb):
+        rank_b[i] = r
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(rank_a, rank_b, strict=True)) / (n * (n * n - 1))
+
+
+def before(args) -> None:
+    """The same default search by the code at `args.before` (a git revision) and by this tree, one after the
+    other on this machine, each in its own process through the CLI: wall time, trial and objective seconds,
+    how far trials ran, and the best of each on held-out text."""
+    import subprocess
+
+    root = Path(tempfile.mkdtemp(prefix="adaprune-before-"))
+    old = root / "code"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.before], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    cfg = SearchConfig(trials=args.trials, sampler=args.sampler)
+    # what the user's cache holds after a first run (the built-in corpus, the converted model): neither side
+    # builds it inside its timing
+    load_text("stdlib-docs", "calib")
+    load(cfg.model)
+    runs = {}
+    for label, code in ((f"before ({rev})", old), ("after (this tree)", ROOT)):
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        where = subprocess.run([sys.executable, "-c", "import engine; print(engine.__file__)"], env=env, cwd=code,
+                               check=True, capture_output=True, text=True).stdout.strip()
+        assert where.startswith(str(code)), f"{label} would run {where}"
+        name = "before" if code == old else "after"
+        cmd = [sys.executable, "-c", "from tui.cli import main; main()", "search", "--session", name,
+               "--sessions-dir", str(root), "--trials", str(args.trials), "--sampler", args.sampler]
+        t = time.perf_counter()
+        with open(root / f"{name}.log", "w") as log:
+            subprocess.run(cmd, env=env, cwd=code, check=True, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - t
+        session = Session.open(root, name)
+        trials = [t for t in open_study(session, cfg).get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+        runs[label] = (wall, session, trials, code == old)
+        print(label, f"{wall:.0f} s", flush=True)
+
+    dense = load(cfg.model)
+    sets = heldout_sets(dense, args.windows, args.long_windows)
+    names = list(sets)
+    ppl = {"dense": {k: perplexity(dense.model, v) for k, v in sets.items()}}
+    lines = []
+    for label, (wall, session, trials, old_code) in runs.items():
+        complete = [t for t in trials if t.state.name == "COMPLETE"]
+        own = [t for t in trials if "duplicate_of" not in t.user_attrs]
+        trial_s = [t.user_attrs["seconds"] for t in own if "seconds" in t.user_attrs]
+        obj_s = [t.user_attrs["objective_seconds"] for t in own if t.state.name == "COMPLETE"
+                 and "objective_seconds" in t.user_attrs]
+        ratios = [t.user_attrs["seconds"] / t.user_attrs["objective_seconds"] for t in own
+                  if t.state.name == "COMPLETE" and t.user_attrs.get("objective_seconds")]
+        # batches each trial read: the median pruner was told every batch, successive halving all but the last
+        ran = [len(t.intermediate_values) + (t.state.name == "COMPLETE" and not old_code) for t in own if t.number > 0]
+        record = best_record(session)
+        model = copy.deepcopy(dense.model)
+        apply_stored_plan(model, Plan.from_dict(record.plan), SearchData(session, cfg, dense, lambda e: None,
+                                                                         Control()).repair_windows)
+        ppl[label] = {k: perplexity(model, v) for k, v in sets.items()}
+        del model
+        # how well the first batch ranks trials against the whole objective (complete trials; first batch is
+        # step 0 in the median pruner's reports, 1 in successive halving's)
+        first = [(t.intermediate_values.get(0, t.intermediate_values.get(1)), t.value) for t in complete
+                 if t.intermediate_values]
+        rho = spearman([a for a, _ in first], [b for _, b in first]) if len(first) > 2 else float("nan")
+        lines.append(f"- {label}: wall {wall / 60:.1f} min; {len(trials)} trials ({len(complete)} complete); "
+                     f"median trial {statistics.median(trial_s):.1f} s, median objective "
+                     f"{statistics.median(obj_s):.1f} s, median ratio {statistics.median(ratios):.2f}x; "
+                     f"objective batches read per trial after trial 0: {sum(ran)} in all "
+                     f"({', '.join(f'{ran.count(k)}x{k}' for k in sorted(set(ran)))}); best trial {record.trial} "
+                     f"objective {record.value:.2f} ({record.params['metric']}, repair {record.params['repair']}); "
+                     f"first batch against the whole objective, rank correlation {rho:.2f} over {len(first)} trials")
+    (w0, *_), (w1, *_) = runs.values()
+    labels = list(runs)
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, cpu, float32"
+    table = ["| model | " + " | ".join(f"PPL {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for label, row in ppl.items():
+        table.append(f"| {label} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+    gain = ", ".join(f"{n} {1 - ppl[labels[1]][n] / ppl[labels[0]][n]:+.1%}" for n in names)
+    key = "search.py --before"
+    body = (f"## {key} — {datetime.date.today()}\n\nMachine: {machine}. The default search (`adaprune search "
+            f"--trials {args.trials} --sampler {args.sampler}`) on the embedded model, run by the code at {rev} and "
+            f"by this tree, one after the other in one run of `bench/search.py --before {args.before}`, each "
+            f"through the CLI in its own process (wall: the whole command, loading included). Held-out PPL of "
+            f"each best: {args.windows} windows of 128 tokens and {args.long_windows} of 2048 per text.\n\n"
+            + "\n".join(lines) + f"\n- wall time: {w1 / w0 - 1:+.0%}\n"
+            f"- the best's held-out PPL, after against before (lower is better): {gain}\n\n" + "\n".join(table) + "\n")
     print(body)
     _record(args.out, key, body)
 
