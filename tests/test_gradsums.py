@@ -48,7 +48,9 @@ def test_the_pool_sum_from_the_per_sample_pass_serves_a_large_subset_cheaply():
     model = make_model("llama")
     pool = _pool()
     cache = GradientCache(1 << 30)
-    collect_sample_stats(model, pool, on_window=cache.sum_accumulator(POOL, range(pool.shape[0]), model, whole=True))
+    sums = cache.sum_accumulator(POOL, range(pool.shape[0]), model, whole=True)
+    collect_sample_stats(model, pool, on_grad=sums.add)
+    sums.close()
     events = []
     subset = [0, 1, 2, 4, 5, 7]
     got = cache.stats(model, POOL, pool, subset, [1], squares=True, sink=events.append)
@@ -90,7 +92,9 @@ def test_a_whole_pool_sum_is_never_pushed_out_by_a_trials_sum():
     model = make_model("llama")
     pool = _pool()
     cache = GradientCache(sum_bytes(model, squares=True))  # room for the pool's sum and nothing else
-    collect_sample_stats(model, pool, on_window=cache.sum_accumulator(POOL, range(pool.shape[0]), model, whole=True))
+    sums = cache.sum_accumulator(POOL, range(pool.shape[0]), model, whole=True)
+    collect_sample_stats(model, pool, on_grad=sums.add)
+    sums.close()
     events = []
     for subset in ([0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]):
         cache.stats(model, POOL, pool, subset, [0], squares=False, sink=events.append)

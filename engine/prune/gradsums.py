@@ -11,7 +11,7 @@ fp32, so sums stay in memory under a byte budget instead of going into the sessi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -48,6 +48,28 @@ def sum_bytes(model: nn.Module, squares: bool) -> int:
     return n * 4 * (2 if squares else 1)
 
 
+class SumBuilder:
+    """Sums each window's gradient (and its square) per weight as a pass hands them over, one weight at a time;
+    `close` puts the entry in its cache. A pass stopped midway never closes it: nothing partial is kept."""
+
+    def __init__(self, cache: GradientCache, pool: Hashable, windows: frozenset[int], whole: bool) -> None:
+        self.cache, self.pool, self.windows, self.whole = cache, pool, windows, whole
+        self.grad: dict[str, Tensor] = {}
+        self.sq: dict[str, Tensor] = {}
+
+    def add(self, key: str, g: Tensor) -> None:
+        """One window's fp32 gradient of weight `key` ('LAYER.PROJ')."""
+        g = g.detach().float().cpu()
+        if key in self.grad:
+            self.grad[key].add_(g)
+            self.sq[key].addcmul_(g, g)
+        else:
+            self.grad[key], self.sq[key] = g.clone(), g * g
+
+    def close(self) -> None:
+        self.cache.put(GradSum(self.pool, self.windows, self.grad, self.sq, whole=self.whole))
+
+
 class GradientCache:
     """Gradient sums under a byte budget, least recently used out first but whole pools last (0: keep none,
     every subset is summed afresh)."""
@@ -76,29 +98,13 @@ class GradientCache:
         self.entries.append(entry)
 
     def sum_accumulator(self, pool: Hashable, windows: Sequence[int], model: nn.Module,
-                        whole: bool = False) -> Callable | None:
-        """An `on_window` callback for a pass that computes the gradient of each of a pool's `windows` anyway
-        (the per-sample statistics), in that order: it sums them into an entry for those windows (`whole`: the
-        entire pool, kept before any trial's sum). None when that entry would not fit the budget."""
+                        whole: bool = False) -> SumBuilder | None:
+        """A builder for a pass that computes the gradient of each of a pool's `windows` anyway (the per-sample
+        statistics): it sums them into an entry for those windows (`whole`: the entire pool, kept before any
+        trial's sum), put in the cache when the pass closes it. None when that entry would not fit the budget."""
         if not self.fits(sum_bytes(model, squares=True)):
             return None
-        grad: dict[str, Tensor] = {}
-        sq: dict[str, Tensor] = {}
-        seen = [0]
-
-        def on_window(grads: dict[str, Tensor]) -> None:
-            for k, g in grads.items():
-                g = g.detach().float().cpu()
-                if k in grad:
-                    grad[k].add_(g)
-                    sq[k].add_(g.pow(2))
-                else:
-                    grad[k], sq[k] = g.clone(), g.pow(2)
-            seen[0] += 1
-            if seen[0] == len(windows):
-                self.put(GradSum(pool, frozenset(int(w) for w in windows), grad, sq, whole=whole))
-
-        return on_window
+        return SumBuilder(self, pool, frozenset(int(w) for w in windows), whole)
 
     def nearest(self, pool: Hashable, target: frozenset[int], squares: bool) -> GradSum | None:
         """The cached sum that the fewest window passes turn into the target's (None: start from zero)."""

@@ -30,6 +30,7 @@ from engine.config import (  # the rules live in config (torch-free): checked be
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
+from engine.measure.evaluate import next_token_nll
 from engine.model.structure import ATTN, decoder_layers, layer_shape
 
 
@@ -295,43 +296,79 @@ def _parts(layer: nn.Module, e: dict[str, Tensor], hd: int, r: int) -> dict[str,
 
 def collect_sample_stats(
     model: nn.Module, windows: Tensor, control: Control | None = None, sink: Sink = null_sink,
-    on_window: Callable[[dict[str, Tensor]], None] | None = None,
+    on_grad: Callable[[str, Tensor], None] | None = None, batch_size: int = 4,
 ) -> dict[str, Tensor]:
     """Per calibration window, every layer's per-group sums of w*g and 1/2 w^2 g^2, and input sq-norms.
 
     Keys: 'L.KIND.vector' and 'L.KIND.taylor2' -> [samples, matrices, groups] (KIND: heads, kv, channels);
     'L.PROJ.act' -> [samples, in_features] (sum over the window's tokens of x^2).
-    `on_window` sees each window's fp32 weight gradients, keyed 'L.PROJ' (e.g. to sum them at no extra pass).
+    One forward and backward per batch of windows, through the activations only: each window's weight
+    gradient g = dy^T x is formed from its own inputs x and output gradients dy, one window and one weight at a
+    time. `on_grad(key, g)` sees each window's fp32 gradient of weight 'L.PROJ' (e.g. to sum them at no extra
+    pass), the windows of a weight in order.
     """
     control = control or Control()
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    n = windows.shape[0]
-    rows: dict[str, list[Tensor]] = {}
-    weights = {(i, p): _proj(layers[i], p).weight for i in range(len(layers)) for p in PROJ}
-    with (_gradients_only_for(model, weights.values()), hooked_norms(model, [windows.shape[1]]) as norms,
+    n, length = windows.shape
+    # per (layer, projection, metric): each batch's [windows, rows or columns] sums of the element scores
+    sums: dict[tuple[int, str, str], list[Tensor]] = {}
+
+    def backward(i: int, p: str, weight: Tensor, x: Tensor, dy: Tensor) -> None:
+        w = weight.detach().float()
+        axis = 0 if p in ("o_proj", "down_proj") else 1  # their groups are input columns; the others' rows
+        vec, sq = [], []
+        for s in range(x.shape[0]):
+            g = dy[s].float().T @ x[s].float()
+            if on_grad is not None:
+                on_grad(f"{i}.{p}", g)
+            e = w * g
+            vec.append(e.sum(axis))
+            sq.append(0.5 * e.pow_(2).sum(axis))
+        sums.setdefault((i, p, "vector"), []).append(torch.stack(vec).cpu())
+        sums.setdefault((i, p, "taylor2"), []).append(torch.stack(sq).cpu())
+
+    def hook(i: int, p: str):
+        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            x = args[0].detach()
+            out.register_hook(lambda dy: backward(i, p, mod.weight, x, dy))
+        return fn
+
+    hooks = [_proj(layers[i], p).register_forward_hook(hook(i, p)) for i in range(len(layers)) for p in PROJ]
+    # the graph starts at the embeddings' output: gradients flow through every activation, no weight's is formed
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    bs = max(1, batch_size)
+    with (_gradients_only_for(model, ()), _removed_after(hooks), hooked_norms(model, [length]) as norms,
           Stage(sink, "per-sample statistics", n, "samples") as stage):
-        for s in range(n):
+        for b in range(0, n, bs):
             control.checkpoint()
-            x = windows[s : s + 1].to(device)
-            model(input_ids=x, labels=x).loss.backward()
-            with torch.no_grad():
-                for i, layer in enumerate(layers):
-                    shape = layer_shape(layer)
-                    ws = {p: weights[(i, p)].detach().float() for p in PROJ}
-                    gs = {p: weights[(i, p)].grad.float() for p in PROJ}
-                    first = _parts(layer, {p: ws[p] * gs[p] for p in PROJ}, shape.head_dim, shape.heads_per_group)
-                    second = _parts(layer, {p: 0.5 * ws[p].pow(2) * gs[p].pow(2) for p in PROJ},
-                                    shape.head_dim, shape.heads_per_group)
-                    for kind in first:
-                        rows.setdefault(f"{i}.{kind}.vector", []).append(torch.stack(first[kind]).cpu())
-                        rows.setdefault(f"{i}.{kind}.taylor2", []).append(torch.stack(second[kind]).cpu())
-            if on_window is not None:
-                on_window({f"{i}.{p}": w.grad.float() for (i, p), w in weights.items()})
-            for w in weights.values():
-                w.grad = None
-            stage.advance(s + 1)
-    return {**{k: torch.stack(v) for k, v in rows.items()}, **norms.tensors(windows.shape[1])}
+            x = windows[b : b + bs].to(device)
+            # each window's own mean loss, summed: the batch's gradient is the sum of the windows' gradients
+            next_token_nll(model(input_ids=x).logits, x, differentiable=True).mean(1).sum().backward()
+            stage.advance(min(b + bs, n))
+    out = norms.tensors(length)
+    for i, layer in enumerate(layers):
+        shape = layer_shape(layer)
+        e = {p: torch.cat(sums[(i, p, "vector")]) for p in PROJ}
+        f = {p: torch.cat(sums[(i, p, "taylor2")]) for p in PROJ}
+        for name, parts in (("vector", _row_parts(e, shape.head_dim, shape.heads_per_group)),
+                            ("taylor2", _row_parts(f, shape.head_dim, shape.heads_per_group))):
+            for kind, per_matrix in parts.items():
+                out[f"{i}.{kind}.{name}"] = torch.stack(per_matrix, dim=1)  # [samples, matrices, groups]
+    return out
+
+
+def _row_parts(v: dict[str, Tensor], hd: int, r: int) -> dict[str, list[Tensor]]:
+    """`_parts` from each window's sums over a matrix's other axis ([windows, rows or columns] per projection)."""
+    def blocks(t: Tensor, block: int) -> Tensor:
+        return t.view(t.shape[0], -1, block).sum(-1)
+
+    return {
+        "heads": [blocks(v["q_proj"], hd), blocks(v["o_proj"], hd)],
+        "kv": [blocks(v["q_proj"], hd * r), blocks(v["k_proj"], hd), blocks(v["v_proj"], hd),
+               blocks(v["o_proj"], hd * r)],
+        "channels": [blocks(v["gate_proj"], 1), blocks(v["up_proj"], 1), blocks(v["down_proj"], 1)],
+    }
 
 
 def scores_from_samples(

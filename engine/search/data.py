@@ -189,7 +189,10 @@ class SearchData:
         # these windows' gradients are computed anyway: their sum serves taylor1 trials on them
         grad_sum = self.grads.sum_accumulator(key, missing, model, whole=len(missing) == ids.shape[0])
         with Stage(self.sink, f"per-sample statistics {source} x{length}"):
-            new = collect_sample_stats(model, ids[missing, :length], self.control, self.sink, grad_sum)
+            new = collect_sample_stats(model, ids[missing, :length], self.control, self.sink,
+                                       grad_sum.add if grad_sum else None, CALIB_BATCH)
+        if grad_sum is not None:
+            grad_sum.close()
         rows = torch.tensor(missing)
         for k, v in new.items():
             if k not in stats:
