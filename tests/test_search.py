@@ -763,6 +763,20 @@ def test_resuming_a_finished_search_loads_nothing_and_keeps_it_done(searched_tem
     assert session.manifest()["status"] == "done"
 
 
+def test_a_damaged_best_plan_is_rebuilt_from_the_study_when_the_search_resumes(searched_template, tmp_path):
+    from engine.events import Log
+    from engine.session.layout import best_record
+
+    session = searched_template(tmp_path / "s", "damaged")
+    saved = best_record(session)
+    (session.path / "plan.json").write_text('{"trial": 1, "val')  # e.g. a disk that filled up mid-write
+    logs = []
+    result = run_search(session, lambda e: logs.append(e.message) if isinstance(e, Log) else None)
+    assert result["completed"] == 2 and session.manifest()["status"] == "done"
+    assert best_record(session) == saved
+    assert any("plan (plan.json) cannot be read: rebuilding it" in m for m in logs)
+
+
 def test_a_search_of_workers_alone_is_steered_and_says_how_it_ended(llama_folder, tmp_path):
     """No driver, no lock: the sessions list says running (then paused) from the log's live worker, a cancel
     reaches it, and the session says cancelled (was left "created"); one whose workers died says stopped."""

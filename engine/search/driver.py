@@ -43,7 +43,7 @@ from engine.search.study import ask_lock, beat_once, fail_orphans, heartbeat, op
 from engine.search.trial import TrialOutcome, prune_trial, run_trial
 from engine.session import requests
 from engine.session.activity import me
-from engine.session.layout import best_record, write_best
+from engine.session.layout import BEST, best_record, write_best
 from engine.session.records import BestRecord
 from engine.session.store import Session
 from engine.session.study import (
@@ -235,13 +235,15 @@ def settle_best(session: Session, cfg: SearchConfig, study, dense: Loaded, data:
     """Make plan.json name the study's best trial. A process killed between a trial's result and the write of
     its plan leaves a best without a plan: the plan is rebuilt (the trial's pruning, not its objective)."""
     b = best_trial(study)
-    record = best_record(session)
+    try:
+        record, why = best_record(session), "was not saved (its process stopped in between)"
+    except AdapruneError:  # damaged: what it held comes from the study, so it is rebuilt like a missing one
+        record, why = None, f"({BEST}) cannot be read"
     if b is None or (record is not None and record.trial == b[0]):
         return
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == b[0])
     params = suggest(frozen, sp, cfg.fixed)
-    sink(Log(f"trial {b[0]} is the best but its plan was not saved (its process stopped in between): "
-             f"rebuilding it"))
+    sink(Log(f"trial {b[0]} is the best but its plan {why}: rebuilding it"))
     model = shared_copy(dense.model)
     plan, _ = prune_trial(model, data, cfg, TrialParams.from_dict(params), control, sink)
     write_best(session, BestRecord(b[0], b[1], params, plan))
@@ -252,7 +254,11 @@ def _already_done(session: Session) -> dict | None:
     the model (and without turning its status into "cancelled" when the user stops that load)."""
     cfg = SearchConfig.from_dict(session.config())
     study = open_study(session, cfg)
-    done, b, record = completed(study), best_trial(study), best_record(session)
+    done, b = completed(study), best_trial(study)
+    try:
+        record = best_record(session)
+    except AdapruneError:  # a damaged plan.json is rebuilt from the study once the model is loaded
+        return None
     if done < cfg.trials or b is None or record is None or record.trial != b[0]:
         return None
     if session.manifest().get("status") != "done":
