@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_model
 
-from engine.config import METRICS, REPAIR_METRICS
+from engine.config import METRICS, PROJ_ATTN, REPAIR_METRICS
 from engine.errors import AdapruneError
 from engine.model.structure import decoder_layers
 from engine.prune.importance import check_metric, collect_stats, score_layers
@@ -97,6 +97,38 @@ def test_unknown_metric_is_refused():
         check_metric("taylor3", "sum")
     with pytest.raises(AdapruneError, match="unknown aggregation"):
         check_metric("taylor1", "median")
+
+
+def test_per_window_gradients_equal_autograd_window_by_window():
+    """The Fisher sums and the per-sample statistics form each window's gradient from its inputs and output
+    gradients in one backward per batch; autograd on each window alone is the reference (q/k/v biases, GQA)."""
+    from engine.prune.importance import collect_sample_stats, gradient_sums
+
+    model = make_model("qwen2", heads=6, kv_heads=2)
+    windows = _windows(5, 16)
+    keys = ["0.q_proj", "1.o_proj", "1.down_proj", "2.up_proj", "2.v_proj"]
+    layers = decoder_layers(model)
+    weights = {k: getattr(layers[int(k[0])].self_attn if k[2:] in PROJ_ATTN else layers[int(k[0])].mlp,
+                          k[2:]).weight for k in keys}
+    per_window = []
+    model.eval()
+    for s in range(windows.shape[0]):
+        model.zero_grad()
+        model(input_ids=windows[s : s + 1], labels=windows[s : s + 1]).loss.backward()
+        per_window.append({k: w.grad.detach().clone() for k, w in weights.items()})
+    model.zero_grad()
+    grad, sq = gradient_sums(model, windows, keys, squares=True, batch_size=3)
+    plain, _ = gradient_sums(model, windows, keys, squares=False, batch_size=2)
+    seen = {k: [] for k in keys}
+    collect_sample_stats(model, windows, on_grad=lambda k, g: k in seen and seen[k].append(g), batch_size=2)
+    for k in keys:
+        torch.testing.assert_close(grad[k], sum(w[k] for w in per_window), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(plain[k], grad[k], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(sq[k], sum(w[k].pow(2) for w in per_window), rtol=1e-4, atol=1e-9)
+        assert len(seen[k]) == windows.shape[0]
+        for got, ref in zip(seen[k], per_window, strict=True):
+            torch.testing.assert_close(got, ref[k], rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("metric", ["vector", "taylor2", "wanda"])

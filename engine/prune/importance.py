@@ -102,17 +102,30 @@ def gradient_sums(
     on_batch=None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Sums over `windows` of every window's loss gradient for the weights `keys` ('LAYER.PROJ'), in fp32,
-    and with `squares` the sums of the squared per-window gradients (the Fisher diagonal, one backward per
-    window). The windows have one length, so a batch's mean loss is the mean of its windows' losses and B
-    times its gradient is the sum of their gradients: the sums do not depend on the batch size.
+    and with `squares` the sums of the squared per-window gradients (the Fisher diagonal: each window's gradient
+    formed from its own inputs and output gradients). The windows have one length, so a batch's mean loss is
+    the mean of its windows' losses and B times its gradient is the sum of their gradients: the sums do not
+    depend on the batch size.
     """
     control = control or Control()
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    weights = {k: _proj(layers[int(k.split(".")[0])], k.split(".")[1]).weight for k in keys}
-    bs = 1 if squares else max(1, batch_size)
     grad: dict[str, Tensor] = {}
     sq: dict[str, Tensor] = {}
+    if squares:  # the squares need each window's own gradient: formed per window from a batch's backward
+        def each(key: str, x: Tensor, dy: Tensor) -> None:
+            for s in range(x.shape[0]):
+                g = _window_grad(x[s], dy[s])
+                if key in grad:
+                    grad[key].add_(g)
+                    sq[key].addcmul_(g, g)
+                else:
+                    grad[key], sq[key] = g, g * g
+
+        _window_backward(model, windows, keys, each, batch_size, control, on_batch)
+        return grad, sq
+    weights = {k: _proj(layers[int(k.split(".")[0])], k.split(".")[1]).weight for k in keys}
+    bs = max(1, batch_size)
     with _gradients_only_for(model, weights.values()):
         for b in range(0, windows.shape[0], bs):
             control.checkpoint()
@@ -124,8 +137,6 @@ def gradient_sums(
             for key, w in weights.items():
                 g = w.grad.float()
                 grad[key] = grad[key] + g if key in grad else g.clone()
-                if squares:
-                    sq[key] = sq[key] + g.pow(2) if key in sq else g.pow(2)
                 w.grad = None
             if on_batch is not None:
                 on_batch(min(b + bs, windows.shape[0]))
@@ -294,6 +305,44 @@ def _parts(layer: nn.Module, e: dict[str, Tensor], hd: int, r: int) -> dict[str,
     }
 
 
+def _window_grad(x: Tensor, dy: Tensor) -> Tensor:
+    """One window's fp32 weight gradient of a linear layer: its output gradients [tokens, out] times its inputs."""
+    return dy.float().T @ x.float()
+
+
+def _window_backward(model: nn.Module, windows: Tensor, keys: Sequence[str],
+                     each: Callable[[str, Tensor, Tensor], None], batch_size: int, control: Control | None,
+                     on_batch: Callable[[int], None] | None = None) -> None:
+    """A forward and backward per batch of windows, through the activations only (no weight gradient is formed):
+    `each(key, x, dy)` gets the inputs [windows, tokens, in] and output gradients [windows, tokens, out] of
+    every weight `key` ('LAYER.PROJ'), so that window s's gradient is dy[s]^T x[s]. Each window's loss is its own
+    mean next-token loss: the batch's loss is their sum."""
+    control = control or Control()
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+
+    def hook(key: str):
+        def fn(_mod: nn.Module, args: tuple, out: Tensor) -> None:
+            x = args[0].detach()
+            out.register_hook(lambda dy: each(key, x, dy))
+        return fn
+
+    hooks = [_proj(layers[int(k.split(".")[0])], k.split(".")[1]).register_forward_hook(hook(k)) for k in keys]
+    # the graph starts at the embeddings' output: gradients flow through every activation to the hooks
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    n, bs = windows.shape[0], max(1, batch_size)
+    with _gradients_only_for(model, ()), _removed_after(hooks):
+        for b in range(0, n, bs):
+            control.checkpoint()
+            x = windows[b : b + bs].to(device)
+            loss = next_token_nll(model(input_ids=x).logits, x, differentiable=True).mean(1).sum()
+            if not torch.isfinite(loss):
+                raise AdapruneError("the calibration loss is not finite: the model or data is broken")
+            loss.backward()
+            if on_batch is not None:
+                on_batch(min(b + bs, n))
+
+
 def collect_sample_stats(
     model: nn.Module, windows: Tensor, control: Control | None = None, sink: Sink = null_sink,
     on_grad: Callable[[str, Tensor], None] | None = None, batch_size: int = 4,
@@ -307,45 +356,29 @@ def collect_sample_stats(
     time. `on_grad(key, g)` sees each window's fp32 gradient of weight 'L.PROJ' (e.g. to sum them at no extra
     pass), the windows of a weight in order.
     """
-    control = control or Control()
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
     n, length = windows.shape
     # per (layer, projection, metric): each batch's [windows, rows or columns] sums of the element scores
     sums: dict[tuple[int, str, str], list[Tensor]] = {}
 
-    def backward(i: int, p: str, weight: Tensor, x: Tensor, dy: Tensor) -> None:
-        w = weight.detach().float()
+    def each(key: str, x: Tensor, dy: Tensor) -> None:
+        i, p = int(key.split(".")[0]), key.split(".")[1]
+        w = _proj(layers[i], p).weight.detach().float()
         axis = 0 if p in ("o_proj", "down_proj") else 1  # their groups are input columns; the others' rows
         vec, sq = [], []
         for s in range(x.shape[0]):
-            g = dy[s].float().T @ x[s].float()
+            g = _window_grad(x[s], dy[s])
             if on_grad is not None:
-                on_grad(f"{i}.{p}", g)
+                on_grad(key, g)
             e = w * g
             vec.append(e.sum(axis))
             sq.append(0.5 * e.pow_(2).sum(axis))
         sums.setdefault((i, p, "vector"), []).append(torch.stack(vec).cpu())
         sums.setdefault((i, p, "taylor2"), []).append(torch.stack(sq).cpu())
 
-    def hook(i: int, p: str):
-        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
-            x = args[0].detach()
-            out.register_hook(lambda dy: backward(i, p, mod.weight, x, dy))
-        return fn
-
-    hooks = [_proj(layers[i], p).register_forward_hook(hook(i, p)) for i in range(len(layers)) for p in PROJ]
-    # the graph starts at the embeddings' output: gradients flow through every activation, no weight's is formed
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
-    bs = max(1, batch_size)
-    with (_gradients_only_for(model, ()), _removed_after(hooks), hooked_norms(model, [length]) as norms,
-          Stage(sink, "per-sample statistics", n, "samples") as stage):
-        for b in range(0, n, bs):
-            control.checkpoint()
-            x = windows[b : b + bs].to(device)
-            # each window's own mean loss, summed: the batch's gradient is the sum of the windows' gradients
-            next_token_nll(model(input_ids=x).logits, x, differentiable=True).mean(1).sum().backward()
-            stage.advance(min(b + bs, n))
+    keys = [f"{i}.{p}" for i in range(len(layers)) for p in PROJ]
+    with hooked_norms(model, [length]) as norms, Stage(sink, "per-sample statistics", n, "samples") as stage:
+        _window_backward(model, windows, keys, each, batch_size, control, stage.advance)
     out = norms.tensors(length)
     for i, layer in enumerate(layers):
         shape = layer_shape(layer)
