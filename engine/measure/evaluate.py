@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
 from engine.measure.memprobe import MARKER
+from engine.measure.nll import next_token_nll
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -29,18 +29,6 @@ def _device(model: nn.Module) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-    """[batch, len - 1] negative log-likelihood of each next token of `ids` under `logits` [batch, len, vocab]
-    (in inference mode unless `differentiable`). Scored as one flat [tokens, vocab] matrix: the
-    class-in-the-middle layout costs six times as much on a CPU."""
-    with contextlib.nullcontext() if differentiable else torch.inference_mode():
-        logits = logits[:, :-1].float()
-        target = ids[:, 1:]
-        flat = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 reduction="none")
-        return flat.view(target.shape)
 
 
 def perplexity(

@@ -30,7 +30,7 @@ from engine.config import (  # the rules live in config (torch-free): checked be
 from engine.control import Control
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
-from engine.measure.evaluate import next_token_nll
+from engine.measure.nll import next_token_nll
 from engine.model.structure import ATTN, decoder_layers, layer_shape
 
 

@@ -35,7 +35,7 @@ from engine.data.text import check_calib
 from engine.data.windows import draw_windows
 from engine.errors import AdapruneError
 from engine.events import Sink, Stage, null_sink
-from engine.measure.evaluate import next_token_nll
+from engine.measure.nll import next_token_nll
 from engine.model.structure import decoder_layers, layer_shape, layer_shapes
 from engine.prune.importance import WindowNorms
 from engine.prune.plan import LayerPlan

@@ -20,7 +20,7 @@ from engine.events import (
     Stage,
 )
 from engine.files import write_tensors_atomic
-from engine.measure.evaluate import next_token_nll
+from engine.measure.nll import next_token_nll
 from engine.measure.zeroshot import TaskSpec, parse_task, sample_indices, zero_shot
 from engine.model.load import Loaded
 from engine.model.structure import decoder_layers

@@ -8,7 +8,7 @@ import math
 import torch
 
 from engine.control import Control
-from engine.measure.evaluate import next_token_nll
+from engine.measure.nll import next_token_nll
 
 
 @torch.inference_mode()
