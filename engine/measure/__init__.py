@@ -1,2 +1,2 @@
-"""Measurements of a model: next-token loss (nll), perplexity and speed (evaluate), peak memory in a fresh process (memprobe),
-zero-shot accuracy through lm-evaluation-harness (zeroshot)."""
+"""Measurements of a model: next-token loss (nll), perplexity and speed (evaluate), peak memory in a fresh
+process (memprobe), zero-shot accuracy through lm-evaluation-harness (zeroshot)."""

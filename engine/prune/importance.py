@@ -102,44 +102,30 @@ def gradient_sums(
     on_batch=None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Sums over `windows` of every window's loss gradient for the weights `keys` ('LAYER.PROJ'), in fp32,
-    and with `squares` the sums of the squared per-window gradients (the Fisher diagonal: each window's gradient
-    formed from its own inputs and output gradients). The windows have one length, so a batch's mean loss is
-    the mean of its windows' losses and B times its gradient is the sum of their gradients: the sums do not
-    depend on the batch size.
+    and with `squares` the sums of the squared per-window gradients (the Fisher diagonal). A weight's gradient
+    is formed from its inputs and output gradients in the hook of a backward through the activations, one
+    weight at a time: no weight gradient of the whole model is ever held. The sums do not depend on the batch
+    size.
     """
-    control = control or Control()
-    layers = decoder_layers(model)
-    device = next(model.parameters()).device
     grad: dict[str, Tensor] = {}
     sq: dict[str, Tensor] = {}
-    if squares:  # the squares need each window's own gradient: formed per window from a batch's backward
-        def each(key: str, x: Tensor, dy: Tensor) -> None:
-            for s in range(x.shape[0]):
-                g = _window_grad(x[s], dy[s])
-                if key in grad:
-                    grad[key].add_(g)
-                    sq[key].addcmul_(g, g)
-                else:
-                    grad[key], sq[key] = g, g * g
 
-        _window_backward(model, windows, keys, each, batch_size, control, on_batch)
-        return grad, sq
-    weights = {k: _proj(layers[int(k.split(".")[0])], k.split(".")[1]).weight for k in keys}
-    bs = max(1, batch_size)
-    with _gradients_only_for(model, weights.values()):
-        for b in range(0, windows.shape[0], bs):
-            control.checkpoint()
-            batch = windows[b : b + bs].to(device)
-            loss = model(input_ids=batch, labels=batch).loss
-            if not torch.isfinite(loss):
-                raise AdapruneError("the calibration loss is not finite: the model or data is broken")
-            (loss * batch.shape[0]).backward()
-            for key, w in weights.items():
-                g = w.grad.float()
-                grad[key] = grad[key] + g if key in grad else g.clone()
-                w.grad = None
-            if on_batch is not None:
-                on_batch(min(b + bs, windows.shape[0]))
+    def add(into: dict[str, Tensor], key: str, g: Tensor) -> None:
+        if key in into:
+            into[key].add_(g)
+        else:
+            into[key] = g
+
+    def each(key: str, x: Tensor, dy: Tensor) -> None:
+        if not squares:  # the batch's gradient at once: the sum of its windows'
+            add(grad, key, _window_grad(x.flatten(0, 1), dy.flatten(0, 1)))
+            return
+        for s in range(x.shape[0]):  # the squares need each window's own gradient
+            g = _window_grad(x[s], dy[s])
+            add(sq, key, g * g)
+            add(grad, key, g)
+
+    _window_backward(model, windows, keys, each, batch_size, control, on_batch)
     return grad, sq
 
 
