@@ -64,17 +64,16 @@ def _proj(layer: nn.Module, name: str) -> nn.Linear:
 
 
 @contextmanager
-def _gradients_only_for(model: nn.Module, weights) -> Iterator[None]:
-    """Eval mode (no dropout: importance of the model as it will be used) and gradients for `weights` only;
-    everything restored afterwards, no gradient left behind."""
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout: importance of the model as it will be used) and no parameter asking for a
+    gradient (passes that need gradients take them from the activations); everything restored afterwards, no
+    gradient left behind."""
     saved = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
         yield
     finally:
         for name, p in model.named_parameters():
@@ -154,7 +153,7 @@ def collect_stats(
         return stats
     device = next(model.parameters()).device
     bs = max(1, batch_size)
-    with (_gradients_only_for(model, ()), hooked_norms(model, [windows.shape[1]], layer_ids) as norms,
+    with (_frozen_eval(model), hooked_norms(model, [windows.shape[1]], layer_ids) as norms,
           torch.no_grad(), Stage(sink, "calibration statistics", n, "windows") as stage):
         for b in range(0, n, bs):
             control.checkpoint()
@@ -317,7 +316,7 @@ def _window_backward(model: nn.Module, windows: Tensor, keys: Sequence[str],
     # the graph starts at the embeddings' output: gradients flow through every activation to the hooks
     hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
     n, bs = windows.shape[0], max(1, batch_size)
-    with _gradients_only_for(model, ()), _removed_after(hooks):
+    with _frozen_eval(model), _removed_after(hooks):
         for b in range(0, n, bs):
             control.checkpoint()
             x = windows[b : b + bs].to(device)
