@@ -148,8 +148,9 @@ class GradientCache:
             for sign, part, done in ((1.0, add, 0), (-1.0, sub, len(add))):
                 if not part:
                     continue
+                # summed in host memory: fp32 sums (and squares) of an 8B model's weights are 26 (52) GB
                 g, s = gradient_sums(model, windows[part], keys, squares, batch_size, control,
-                                     lambda k, done=done: stage.advance(done + k))
+                                     lambda k, done=done: stage.advance(done + k), to="cpu")
                 for k in keys:
                     _accumulate(grad, k, g[k], sign, caching)
                     if sq is not None:

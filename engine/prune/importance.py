@@ -99,17 +99,19 @@ def gradient_sums(
     batch_size: int = 4,
     control: Control | None = None,
     on_batch=None,
+    to: str | torch.device | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Sums over `windows` of every window's loss gradient for the weights `keys` ('LAYER.PROJ'), in fp32,
     and with `squares` the sums of the squared per-window gradients (the Fisher diagonal). A weight's gradient
     is formed from its inputs and output gradients in the hook of a backward through the activations, one
-    weight at a time: no weight gradient of the whole model is ever held. The sums do not depend on the batch
-    size.
+    weight at a time: no weight gradient of the whole model is ever held. The sums are kept on `to` (None: each
+    weight's device; "cpu" keeps an accelerator free of them) and do not depend on the batch size.
     """
     grad: dict[str, Tensor] = {}
     sq: dict[str, Tensor] = {}
 
     def add(into: dict[str, Tensor], key: str, g: Tensor) -> None:
+        g = g if to is None else g.to(to)
         if key in into:
             into[key].add_(g)
         else:
@@ -147,7 +149,7 @@ def collect_stats(
     if need_grad:
         keys = [f"{i}.{p}" for i in layer_ids for p in PROJ]
         with Stage(sink, "calibration statistics", n, "windows") as stage:
-            grad, sq = gradient_sums(model, windows, keys, need_fisher, batch_size, control, stage.advance)
+            grad, sq = gradient_sums(model, windows, keys, need_fisher, batch_size, control, stage.advance, "cpu")
         stats.grad = {k: v / n for k, v in grad.items()}
         stats.fisher = {k: v / n for k, v in sq.items()}
         return stats
