@@ -131,6 +131,23 @@ def test_per_window_gradients_equal_autograd_window_by_window():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_projection_called_twice_in_a_forward_is_refused_not_summed_wrong():
+    """Each window's gradient is formed per call of a projection: a model that calls one twice would get the
+    square of each part, not of their sum. It is named, and the model is left as it was."""
+    import types
+
+    from engine.prune.importance import gradient_sums
+
+    model = make_model("llama")
+    mlp = decoder_layers(model)[1].mlp
+    plain = mlp.forward
+    mlp.forward = types.MethodType(lambda self, x: plain(x) + self.down_proj(self.act_fn(self.gate_proj(x))), mlp)
+    with pytest.raises(AdapruneError, match="calls 1.down_proj more than once"):
+        gradient_sums(model, _windows(2, 8), ["1.down_proj"], squares=True)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("metric", ["vector", "taylor2", "wanda"])
 def test_per_sample_cache_equals_direct_scoring(metric):
     from engine.prune.importance import collect_sample_stats, scores_from_samples

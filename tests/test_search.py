@@ -259,6 +259,16 @@ def test_trials_stop_by_successive_halving_over_the_objectives_batches(llama_fol
     assert (stopped.value.done, stopped.value.steps) == (1, 3)
 
 
+def test_the_baseline_stands_in_the_rungs_and_runs_whole(llama_folder, tmp_path):
+    """Successive halving compares trials with the baseline's values too (LLM-Pruner's recipe is a trial like
+    the others), and the baseline itself is never stopped."""
+    cfg = _cfg(llama_folder, trials=2, objective_windows=8, sources=["stdlib-docs"], objective=["stdlib-docs/valid"])
+    session = create_session(tmp_path / "s", "rungs", cfg)
+    run_search(session)
+    base = next(t for t in _trials(session, cfg) if t.user_attrs.get("baseline"))
+    assert base.state.name == "COMPLETE" and "completed_rung_0" in base.system_attrs
+
+
 def test_pick_windows():
     ids = torch.arange(40).view(8, 5)
     loss = torch.tensor([5.0, 1.0, 3.0, 7.0, 2.0, 6.0, 4.0, 0.0])

@@ -255,9 +255,9 @@ class WindowNorms:
 
     def add(self, key: str, x: Tensor) -> None:
         """A batch's inputs `x` [windows, tokens, in_features] of projection `key` ('LAYER.PROJ')."""
-        x = x.detach()
+        sq = x.detach()[:, : self.lengths[-1]].float().pow(2)
         for n in self.lengths:
-            self._rows.setdefault((n, key), []).append(x[:, :n].float().pow(2).sum(1).cpu())
+            self._rows.setdefault((n, key), []).append(sq[:, :n].sum(1).cpu())
 
     def tensors(self, length: int) -> dict[str, Tensor]:
         return {f"{k}.act": torch.cat(v) for (n, k), v in self._rows.items() if n == length}
@@ -307,25 +307,38 @@ def _window_backward(model: nn.Module, windows: Tensor, keys: Sequence[str],
     control = control or Control()
     layers = decoder_layers(model)
     device = next(model.parameters()).device
+    calls: dict[str, int] = {}
 
     def hook(key: str):
         def fn(_mod: nn.Module, args: tuple, out: Tensor) -> None:
-            x = args[0].detach()
-            out.register_hook(lambda dy: each(key, x, dy))
+            calls[key] = calls.get(key, 0) + 1
+            if calls[key] > 1:  # a second call's gradient would be summed with the first's before squaring
+                raise AdapruneError(f"the model calls {key} more than once in a forward pass: per-window "
+                                    f"gradients are not supported for it")
+            held = [args[0].detach()]  # freed once its gradient is formed, not kept by the graph until the next batch
+            out.register_hook(lambda dy: each(key, held.pop(), dy))
         return fn
 
+    def start(_mod: nn.Module, args: tuple, kwargs: dict):
+        """The graph starts at the first keyed layer's input: layers below it need no backward."""
+        if args:
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
+
+    first = min(int(k.split(".")[0]) for k in keys)
     hooks = [_proj(layers[int(k.split(".")[0])], k.split(".")[1]).register_forward_hook(hook(k)) for k in keys]
-    # the graph starts at the embeddings' output: gradients flow through every activation to the hooks
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    hooks.append(layers[first].register_forward_pre_hook(start, with_kwargs=True))
     n, bs = windows.shape[0], max(1, batch_size)
-    with _frozen_eval(model), _removed_after(hooks):
+    with _frozen_eval(model), _removed_after(hooks), torch.enable_grad():
         for b in range(0, n, bs):
             control.checkpoint()
+            calls.clear()
             x = windows[b : b + bs].to(device)
             loss = next_token_nll(model(input_ids=x).logits, x, differentiable=True).mean(1).sum()
             if not torch.isfinite(loss):
                 raise AdapruneError("the calibration loss is not finite: the model or data is broken")
             loss.backward()
+            del loss  # the graph goes now, not after the next batch's forward
             if on_batch is not None:
                 on_batch(min(b + bs, n))
 

@@ -298,6 +298,12 @@ def _dense_pass(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, bat
     last = len(layers) - 1 if losses else wanted[-1]
     out: dict[str, Tensor] = {}
     batches = layer_inputs(model, windows, batch_size)
+
+    def seen(key: str, x: Tensor) -> Tensor:
+        if norms is not None:  # wanda's input norms, from the tensors this pass makes anyway
+            norms.add(key, x)
+        return x
+
     with Stage(sink, f"reconstruction statistics {windows.shape[0]}x{windows.shape[1]}", last + 1,
                "layers") as st:
         for i in range(last + 1):
@@ -307,19 +313,13 @@ def _dense_pass(model: nn.Module, layer_ids: Sequence[int], windows: Tensor, bat
                 batches = [(layer(h, **kw), kw) for h, kw in batches]
                 st.advance(i + 1)
                 continue
-            normed = [layer.input_layernorm(h) for h, _ in batches]
-            xs = [_o_inputs(layer.self_attn, a, kw) for a, (_, kw) in zip(normed, batches, strict=True)]
+            xs = [_o_inputs(layer.self_attn, seen(f"{i}.q_proj", layer.input_layernorm(h)), kw) for h, kw in batches]
             # the layer's output from its parts (as the decoder layer adds them): no second pass through it
-            mids = [h + layer.self_attn.o_proj(x) for (h, _), x in zip(batches, xs, strict=True)]
+            mids = [h + layer.self_attn.o_proj(seen(f"{i}.o_proj", x)) for (h, _), x in zip(batches, xs, strict=True)]
             out.update(Moments.of(xs).tensors(f"{i}.o"))
-            posts = [layer.post_attention_layernorm(m) for m in mids]
-            zs = [_down_inputs(layer.mlp, p) for p in posts]
-            out.update(Moments.of(zs).tensors(f"{i}.down"))
-            if norms is not None:
-                for proj, inputs in (("q_proj", normed), ("o_proj", xs), ("gate_proj", posts), ("down_proj", zs)):
-                    for x in inputs:
-                        norms.add(f"{i}.{proj}", x)
-            del normed, xs, posts
+            del xs
+            zs = [_down_inputs(layer.mlp, seen(f"{i}.gate_proj", layer.post_attention_layernorm(m))) for m in mids]
+            out.update(Moments.of([seen(f"{i}.down_proj", z) for z in zs]).tensors(f"{i}.down"))
             batches = [(m + layer.mlp.down_proj(z), kw) for m, z, (_, kw) in zip(mids, zs, batches, strict=True)]
             del mids, zs
             st.advance(i + 1)

@@ -142,9 +142,12 @@ class _Driver:
 
         self.sink(TrialStarted(trial.number, params, self.me, bool(trial.user_attrs.get("baseline"))))
 
+        baseline = bool(trial.user_attrs.get("baseline"))
+
         def report(done: int, value: float) -> bool:
             trial.report(value, done)
-            return trial.number > 0 and trial.should_prune()
+            # the baseline is measured whole (every trial reads against it) but stands in the pruner's rungs
+            return trial.should_prune() and not baseline
 
         try:
             with heartbeat(self.study, trial):
