@@ -22,7 +22,7 @@ from engine.search.space import baseline_params, canonical, space, suggest
 from engine.search.study import open_study
 from engine.search.trial_rows import TrialRows
 from engine.session.store import Session
-from engine.session.study import completed
+from engine.session.study import completed, quiet_optuna
 from engine.session.summary import summary
 
 
@@ -228,7 +228,8 @@ def test_trials_stop_by_successive_halving_over_the_objectives_batches(llama_fol
 
     def run(values: list[float]) -> int:
         """Report a trial's running values; the batches it ran before being stopped (all when not)."""
-        trial = study.ask()
+        with quiet_optuna():
+            trial = study.ask()
         for done, v in enumerate(values, 1):
             trial.report(v, done)
             if trial.should_prune():
@@ -245,7 +246,8 @@ def test_trials_stop_by_successive_halving_over_the_objectives_batches(llama_fol
     assert run([8, 8, 50]) == 3  # no rung at 3 batches
     none = open_study(create_session(tmp_path / "s", "all", replace(cfg, early_stop=False)),
                       replace(cfg, early_stop=False))
-    trial = none.ask()
+    with quiet_optuna():
+        trial = none.ask()
     trial.report(1e9, 1)
     assert not trial.should_prune()
 
