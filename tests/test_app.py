@@ -989,3 +989,32 @@ def test_when_a_stage_ends_inside_another_the_bar_goes_back_to_the_outer_one(tmp
             assert text_of(app, "#stage") == "calibration pool self"  # still at work in it, not the inner one
 
     run(go())
+
+
+def test_a_paused_job_holds_its_bars_still():
+    """While paused, no ETA counts the pause and a bar without a total stops pulsing; on resume both come back."""
+    from textual.app import App
+
+    from tui.widgets import hold_eta
+
+    class Bars(App):
+        def compose(self):
+            yield ProgressBar(total=None, id="unknown")
+            yield ProgressBar(total=10, id="known")
+
+    async def go():
+        app, control = Bars(), Control()
+        async with app.run_test(size=SIZE) as pilot:
+            bar = app.screen.query_one("#unknown").query_one("Bar")
+            moving = bar.auto_refresh
+            control.pause()
+            hold_eta(app.screen, control)
+            await pilot.pause()
+            held = bar.auto_refresh, [eta.display for eta in app.screen.query("ETAStatus")]
+            control.resume()
+            hold_eta(app.screen, control)
+            return moving, held, bar.auto_refresh, [eta.display for eta in app.screen.query("ETAStatus")]
+
+    moving, (frozen, hidden), again, shown = run(go())
+    assert moving and frozen is None and not any(hidden)
+    assert again == moving and all(shown)

@@ -54,12 +54,19 @@ class RowTable(DataTable):
                 Binding("end", "scroll_bottom", "Last row", show=False)]
 
 
+INDETERMINATE_FPS = 15  # Textual's Bar animates a bar without a total at this rate
+
+
 def hold_eta(screen, control) -> None:
     """Hide every progress bar's ETA while the work the screen follows is paused (it would count the pause) or
-    when nothing runs (it would count down to nothing)."""
+    when nothing runs (it would count down to nothing); while paused, a bar without a total stops pulsing too
+    (its animation would say that work goes on)."""
     try:
-        idle = control is None or control.paused
+        paused = control is not None and control.paused
     except Exception:  # an unreadable requests file asks nothing
-        idle = False
+        paused = False
     for eta in screen.query("ETAStatus"):
-        eta.display = not idle
+        eta.display = not (paused or control is None)
+    for bar in screen.query("Bar"):
+        if bar.percentage is None:
+            bar.auto_refresh = None if paused else 1 / INDETERMINATE_FPS
