@@ -30,9 +30,10 @@ def test_llama_3_8b_shape_and_a_search_plan():
     assert held["trial"] == 2 * big.proj_params  # it shares the rest with the dense weights
     assert held["repair statistics"] == 2 * 2**30  # the search's cache budget caps it
     assert plan.peak == sum(held.values()) and "memory, about: peak 34.6 GiB (dense 15.0 GiB" in plan.text()
-    # the fp32 gradient sums (26 GB, 52 with squares) are summed in host memory, not on the GPU; on a CPU they
-    # are the device's memory
-    assert "gradients" not in plan.text()
+    # the fp32 gradient sums (26 GB, 52 with squares) are summed in host memory, not on the GPU, and the plan
+    # says so; on a CPU they are the device's memory
+    assert "gradients" not in dict(plan.lines) and dict(plan.host)["gradient sums"] == 8 * big.proj_params
+    assert plan.text().endswith("bfloat16 on cuda:0; gradient sums 52.0 GiB in host memory)")
     cpu = dict(plan_memory(big, "cpu", "bfloat16", "search", repair_cache=2 * 2**30).lines)
     assert cpu["batch + gradients"] > 8 * big.proj_params
     prune = plan_memory(big, "cuda:0", "bfloat16", "prune", gradients=False, repair=False, obs=False)

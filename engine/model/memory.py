@@ -61,7 +61,8 @@ class Shape:
 class MemoryPlan:
     device: str
     dtype: str
-    lines: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes)
+    lines: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes) on the device
+    host: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes) kept in host memory off an accelerator
     peak: int = 0
     available: int | None = None
     must_fit: int = 0  # what is refused when it does not fit: the dense weights
@@ -69,7 +70,8 @@ class MemoryPlan:
     def text(self) -> str:
         held = ", ".join(f"{what} {_gib(n)}" for what, n in self.lines)
         room = f" of {_gib(self.available)} free" if self.available is not None else ""
-        return f"memory, about: peak {_gib(self.peak)}{room} ({held}; {self.dtype} on {self.device})"
+        host = "".join(f"; {what} {_gib(n)} in host memory" for what, n in self.host)
+        return f"memory, about: peak {_gib(self.peak)}{room} ({held}; {self.dtype} on {self.device}{host})"
 
     def problem(self) -> str | None:
         """A refusal when the dense weights alone cannot fit in a CPU's memory; None otherwise (on a GPU the
@@ -114,6 +116,8 @@ def plan_memory(shape: Shape, device: str, dtype: str, job: str = "search", batc
     # fp32 sums and squared sums, kept in host memory (engine.prune.gradsums): on a CPU that is the device's;
     # each weight's gradient is formed in its hook and added at once (no .grad)
     grad = shape.proj_params * 4 * 2 if gradients and device == "cpu" else 0
+    if gradients and device != "cpu":
+        p.host.append(("gradient sums", shape.proj_params * 4 * 2))
     stage = {"batch + gradients" if grad else "batch and its backward": act + grad} if gradients else \
         {"batch": tokens * (2 * shape.hidden * b + 3 * shape.vocab * 4)}  # the loss: logits and 2 copies (scale.py)
     if repair:
