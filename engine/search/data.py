@@ -151,8 +151,8 @@ class SearchData:
 
     def sample_stats(self, source: str, length: int, subset: torch.Tensor,
                      metric: str | None = None) -> dict[str, torch.Tensor]:
-        """Per-window statistics of a pool at one window length, rows indexed as the pool: one backward per
-        window, computed the first time a trial asks for that window and kept (stats/), so a search pays for
+        """Per-window statistics of a pool at one window length, rows indexed as the pool: computed (a backward
+        per batch of windows) the first time a trial asks for a window and kept (stats/), so a search pays for
         the windows its trials use, not for the whole pool. For `metric` wanda only the input norms, which
         need no backward."""
         from safetensors.torch import load_file
