@@ -174,3 +174,37 @@ def test_mixing_two_metrics():
     assert torch.argsort(mix_scores(a, b, 1.0)[0].channels).tolist() == [2, 1, 0]
     # normalised: a 100x larger metric does not swamp the other at equal weight
     torch.testing.assert_close(mix_scores(a, b, 0.5)[0].channels, torch.tensor([1.0, 1.0, 1.0]))
+
+
+def test_a_batchs_inputs_are_freed_before_the_next_batch_runs():
+    """Each weight's input is kept only until its window gradients are formed: the graph of one batch must not
+    hold every projection input through the next batch's forward (memory at an 8B model's scale)."""
+    import gc
+    import weakref
+
+    from engine.prune.importance import gradient_sums
+
+    model = make_model("llama")
+    seen: list[weakref.ref] = []
+    alive_at_next: list[int] = []
+
+    def check(_m, _args):
+        gc.collect()
+        alive_at_next.append(sum(r() is not None for r in seen))
+
+    import engine.prune.importance as importance
+
+    real = importance._window_grad
+
+    def spy(x, dy):
+        seen.append(weakref.ref(x._base if x._base is not None else x))  # the batch input, not the view
+        return real(x, dy)
+
+    importance._window_grad = spy
+    handle = decoder_layers(model)[0].register_forward_pre_hook(check)
+    try:
+        gradient_sums(model, _windows(4, 8), ["1.down_proj", "2.q_proj"], squares=True, batch_size=2)
+    finally:
+        importance._window_grad = real
+        handle.remove()
+    assert seen and alive_at_next == [0, 0]
