@@ -20,7 +20,7 @@ from engine.config import PROJ
 from engine.control import Control
 from engine.events import Sink, Stage, null_sink
 from engine.model.structure import ATTN, decoder_layers
-from engine.prune.importance import CalibStats, gradient_sums
+from engine.prune.importance import CalibStats, GradientTotals, gradient_sums
 
 
 @dataclass
@@ -48,23 +48,14 @@ def sum_bytes(model: nn.Module, squares: bool) -> int:
     return n * 4 * (2 if squares else 1)
 
 
-class SumBuilder:
-    """Sums each window's gradient (and its square) per weight as a pass hands them over, one weight at a time;
-    `close` puts the entry in its cache. A pass stopped midway never closes it: nothing partial is kept."""
+class SumBuilder(GradientTotals):
+    """Sums each window's gradient (and its square) per weight in host memory as a pass hands them over, one
+    weight at a time; `close` puts the entry in its cache. A pass stopped midway never closes it: nothing
+    partial is kept."""
 
     def __init__(self, cache: GradientCache, pool: Hashable, windows: frozenset[int], whole: bool) -> None:
+        super().__init__("cpu")
         self.cache, self.pool, self.windows, self.whole = cache, pool, windows, whole
-        self.grad: dict[str, Tensor] = {}
-        self.sq: dict[str, Tensor] = {}
-
-    def add(self, key: str, g: Tensor) -> None:
-        """One window's fp32 gradient of weight `key` ('LAYER.PROJ')."""
-        g = g.detach().float().cpu()
-        if key in self.grad:
-            self.grad[key].add_(g)
-            self.sq[key].addcmul_(g, g)
-        else:
-            self.grad[key], self.sq[key] = g.clone(), g * g
 
     def close(self) -> None:
         self.cache.put(GradSum(self.pool, self.windows, self.grad, self.sq, whole=self.whole))

@@ -91,6 +91,29 @@ def _removed_after(hooks: list) -> Iterator[None]:
             h.remove()
 
 
+class GradientTotals:
+    """fp32 sums per weight key ('LAYER.PROJ') of gradients and, for each window's own gradient, of its square
+    (the Fisher diagonal), kept on `to` (None: where each gradient is)."""
+
+    def __init__(self, to: str | torch.device | None = None) -> None:
+        self.to = to
+        self.grad: dict[str, Tensor] = {}
+        self.sq: dict[str, Tensor] = {}
+
+    def add(self, key: str, g: Tensor, squares: bool = True) -> None:
+        g = g.detach().float()
+        g = g if self.to is None else g.to(self.to)
+        if key in self.grad:
+            self.grad[key].add_(g)
+        else:
+            self.grad[key] = g.clone()
+        if squares:
+            if key in self.sq:
+                self.sq[key].addcmul_(g, g)
+            else:
+                self.sq[key] = g * g
+
+
 def gradient_sums(
     model: nn.Module,
     windows: Tensor,
@@ -107,27 +130,17 @@ def gradient_sums(
     weight at a time: no weight gradient of the whole model is ever held. The sums are kept on `to` (None: each
     weight's device; "cpu" keeps an accelerator free of them) and do not depend on the batch size.
     """
-    grad: dict[str, Tensor] = {}
-    sq: dict[str, Tensor] = {}
-
-    def add(into: dict[str, Tensor], key: str, g: Tensor) -> None:
-        g = g if to is None else g.to(to)
-        if key in into:
-            into[key].add_(g)
-        else:
-            into[key] = g
+    totals = GradientTotals(to)
 
     def each(key: str, x: Tensor, dy: Tensor) -> None:
         if not squares:  # the batch's gradient at once: the sum of its windows'
-            add(grad, key, _window_grad(x.flatten(0, 1), dy.flatten(0, 1)))
+            totals.add(key, _window_grad(x.flatten(0, 1), dy.flatten(0, 1)), squares=False)
             return
         for s in range(x.shape[0]):  # the squares need each window's own gradient
-            g = _window_grad(x[s], dy[s])
-            add(sq, key, g * g)
-            add(grad, key, g)
+            totals.add(key, _window_grad(x[s], dy[s]))
 
     _window_backward(model, windows, keys, each, batch_size, control, on_batch)
-    return grad, sq
+    return totals.grad, totals.sq
 
 
 def collect_stats(
