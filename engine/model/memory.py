@@ -115,9 +115,10 @@ def plan_memory(shape: Shape, device: str, dtype: str, job: str = "search", batc
     act = tokens * (shape.layers * (6 * shape.hidden + 4 * shape.intermediate) * b + 2 * shape.vocab * 4)
     # fp32 sums and squared sums, kept in host memory (engine.prune.gradsums): on a CPU that is the device's;
     # each weight's gradient is formed in its hook and added at once (no .grad)
-    grad = shape.proj_params * 4 * 2 if gradients and device == "cpu" else 0
-    if gradients and device != "cpu":
-        p.host.append(("gradient sums", shape.proj_params * 4 * 2))
+    sums = shape.proj_params * 4 * 2 if gradients else 0
+    grad = sums if device == "cpu" else 0
+    if sums and device != "cpu":
+        p.host.append(("gradient sums", sums))
     stage = {"batch + gradients" if grad else "batch and its backward": act + grad} if gradients else \
         {"batch": tokens * (2 * shape.hidden * b + 3 * shape.vocab * 4)}  # the loss: logits and 2 copies (scale.py)
     if repair:

@@ -63,6 +63,12 @@ def _proj(layer: nn.Module, name: str) -> nn.Linear:
     return getattr(layer.self_attn if name in ATTN else layer.mlp, name)
 
 
+def _parse_key(key: str) -> tuple[int, str]:
+    """'LAYER.PROJ' -> (layer, projection name)."""
+    i, p = key.split(".")
+    return int(i), p
+
+
 @contextmanager
 def _frozen_eval(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout: importance of the model as it will be used) and no parameter asking for a
@@ -338,8 +344,9 @@ def _window_backward(model: nn.Module, windows: Tensor, keys: Sequence[str],
             return (args[0].detach().requires_grad_(), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
 
-    first = min(int(k.split(".")[0]) for k in keys)
-    hooks = [_proj(layers[int(k.split(".")[0])], k.split(".")[1]).register_forward_hook(hook(k)) for k in keys]
+    where = {k: _parse_key(k) for k in keys}
+    first = min(i for i, _ in where.values())
+    hooks = [_proj(layers[i], p).register_forward_hook(hook(k)) for k, (i, p) in where.items()]
     hooks.append(layers[first].register_forward_pre_hook(start, with_kwargs=True))
     n, bs = windows.shape[0], max(1, batch_size)
     with _frozen_eval(model), _removed_after(hooks), torch.enable_grad():
@@ -375,7 +382,7 @@ def collect_sample_stats(
     sums: dict[tuple[int, str, str], list[Tensor]] = {}
 
     def each(key: str, x: Tensor, dy: Tensor) -> None:
-        i, p = int(key.split(".")[0]), key.split(".")[1]
+        i, p = _parse_key(key)
         w = _proj(layers[i], p).weight.detach().float()
         axis = 0 if p in ("o_proj", "down_proj") else 1  # their groups are input columns; the others' rows
         vec, sq = [], []

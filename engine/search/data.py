@@ -116,8 +116,7 @@ class SearchData:
                 ids = self._windows(source, "calibration", cfg.pool_size, max(CALIB_LENS), cfg.seed)
                 # wanda's statistics (input norms per window) come with the pass: wanda trials need no backward
                 if source not in repair_sources(cfg) and REPAIR_METRICS.isdisjoint(cfg.metrics or SEARCH_METRICS):
-                    with hooked_norms(self.loaded.model, CALIB_LENS) as norms:
-                        loss = window_losses(self.loaded.model, ids, self.control)
+                    loss, norms = self._losses_and_norms(ids)
                 else:  # repaired and obs trials read the dense model's input moments on the pool: the same pass
                     norms = WindowNorms(CALIB_LENS)
                     moments, loss = moments_and_losses(self.loaded.model, ids, CALIB_BATCH, self.control, self.sink,
@@ -131,6 +130,12 @@ class SearchData:
             self.pools[source] = (data["ids"], data["loss"])
         return self.pools[source]
 
+    def _losses_and_norms(self, ids: torch.Tensor) -> tuple[torch.Tensor, WindowNorms]:
+        """One forward pass over pool windows: each window's loss and its input norms at every length."""
+        with hooked_norms(self.loaded.model, CALIB_LENS) as norms:
+            loss = window_losses(self.loaded.model, ids, self.control)
+        return loss, norms
+
     def _norms_path(self, source: str):
         return self.session.stats_dir / f"norms-{slug(source)}-{self.cfg.seed}.safetensors"
 
@@ -140,9 +145,7 @@ class SearchData:
         ids, _ = self.pool(source)
 
         def build() -> dict[str, torch.Tensor]:
-            with hooked_norms(self.loaded.model, CALIB_LENS) as norms:
-                window_losses(self.loaded.model, ids, self.control)
-            return _by_length(norms)
+            return _by_length(self._losses_and_norms(ids)[1])
 
         if source not in self.norms:
             self.norms[source] = self._cached(self._norms_path(source).stem, build, f"activation norms {source}")
