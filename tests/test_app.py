@@ -54,6 +54,13 @@ async def tab_stops(app, pilot, presses: int = 24) -> list:
     return seen
 
 
+def refusing(message: str, tmp_path):
+    """A backend method that fails as a damaged session file does: `message` with {tmp_path} and {name}."""
+    def method(name, *_args, **_kwargs):
+        raise AdapruneError(message.format(tmp_path=tmp_path, name=name))
+    return method
+
+
 def said(app) -> list[str]:
     """The notifications the app has shown, oldest first."""
     return [n.message for n in app._notifications]
@@ -482,11 +489,8 @@ def test_attach_follows_a_headless_run_without_taking_it_over(tmp_path):
 def test_layers_without_a_readable_plan_say_so_and_every_key_is_harmless(tmp_path):
     async def go():
         backend = FakeBackend(tmp_path)
-
-        def damaged(name):
-            raise AdapruneError(f"unknown key(s) foo in {tmp_path}/{name}/plan.json: the file was edited")
-
-        backend.best_plan = damaged
+        backend.best_plan = refusing("unknown key(s) foo in {tmp_path}/{name}/plan.json: the file was edited",
+                                     tmp_path)
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("l")
@@ -644,11 +648,7 @@ def test_a_bench_process_pauses_cancels_and_quitting_asks(tmp_path):
 def test_export_with_an_unreadable_recovery_says_so_in_its_lora_box(tmp_path):
     async def go():
         backend = FakeBackend(tmp_path)
-
-        def damaged(name):
-            raise AdapruneError(f"unknown key(s) foo in {tmp_path}/{name}/recovery/state.json")
-
-        backend.recovery_state = damaged
+        backend.recovery_state = refusing("unknown key(s) foo in {tmp_path}/{name}/recovery/state.json", tmp_path)
         app = AdapruneApp(backend)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("x")
